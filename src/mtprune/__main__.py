@@ -1,0 +1,3 @@
+from mtprune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Model checkpoints: a directory with ``arch.json`` + ``model.safetensors``. No pickle anywhere.
+
+``arch.json`` holds the dense model's constructor arguments (model name, classes, width), the channel
+counts of every module that pruning changed (``channels``: module name → ``[in, out]`` or ``[n]``), the
+mtprune version and free-form ``meta``. :func:`load_model` builds the dense model, resizes the pruned
+modules, checks every tensor of the file against the result (name and shape) and loads the weights; a
+directory copied elsewhere loads the same. Every file is written atomically (temp file + rename), the
+weights before ``arch.json``, so an interrupted save never leaves an ``arch.json`` describing weights
+that are not there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mtprune import __version__
+from mtprune.errors import CheckpointError, MtpruneError
+from mtprune.io import atomic_path, read_json, write_json
+from mtprune.models import build_model
+from mtprune.models.base import SegmentationModel
+from mtprune.pruning.apply import module_shapes, resize_modules
+
+ARCH_FILE = "arch.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "mtprune-model"
+
+
+def pruned_shapes(model: SegmentationModel) -> dict[str, list[int]]:
+    """Channel counts of the modules of ``model`` that differ from its dense architecture."""
+    a = model.arch()
+    with torch.device("meta"):
+        dense = build_model(a["model"], a["num_classes"], a["cls_classes"], a["width"])
+    ref = module_shapes(dense)
+    return {k: v for k, v in module_shapes(model).items() if ref.get(k) != v}
+
+
+def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (dense or pruned) to ``directory`` as ``arch.json`` + ``model.safetensors``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = {
+        "format": FORMAT,
+        "mtprune_version": __version__,
+        **model.arch(),
+        "channels": pruned_shapes(model),
+        "meta": meta or {},
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "model": model.name})
+    write_json(directory / ARCH_FILE, arch)
+    return directory
+
+
+def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``DIR/arch.json``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    path = directory / ARCH_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found ({directory} is not an mtprune checkpoint)")
+    try:
+        arch = read_json(path)
+    except MtpruneError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an mtprune model description (format '{FORMAT}' expected)")
+    for key in ("model", "num_classes", "cls_classes", "width"):
+        if key not in arch:
+            raise CheckpointError(f"{path}: key '{key}' missing")
+    return arch
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+    """Rebuild the model described by ``DIR/arch.json`` and load ``DIR/model.safetensors`` into it.
+
+    The model is returned in eval mode (call ``.train()`` to train it). Raises :class:`CheckpointError`
+    naming the first tensor whose name or shape does not fit the
+    architecture, or the file when it is truncated or corrupt.
+    """
+    directory = Path(directory)
+    arch = read_arch(directory)
+    try:
+        with torch.device("meta"):
+            model = build_model(arch["model"], int(arch["num_classes"]), int(arch["cls_classes"]), float(arch["width"]))
+            resize_modules(model, {k: list(v) for k, v in arch.get("channels", {}).items()})
+    except MtpruneError as e:
+        raise CheckpointError(f"{directory / ARCH_FILE}: {e}") from None
+    expected = model.state_dict()
+    wpath = directory / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath}: weights file not found")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(wpath), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for name, ref in expected.items():
+                if name not in keys:
+                    raise CheckpointError(f"{wpath}: tensor '{name}' of {arch['model']} is missing from the file")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(ref.shape):
+                    raise CheckpointError(
+                        f"{wpath}: tensor '{name}' has shape {shape}, arch.json expects {tuple(ref.shape)}"
+                    )
+            extra = sorted(keys - set(expected))
+            if extra:
+                raise CheckpointError(f"{wpath}: unexpected tensor '{extra[0]}' (not part of {arch['model']})")
+            for name in expected:
+                state[name] = f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{wpath}: truncated or corrupt weights file ({msg})") from None
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

@@ -1,0 +1,56 @@
+"""The ``mtprune`` command line: a thin layer over the Python API.
+
+Each module of this package registers one group of subcommands (``register(subparsers)``) whose
+handlers parse arguments, call the API and print. Every :class:`~mtprune.errors.MtpruneError` becomes
+one line on stderr and its exit code; argument errors are one line and exit 2, as argparse's are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mtprune import __version__
+from mtprune.errors import MtpruneError
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line (``mtprune prune: error: ...``), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mtprune.cli import data_cmds, model_cmds
+
+    parser = OneLineArgumentParser(
+        prog="mtprune",
+        description="Multi-task channel pruning (MTP) for semantic segmentation networks.",
+    )
+    parser.add_argument("--version", action="version", version=f"mtprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
+    for module in (model_cmds, data_cmds):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MtpruneError as e:
+        print(f"mtprune {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"mtprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""``mtprune init``, ``mtprune cost``, ``mtprune prune``: model creation, cost accounting, pruning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from mtprune.checkpoint import load_model, save_model
+from mtprune.errors import UsageError
+from mtprune.evaluate.cost import count_macs, count_params, model_cost
+from mtprune.io import write_json
+from mtprune.models import build_model, list_models
+from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
+from mtprune.pruning import SCORERS, THRESHOLDS, apply_plan, make_plan
+
+
+def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
+    src = p.add_argument_group("model (either --model … or --checkpoint DIR)")
+    src.add_argument("--model", metavar="NAME", help=f"registered model name ({', '.join(list_models())})")
+    src.add_argument("--num-classes", type=int, metavar="N", help="segmentation classes (with --model)")
+    src.add_argument(
+        "--cls-classes", type=int, default=1000, metavar="M", help="classification head classes (default 1000)"
+    )
+    src.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor (default 1.0)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a model directory (arch.json + model.safetensors)")
+
+
+def _model_from_args(args: argparse.Namespace) -> SegmentationModel:
+    if args.checkpoint and args.model:
+        raise UsageError("give either --model or --checkpoint, not both")
+    if args.checkpoint:
+        return load_model(args.checkpoint)
+    if not args.model:
+        raise UsageError("a model is needed: --model NAME --num-classes N, or --checkpoint DIR")
+    if args.num_classes is None:
+        raise UsageError("--model needs --num-classes N")
+    return build_model(args.model, args.num_classes, args.cls_classes, args.width)
+
+
+# --- init ------------------------------------------------------------------------------------------
+def _init(args: argparse.Namespace) -> int:
+    model = build_model(args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights)
+    meta = {"backbone_weights": str(args.backbone_weights)} if args.backbone_weights else {}
+    save_model(model, args.out, meta=meta)
+    print(f"wrote {args.model} ({count_params(model) / 1e6:.3f} M params) to {args.out}")
+    return 0
+
+
+# --- cost ------------------------------------------------------------------------------------------
+def _cost(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = _model_from_args(args)
+    cost = model_cost(
+        model,
+        tuple(args.size),
+        latency=args.latency,
+        device=args.device,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        runs=args.runs,
+    )
+    if args.json:
+        print(json.dumps(cost))
+        return 0
+    print(f"model   {model.name} (width {model.width}, {model.num_classes} classes)")
+    print(f"size    {args.size[0]}×{args.size[1]}")
+    print(f"params  {cost['params'] / 1e6:.2f} M")
+    print(f"MACs    {cost['macs'] / 1e9:.2f} G")
+    if args.latency:
+        print(
+            f"latency {cost['latency_ms']:.2f} ms median (IQR {cost['latency_iqr_ms']:.2f} ms, "
+            f"{cost['latency_runs']} runs, "
+            f"{cost['device']}, {args.dtype}{', channels_last' if args.channels_last else ''})"
+        )
+    return 0
+
+
+# --- prune -----------------------------------------------------------------------------------------
+def _prune(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():
+        raise UsageError("--out must differ from --checkpoint (the dense model would be overwritten)")
+    model = _model_from_args(args)
+    size = tuple(args.size)
+    before = {"params": count_params(model), "macs": count_macs(model, size)}
+    plan = make_plan(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels)
+    apply_plan(model, plan)
+    after = {"params": count_params(model), "macs": count_macs(model, size)}
+    summary = {
+        "method": args.method,
+        "ratio": plan.ratio,
+        "thresholds": plan.thresholds,
+        "size": list(size),
+        "before": before,
+        "after": after,
+        "params_ratio": after["params"] / before["params"],
+        "macs_ratio": after["macs"] / before["macs"],
+        "removed": {p: plan.removed_fraction(p) for p in (BACKBONE, DECODER)},
+    }
+    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
+    save_model(
+        model,
+        out,
+        meta={
+            "pruned": {k: summary[k] for k in ("method", "ratio", "thresholds")},
+            "source": args.checkpoint or args.model,
+        },
+    )
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"pruned {model.name} with {args.method}, ratio {plan.ratio} ({plan.thresholds} thresholds)")
+    print(
+        f"  removed: backbone {summary['removed'][BACKBONE]:.1%}, "
+        f"decoder {summary['removed'][DECODER]:.1%} of prunable channels"
+    )
+    print(f"  params {before['params'] / 1e6:.2f} M -> {after['params'] / 1e6:.2f} M ({summary['params_ratio']:.3f}×)")
+    print(
+        f"  MACs   {before['macs'] / 1e9:.2f} G -> {after['macs'] / 1e9:.2f} G ({summary['macs_ratio']:.3f}×) "
+        f"at {size[0]}×{size[1]}"
+    )
+    print(f"  wrote {out / 'plan.json'} and the pruned model in {out}")
+    return 0
+
+
+def _ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ratio '{text}' (a number in (0, 1))") from None
+    if not 0.0 < r < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"ratio {text} outside (0, 1): it is the fraction of prunable channels removed"
+        )
+    return r
+
+
+def _model_name(text: str) -> str:
+    if text not in list_models():
+        raise argparse.ArgumentTypeError(f"unknown model '{text}' (choose from {', '.join(list_models())})")
+    return text
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a checkpoint of a freshly initialised model")
+    p.add_argument("--model", required=True, type=_model_name, metavar="NAME", help="registered model name")
+    p.add_argument("--num-classes", required=True, type=int, metavar="N", help="segmentation classes")
+    p.add_argument(
+        "--cls-classes", type=int, default=1000, metavar="M", help="classification head classes (default 1000)"
+    )
+    p.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor (default 1.0)")
+    p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision ImageNet .pth for the backbone")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    p.set_defaults(func=_init)
+
+    p = sub.add_parser("cost", help="parameters, MACs (= FLOPs/2) and measured latency of a model")
+    _add_model_source(p)
+    p.add_argument("--size", required=True, type=int, nargs=2, metavar=("H", "W"), help="input size")
+    p.add_argument("--latency", action="store_true", help="also measure latency (batch 1, median of --runs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="latency device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="latency dtype")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format for latency")
+    p.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (≥ 20, default 20)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cost)
+
+    p = sub.add_parser("prune", help="prune a model physically and write plan.json + the pruned checkpoint")
+    _add_model_source(p)
+    p.add_argument("--method", required=True, choices=sorted(SCORERS), help="channel scores")
+    p.add_argument(
+        "--ratio", required=True, type=_ratio, metavar="P", help="fraction of prunable channels removed, in (0, 1)"
+    )
+    p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
+    p.add_argument("--round-to", type=int, default=1, metavar="K", help="round each kept count up to a multiple of K")
+    p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every layer keeps at least")
+    p.add_argument("--size", type=int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_prune)

@@ -1,0 +1,1 @@
+"""Evaluation: cost (params, MACs, latency); segmentation and classification metrics."""

@@ -1,0 +1,67 @@
+"""Model registry: ``build_model(name, num_classes, ...)`` for every ``{family}_resnet{depth}``.
+
+Families: ``deeplabv3`` (ASPP, output stride 16), ``pspnet`` (pyramid pooling, output stride 8),
+``bisenet`` (spatial + context paths). Depths: 18, 34, 50, 101. The paper's models are
+``deeplabv3_resnet101``, ``pspnet_resnet50`` and ``bisenet_resnet18``; the other depths and the
+``width`` factor give tiny models of the same structure for tests and the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtprune.errors import UsageError
+from mtprune.models.base import BACKBONE, DECODER, PARTS, PrunableLayer, SegmentationModel
+from mtprune.models.bisenet import BiSeNet
+from mtprune.models.deeplabv3 import DeepLabV3
+from mtprune.models.pspnet import PSPNet
+from mtprune.models.resnet import DEPTHS, load_torchvision_weights
+
+FAMILIES: dict[str, type[SegmentationModel]] = {"deeplabv3": DeepLabV3, "pspnet": PSPNet, "bisenet": BiSeNet}
+MODELS: dict[str, tuple[type[SegmentationModel], int]] = {
+    f"{family}_resnet{depth}": (cls, depth) for family, cls in FAMILIES.items() for depth in DEPTHS
+}
+PAPER_MODELS = ("deeplabv3_resnet101", "pspnet_resnet50", "bisenet_resnet18")
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    cls_classes: int = 1000,
+    width: float = 1.0,
+    backbone_weights: str | Path | None = None,
+) -> SegmentationModel:
+    """Build a dense model by registry name.
+
+    ``num_classes``: segmentation classes; ``cls_classes``: classes of the classification head (1000
+    for ImageNet); ``width``: channel multiplier of backbone and decoder; ``backbone_weights``: a local
+    torchvision ImageNet ``.pth`` for the backbone (and ``cls_head`` when it has 1000 classes).
+    """
+    if name not in MODELS:
+        raise UsageError(f"unknown model '{name}'; choose from {', '.join(list_models())}")
+    if num_classes < 1 or cls_classes < 1:
+        raise UsageError(f"number of classes must be ≥ 1 (got num_classes={num_classes}, cls_classes={cls_classes})")
+    if not 0 < width <= 4:
+        raise UsageError(f"width must be in (0, 4] (got {width})")
+    cls, depth = MODELS[name]
+    model = cls(name, depth, num_classes, cls_classes=cls_classes, width=width)
+    if backbone_weights is not None:
+        load_torchvision_weights(model, backbone_weights)
+    return model
+
+
+__all__ = [
+    "BACKBONE",
+    "DECODER",
+    "PARTS",
+    "PAPER_MODELS",
+    "PrunableLayer",
+    "SegmentationModel",
+    "build_model",
+    "list_models",
+]

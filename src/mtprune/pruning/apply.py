@@ -1,0 +1,128 @@
+"""Physical channel removal with Torch-Pruning's DependencyGraph, and the equivalent masking.
+
+:func:`apply_plan` removes the channels a :class:`PruningPlan` does not keep: for every prunable conv,
+Torch-Pruning's dependency graph removes the conv's output filters, its BatchNorm's channels and the
+matching input channels of every consumer (the next conv, a concatenation's following conv, the
+classification head), so the pruned net computes what the masked net computes, with smaller tensors.
+
+:func:`mask_plan` is the reference it is tested against: it keeps all tensors and zeroes γ and β of the
+removed channels, so each removed channel outputs ReLU(0) = 0 and contributes nothing downstream.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from mtprune.errors import UsageError
+from mtprune.models.base import SegmentationModel
+from mtprune.pruning.plan import PruningPlan
+
+#: spatial size of the dummy input used to trace the model (≥ 6·8 so PSPNet's 6×6 bins see real pixels)
+TRACE_SIZE = (64, 64)
+
+
+def build_dependency_graph(model: SegmentationModel) -> tp.DependencyGraph:
+    """Trace every output of ``model`` (segmentation, auxiliary heads, classification head) in eval mode."""
+    was_training = model.training
+    model.eval()
+    p = next(model.parameters())
+    x = torch.zeros(1, 3, *TRACE_SIZE, device=p.device, dtype=p.dtype)
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=x, forward_fn=lambda m, inp: m.trace_outputs(inp), verbose=False
+        )
+    model.train(was_training)
+    return dg
+
+
+def _check_plan_fits(model: SegmentationModel, plan: PruningPlan) -> None:
+    known = {layer.conv for layer in model.prunable_layers()}
+    for name, lp in plan.layers.items():
+        if name not in known:
+            raise UsageError(f"plan layer '{name}' is not a prunable layer of {model.name}")
+        conv = model.get_submodule(name)
+        if conv.out_channels != lp.channels:
+            raise UsageError(f"plan layer '{name}' has {lp.channels} channels, the model has {conv.out_channels}")
+        if not lp.kept or not all(0 <= i < lp.channels for i in lp.kept):
+            raise UsageError(f"plan layer '{name}': kept indices must be a non-empty subset of 0..{lp.channels - 1}")
+
+
+@torch.no_grad()
+def apply_plan(model: SegmentationModel, plan: PruningPlan, dg: tp.DependencyGraph | None = None) -> SegmentationModel:
+    """Physically remove the channels ``plan`` drops, in place; returns ``model``."""
+    _check_plan_fits(model, plan)
+    dg = dg or build_dependency_graph(model)
+    for name, lp in plan.layers.items():
+        conv = model.get_submodule(name)
+        drop = sorted(set(range(conv.out_channels)) - set(lp.kept))
+        if not drop:
+            continue
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop)
+        if not dg.check_pruning_group(group):
+            raise UsageError(f"Torch-Pruning refused to prune '{name}' (it would remove every channel)")
+        group.prune()
+    return model
+
+
+@torch.no_grad()
+def mask_plan(model: SegmentationModel, plan: PruningPlan) -> SegmentationModel:
+    """Zero γ and β of every channel ``plan`` drops (in place): the masked equivalent of :func:`apply_plan`."""
+    _check_plan_fits(model, plan)
+    bn_of = {layer.conv: layer.bn for layer in model.prunable_layers()}
+    for name, lp in plan.layers.items():
+        bn = model.get_submodule(bn_of[name])
+        drop = sorted(set(range(lp.channels)) - set(lp.kept))
+        bn.weight[drop] = 0.0
+        bn.bias[drop] = 0.0
+    return model
+
+
+def module_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Channel counts of every conv ([in, out]), linear ([in, out]) and BatchNorm ([n]) by module name."""
+    out: dict[str, list[int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.Linear):
+            out[name] = [m.in_features, m.out_features]
+        elif isinstance(m, nn.BatchNorm2d):
+            out[name] = [m.num_features]
+    return out
+
+
+def resize_modules(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Give modules new channel counts (fresh, uninitialised tensors on the same device); the inverse of
+    recording :func:`module_shapes` after pruning. Used to rebuild a pruned net before loading weights."""
+    for name, shape in shapes.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"module '{name}' does not exist in {type(model).__name__}") from None
+        dev = next(iter(m.parameters())).device if any(True for _ in m.parameters()) else torch.device("cpu")
+        if isinstance(m, nn.Conv2d):
+            cin, cout = shape
+            if m.groups != 1:
+                raise UsageError(f"cannot resize grouped conv '{name}'")
+            m.in_channels, m.out_channels = cin, cout
+            m.weight = nn.Parameter(torch.empty(cout, cin, *m.kernel_size, device=dev))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(cout, device=dev))
+        elif isinstance(m, nn.Linear):
+            cin, cout = shape
+            m.in_features, m.out_features = cin, cout
+            m.weight = nn.Parameter(torch.empty(cout, cin, device=dev))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(cout, device=dev))
+        elif isinstance(m, nn.BatchNorm2d):
+            (n,) = shape
+            m.num_features = n
+            if m.affine:
+                m.weight = nn.Parameter(torch.empty(n, device=dev))
+                m.bias = nn.Parameter(torch.empty(n, device=dev))
+            if m.track_running_stats:
+                m.running_mean = torch.empty(n, device=dev)
+                m.running_var = torch.empty(n, device=dev)
+        else:
+            raise UsageError(f"module '{name}' ({type(m).__name__}) cannot be resized")

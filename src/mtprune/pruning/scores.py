@@ -1,0 +1,79 @@
+"""Channel importance scores: one function per method, registered by name.
+
+A scorer maps a model and its prunable layers to one score per output channel of each layer (higher =
+more important) and says whether its scores are comparable across layers:
+
+- ``scope = "global"``: one ranking over all channels of a part (or of the whole net), so the
+  thresholds (independent / unified) decide how many channels each layer loses — ``bn`` (|γ|, the
+  paper's score; Network Slimming after ``sparse-slimming``, MTP after ``sparse-mtp``).
+- ``scope = "layer"``: each layer loses the same fraction of its own channels — ``uniform`` (filter
+  ℓ1 norm picks which). The ThiNet and FPGM baselines of a later issue are per-layer scorers too: they
+  are added here with :func:`register_scorer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtprune.errors import UsageError
+from mtprune.models.base import PrunableLayer
+
+ScoreFn = Callable[..., dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    scope: str  # "global" or "layer"
+    fn: ScoreFn
+    help: str
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str, scope: str, help: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering ``fn(model, layers, **kw) -> {conv_name: scores}`` as method ``name``."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+
+    def deco(fn: ScoreFn) -> ScoreFn:
+        SCORERS[name] = Scorer(name, scope, fn, help)
+        return fn
+
+    return deco
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise UsageError(f"unknown pruning method '{name}'; choose from {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]
+
+
+@register_scorer("bn", "global", "|γ| of each prunable conv's BatchNorm (Network Slimming / MTP)")
+@torch.no_grad()
+def bn_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) -> dict[str, torch.Tensor]:
+    """|γ| of the BN after each prunable conv: the channel importance of the paper (Sec. 3)."""
+    out = {}
+    for layer in layers:
+        bn = model.get_submodule(layer.bn)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.weight is None:
+            raise UsageError(f"layer '{layer.bn}' is not an affine BatchNorm2d: it cannot give γ scores")
+        out[layer.conv] = bn.weight.detach().abs().float().cpu()
+    return out
+
+
+@register_scorer("uniform", "layer", "same fraction of every layer; which channels by filter ℓ1 norm")
+@torch.no_grad()
+def l1_filter_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) -> dict[str, torch.Tensor]:
+    """ℓ1 norm of each output filter of each prunable conv (Li et al., 2017)."""
+    out = {}
+    for layer in layers:
+        w = model.get_submodule(layer.conv).weight.detach().float().cpu()
+        out[layer.conv] = w.abs().flatten(1).sum(1)
+    return out

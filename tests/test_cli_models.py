@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtprune import load_model
+from mtprune.cli import main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert "mtprune" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("init", "cost", "prune"):
+        assert cmd in out
+
+
+def test_init_prune_cost_roundtrip(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                "deeplabv3_resnet18",
+                "--num-classes",
+                "5",
+                "--width",
+                "0.25",
+                "--cls-classes",
+                "7",
+                "--out",
+                str(dense),
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "p50"
+    assert (
+        main(
+            [
+                "prune",
+                "--checkpoint",
+                str(dense),
+                "--method",
+                "uniform",
+                "--ratio",
+                "0.5",
+                "--size",
+                "64",
+                "64",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["after"]["params"] < summary["before"]["params"]
+    assert summary["after"]["macs"] < summary["before"]["macs"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "uniform" and plan["ratio"] == 0.5
+    model = load_model(out)
+    for name, lp in plan["layers"].items():
+        assert model.get_submodule(name).out_channels == lp["kept_count"] == lp["channels"] // 2
+    assert main(["cost", "--checkpoint", str(out), "--size", "64", "64", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert cost["params"] == summary["after"]["params"] and cost["macs"] == summary["after"]["macs"]
+    assert cost["size"] == [64, 64]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+def test_cost_keys_with_latency(capsys):
+    assert (
+        main(
+            [
+                "cost",
+                "--model",
+                "bisenet_resnet18",
+                "--num-classes",
+                "3",
+                "--width",
+                "0.125",
+                "--size",
+                "32",
+                "32",
+                "--latency",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    cost = json.loads(capsys.readouterr().out)
+    assert {"params", "macs", "size", "latency_ms", "latency_iqr_ms", "device"} <= set(cost)
+    assert cost["latency_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--ratio", "1.5"], "ratio 1.5 outside (0, 1)"),
+        (["--ratio", "0"], "outside (0, 1)"),
+        (["--ratio", "half"], "invalid ratio 'half'"),
+        (["--method", "magic"], "invalid choice: 'magic'"),
+        (["--model", "unet"], "unknown model 'unet'"),
+    ],
+)
+def test_prune_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, argv, needle):
+    base = {"--model": "deeplabv3_resnet18", "--method": "bn", "--ratio": "0.5"}
+    base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
+    args = ["prune", "--num-classes", "5", "--width", "0.25", "--out", str(tmp_path / "out")]
+    for k, v in base.items():
+        args += [k, v]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_arch_is_one_line_exit_1(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                "deeplabv3_resnet18",
+                "--num-classes",
+                "5",
+                "--width",
+                "0.25",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                "deeplabv3_resnet18",
+                "--num-classes",
+                "5",
+                "--width",
+                "0.5",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    code = main(["cost", "--checkpoint", str(tmp_path / "a"), "--size", "32", "32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "tensor 'backbone.conv1.weight' has shape (32, 3, 7, 7), arch.json expects (16, 3, 7, 7)" in err
