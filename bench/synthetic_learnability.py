@@ -14,6 +14,7 @@ comparison at equal total compute).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from datetime import date
@@ -82,8 +83,11 @@ def poly_lr(opt: torch.optim.Optimizer, base: float, frac: float) -> None:
         group["lr"] = base * max(0.0, 1.0 - frac) ** 0.9
 
 
-def train_timed(model: Any, loader: Any, seconds: float, lr: float, task: str) -> dict[str, Any]:
-    """Train until ``seconds`` of wall-clock have passed (checked every step); poly LR over the budget."""
+def train_timed(
+    model: Any, loader: Any, seconds: float, lr: float, task: str, max_steps: int | None = None
+) -> dict[str, Any]:
+    """Train until ``seconds`` of wall-clock have passed (checked every step), or for ``max_steps``
+    steps when given; poly LR over the budget."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
     steps = epochs = 0
@@ -92,10 +96,14 @@ def train_timed(model: Any, loader: Any, seconds: float, lr: float, task: str) -
     while True:
         epochs += 1
         for x, y in loader:
-            frac = (time.perf_counter() - start) / seconds
+            frac = (time.perf_counter() - start) / seconds if max_steps is None else steps / max_steps
             if frac >= 1:
-                return {"steps": steps, "epochs": epochs - 1 + 0.0, "seconds": time.perf_counter() - start,
-                        "last_loss": float(loss.detach())}
+                return {
+                    "steps": steps,
+                    "epochs": epochs - 1 + 0.0,
+                    "seconds": time.perf_counter() - start,
+                    "last_loss": float(loss.detach()),
+                }
             poly_lr(opt, lr, frac)
             if task == "seg":
                 loss = F.cross_entropy(model(x), y, ignore_index=255)
@@ -115,10 +123,23 @@ def warm(dataset: Any) -> float:
     return time.perf_counter() - t
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60.0, help="segmentation training budget per run")
     p.add_argument("--pretrain-seconds", type=float, default=60.0, help="classification pre-training budget")
+    p.add_argument("--steps", type=int, default=None, help="budget segmentation runs in steps, not seconds")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="budget pre-training in steps, not seconds")
     p.add_argument("--size", type=int, default=64, help="image size (square)")
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--cls-classes", type=int, default=10)
@@ -136,22 +157,28 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal floats can make CPU steps 50x slower
+    load_start = os.getloadavg()
     k, s = args.num_classes, args.size
 
-    seg_train = build_dataset("synthetic", None, "train", seg_train_transforms(s, (0.5, 2.0)),
-                              task="seg", num_samples=args.num_train, image_size=s, num_classes=k, seed=args.seed)
-    seg_val = build_dataset("synthetic", None, "val", seg_eval_transforms(), task="seg",
-                            num_samples=args.num_val, image_size=s, num_classes=k, seed=args.seed)
-    cls_train = build_dataset("synthetic", None, "train", cls_train_transforms(s, min_area=0.35), task="cls",
-                              num_samples=args.num_cls_train, image_size=s, num_classes=args.cls_classes,
-                              seed=args.seed)
-    cls_val = build_dataset("synthetic", None, "val", cls_eval_transforms(s, resize=s), task="cls",
-                            num_samples=500, image_size=s, num_classes=args.cls_classes, seed=args.seed)
-    gen = {name: warm(ds) for name, ds in
-           (("seg_train", seg_train), ("seg_val", seg_val), ("cls_train", cls_train), ("cls_val", cls_val))}
+    def synthetic(split: str, transforms: Any, task: str, n: int, classes: int) -> Any:
+        return build_dataset(
+            "synthetic", None, split, transforms, task=task, num_samples=n, image_size=s, num_classes=classes,
+            seed=args.seed,
+        )  # fmt: skip
+
+    seg_train = synthetic("train", seg_train_transforms(s, (0.5, 2.0)), "seg", args.num_train, k)
+    seg_val = synthetic("val", seg_eval_transforms(), "seg", args.num_val, k)
+    cls_train = synthetic("train", cls_train_transforms(s, min_area=0.35), "cls", args.num_cls_train, args.cls_classes)
+    cls_val = synthetic("val", cls_eval_transforms(s, resize=s), "cls", 500, args.cls_classes)
+    gen = {
+        name: warm(ds)
+        for name, ds in (("seg_train", seg_train), ("seg_val", seg_val), ("cls_train", cls_train), ("cls_val", cls_val))
+    }
     n_gen = len(seg_train) + len(seg_val) + len(cls_train) + len(cls_val)
-    print(f"generated {n_gen} images of {s}x{s} in {sum(gen.values()):.1f} s "
-          f"({n_gen / sum(gen.values()):.0f} images/s, one process)")
+    print(
+        f"generated {n_gen} images of {s}x{s} in {sum(gen.values()):.1f} s "
+        f"({n_gen / sum(gen.values()):.0f} images/s, one process)"
+    )
 
     seg_loader = build_loader(seg_train, args.batch_size, shuffle=True, seed=args.seed, drop_last=True)
     val_loader = build_loader(seg_val, 50, shuffle=False)
@@ -166,32 +193,38 @@ def main() -> None:
 
     results: dict[str, Any] = {}
     model = fresh()
-    run = train_timed(model, seg_loader, args.seconds, args.lr, "seg")
+    run = train_timed(model, seg_loader, args.seconds, args.lr, "seg", args.steps)
     results["scratch"] = {**run, "miou": evaluate_seg(model, val_loader, k)}
-    print(f"from scratch, {args.seconds:.0f} s seg: mIoU {100 * results['scratch']['miou']:.1f} "
-          f"({run['steps']} steps)")
+    print(f"from scratch, {args.seconds:.0f} s seg: mIoU {100 * results['scratch']['miou']:.1f} ({run['steps']} steps)")
 
     model = fresh()
-    pre = train_timed(model, cls_loader, args.pretrain_seconds, args.lr, "cls")
+    pre = train_timed(model, cls_loader, args.pretrain_seconds, args.lr, "cls", args.pretrain_steps)
     top1 = evaluate_cls(model, cls_val_loader)
-    run = train_timed(model, seg_loader, args.seconds, args.lr, "seg")
-    results["pretrained"] = {**run, "miou": evaluate_seg(model, val_loader, k),
-                             "pretrain": {**pre, "cls_top1": top1}}
-    print(f"cls pre-training {args.pretrain_seconds:.0f} s (top-1 {100 * top1:.1f} % on {args.cls_classes} "
-          f"classes, {pre['steps']} steps) + {args.seconds:.0f} s seg: mIoU "
-          f"{100 * results['pretrained']['miou']:.1f} ({run['steps']} steps)")
+    run = train_timed(model, seg_loader, args.seconds, args.lr, "seg", args.steps)
+    results["pretrained"] = {**run, "miou": evaluate_seg(model, val_loader, k), "pretrain": {**pre, "cls_top1": top1}}
+    print(
+        f"cls pre-training {args.pretrain_seconds:.0f} s (top-1 {100 * top1:.1f} % on {args.cls_classes} "
+        f"classes, {pre['steps']} steps) + {args.seconds:.0f} s seg: mIoU "
+        f"{100 * results['pretrained']['miou']:.1f} ({run['steps']} steps)"
+    )
 
     if not args.skip_equal_compute:
         model = fresh()
         total = args.seconds + args.pretrain_seconds
-        run = train_timed(model, seg_loader, total, args.lr, "seg")
+        steps = None if args.steps is None else args.steps + (args.pretrain_steps or 0)
+        run = train_timed(model, seg_loader, total, args.lr, "seg", steps)
         results["scratch_equal_compute"] = {**run, "miou": evaluate_seg(model, val_loader, k)}
-        print(f"from scratch, {total:.0f} s seg (same total time): mIoU "
-              f"{100 * results['scratch_equal_compute']['miou']:.1f} ({run['steps']} steps)")
+        print(
+            f"from scratch, {total:.0f} s seg (same total time): mIoU "
+            f"{100 * results['scratch_equal_compute']['miou']:.1f} ({run['steps']} steps)"
+        )
 
+    load_end = os.getloadavg()
+    print(f"load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}")
     summary = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, torch threads {args.threads}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "load_average_1min": [load_start[0], load_end[0]],
         "torch": torch.__version__,
         "args": vars(args),
         "generation_seconds": gen,

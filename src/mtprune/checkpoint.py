@@ -58,6 +58,14 @@ def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dic
     return directory
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A model directory, or a stage output folder holding one in ``model/`` (``mtprune train`` writes those)."""
+    path = Path(path)
+    if not (path / ARCH_FILE).is_file() and (path / "model" / ARCH_FILE).is_file():
+        return path / "model"
+    return path
+
+
 def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and validate ``DIR/arch.json``."""
     directory = Path(directory)
@@ -81,11 +89,13 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
     """Rebuild the model described by ``DIR/arch.json`` and load ``DIR/model.safetensors`` into it.
 
+    ``DIR`` may also be a stage output folder of ``mtprune train`` (its final model is in ``DIR/model``).
+
     The model is returned in eval mode (call ``.train()`` to train it). Raises :class:`CheckpointError`
     naming the first tensor whose name or shape does not fit the
     architecture, or the file when it is truncated or corrupt.
     """
-    directory = Path(directory)
+    directory = resolve_checkpoint(directory)
     arch = read_arch(directory)
     try:
         with torch.device("meta"):

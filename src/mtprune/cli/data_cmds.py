@@ -24,11 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     make.add_argument("--out", required=True, type=Path, help="output folder (new or empty)")
     make.add_argument("--num-train", type=int, default=500, help="segmentation training images (default 500)")
     make.add_argument("--num-val", type=int, default=100, help="segmentation validation images (default 100)")
-    make.add_argument("--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"),
-                      help="image height and width (default 64 64)")
+    make.add_argument(
+        "--size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"), help="image height and width (default 64 64)"
+    )
     make.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    make.add_argument("--num-classes", type=int, default=6,
-                      help="segmentation classes including background, 2..11 (default 6)")
+    make.add_argument(
+        "--num-classes", type=int, default=6, help="segmentation classes including background, 2..11 (default 6)"
+    )
     make.add_argument("--cls-classes", type=int, default=10, help="classification classes, 2..10 (default 10)")
     make.add_argument("--num-cls-train", type=int, default=2000, help="classification training images (default 2000)")
     make.add_argument("--num-cls-val", type=int, default=500, help="classification validation images (default 500)")
@@ -46,10 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset layout")
     check.add_argument("--root", required=True, type=Path, help="dataset root folder")
-    check.add_argument("--split", default=None,
-                       help="split to check (default: every standard split present under the root)")
-    check.add_argument("--task", choices=["seg", "cls"], default="seg",
-                       help="for --dataset synthetic: the segmentation or the classification set")
+    check.add_argument(
+        "--split", default=None, help="split to check (default: every standard split present under the root)"
+    )
+    check.add_argument(
+        "--task",
+        choices=["seg", "cls"],
+        default="seg",
+        help="for --dataset synthetic: the segmentation or the classification set",
+    )
     check.add_argument("--workers", type=int, default=0, help="decoding worker processes (default 0)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=check_data)

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from mtprune.checkpoint import load_model, save_model
+from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import count_macs, count_params, model_cost
 from mtprune.io import write_json
@@ -86,7 +87,12 @@ def _prune(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
-    plan = make_plan(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels)
+    score_kw = {}
+    if args.checkpoint and args.method == "bn":
+        scores_file = resolve_checkpoint(args.checkpoint) / "scores.safetensors"
+        if scores_file.is_file():  # sparse-mtp: γ1 of W1 and γ2 of W2 (Algorithm 1, line 9)
+            score_kw["scores"] = load_file(str(scores_file))
+    plan = make_plan(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels, **score_kw)
     apply_plan(model, plan)
     after = {"params": count_params(model), "macs": count_macs(model, size)}
     summary = {

@@ -39,19 +39,33 @@ class SampleProblem:
     """One problem of one sample: the file, what is wrong, and the offending value (if any)."""
 
     file: str
-    what: str
+    what: str = ""
     value: str = ""
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.what}" + (f" ({self.value})" if self.value else "")
+        return self.file + (f": {self.what}" if self.what else "") + (f" ({self.value})" if self.value else "")
 
 
 class BadSampleError(DataError):
-    """A sample that cannot be read or used; the message is one line naming its file."""
+    """A sample that cannot be read or used; the message is one line naming its file.
 
-    def __init__(self, problem: SampleProblem) -> None:
+    Raised in a DataLoader worker, the exception reaches the main process rebuilt from the worker's
+    traceback text; the constructor then keeps only the original one-line message.
+    """
+
+    def __init__(self, problem: SampleProblem | str) -> None:
+        if isinstance(problem, str):
+            problem = SampleProblem(_original_message(problem))
         super().__init__(str(problem))
         self.problem = problem
+
+
+def _original_message(text: str) -> str:
+    marker = f"{BadSampleError.__name__}: "
+    for line in reversed(text.strip().splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return " ".join(text.split())
 
 
 @dataclass
@@ -102,7 +116,7 @@ def decode_image(path: Path, problems: list[SampleProblem]) -> np.ndarray | None
         return None
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
+            arr = np.array(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         problems.append(SampleProblem(str(path), "image does not decode", _short(e)))
         return None
@@ -196,8 +210,9 @@ class SegmentationDataset(Dataset):
         if mask.dtype != np.uint8:
             lo, hi = int(mask.min()), int(mask.max())
             if lo < 0 or hi > 255:
-                problems.append(SampleProblem(str(mask_path), f"label value {self.label_desc}",
-                                              str(lo if lo < 0 else hi)))
+                problems.append(
+                    SampleProblem(str(mask_path), f"label value {self.label_desc}", str(lo if lo < 0 else hi))
+                )
                 return None
             mask = mask.astype(np.uint8)
         hist = np.bincount(mask.ravel(), minlength=256)
@@ -230,7 +245,7 @@ class SegmentationDataset(Dataset):
         if pair is None:
             raise BadSampleError(info.problems[0])
         img, mask = pair
-        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous())
+        image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous())
         return image, tv_tensors.Mask(torch.from_numpy(mask))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +305,7 @@ class ClassificationDataset(Dataset):
         img = self._read(index, info)
         if img is None:
             raise BadSampleError(info.problems[0])
-        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous())
+        image = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous())
         return image, self.samples[index][1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -42,9 +42,7 @@ class CheckReport:
             "task": self.task,
             "num_samples": self.num_samples,
             "num_classes": len(self.class_names),
-            "image_sizes": [
-                {"height": h, "width": w, "samples": n} for (h, w), n in sorted(self.sizes.items())
-            ],
+            "image_sizes": [{"height": h, "width": w, "samples": n} for (h, w), n in sorted(self.sizes.items())],
         }
         if self.class_pixels is not None:
             out["pixels_per_class"] = {n: int(c) for n, c in zip(self.class_names, self.class_pixels, strict=True)}

@@ -22,8 +22,9 @@ def _train_classes() -> list[tuple[int, int, str]]:
     return [(c.id, c.train_id, c.name) for c in Cityscapes.classes]
 
 
-CITYSCAPES_CLASSES = [name for _, tid, name in sorted(
-    (c for c in _train_classes() if 0 <= c[1] < IGNORE_INDEX), key=lambda c: c[1])]
+CITYSCAPES_CLASSES = [
+    name for _, tid, name in sorted((c for c in _train_classes() if 0 <= c[1] < IGNORE_INDEX), key=lambda c: c[1])
+]
 
 
 def cityscapes_label_map() -> np.ndarray:
@@ -49,9 +50,7 @@ class CityscapesDataset(SegmentationDataset):
         except OSError as e:
             raise DataError(f"{root_path}: not the Cityscapes layout ({e})") from None
         samples = sorted(
-            (Path(i), Path(t[0]))
-            for i, t in zip(tv.images, tv.targets, strict=True)
-            if i.endswith("_leftImg8bit.png")
+            (Path(i), Path(t[0])) for i, t in zip(tv.images, tv.targets, strict=True) if i.endswith("_leftImg8bit.png")
         )
         if not samples:
             raise DataError(f"no *_leftImg8bit.png images under {root_path / 'leftImg8bit' / split}")

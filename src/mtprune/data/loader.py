@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtprune.data.base import BadSampleError
-from mtprune.errors import DataError
 
 log = logging.getLogger("mtprune.data")
 
@@ -63,7 +62,7 @@ class SkipBadSamples(Dataset):
             except BadSampleError as e:
                 self._bad[j] = True
                 log.warning("skipping bad sample: %s", e)
-        raise DataError(f"every one of the {n} samples is bad; e.g. {self.problems()[0]}")
+        raise BadSampleError(f"every one of the {n} samples is bad; e.g. {self.problems()[0]}")
 
     @property
     def num_skipped(self) -> int:

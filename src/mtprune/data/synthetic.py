@@ -191,8 +191,20 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: int) -> np.nd
         texture = ("plain", "noise", "stripes")[rng.integers(3)]
         ca = _hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.1, 1))
         cb = _hsv(rng.random(), rng.uniform(0, 1), rng.uniform(0.1, 1))
-        _draw(img, None, 0, rng, rng.uniform(0, h), rng.uniform(0, w), size * rng.uniform(0.03, 0.09),
-              geometry, texture, rng.uniform(1, 4), ca, cb)
+        _draw(
+            img,
+            None,
+            0,
+            rng,
+            rng.uniform(0, h),
+            rng.uniform(0, w),
+            size * rng.uniform(0.03, 0.09),
+            geometry,
+            texture,
+            rng.uniform(1, 4),
+            ca,
+            cb,
+        )
     return img
 
 
@@ -230,8 +242,20 @@ def generate_seg_sample(
         k = int(rng.integers(1, num_classes))
         _, geometry, texture, _, freq = _CLASSES[k - 1]
         ca, cb = _object_colors(rng, k - 1)
-        _draw(img, label, k, rng, rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w,
-              size * rng.uniform(0.1, 0.28), geometry, texture, freq, ca, cb)
+        _draw(
+            img,
+            label,
+            k,
+            rng,
+            rng.uniform(0.1, 0.9) * h,
+            rng.uniform(0.1, 0.9) * w,
+            size * rng.uniform(0.1, 0.28),
+            geometry,
+            texture,
+            freq,
+            ca,
+            cb,
+        )
     return _finish(img, rng), label
 
 
@@ -248,8 +272,20 @@ def generate_cls_sample(
     shape = SHAPE_CLASSES.index(names[label])
     _, geometry, texture, _, freq = _CLASSES[shape]
     ca, cb = _object_colors(rng, shape)
-    _draw(img, None, 0, rng, rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w,
-          min(h, w) * rng.uniform(0.25, 0.42), geometry, texture, freq, ca, cb)
+    _draw(
+        img,
+        None,
+        0,
+        rng,
+        rng.uniform(0.35, 0.65) * h,
+        rng.uniform(0.35, 0.65) * w,
+        min(h, w) * rng.uniform(0.25, 0.42),
+        geometry,
+        texture,
+        freq,
+        ca,
+        cb,
+    )
     return _finish(img, rng), label
 
 
@@ -268,8 +304,15 @@ class SyntheticSegmentation(SegmentationDataset):
     ) -> None:
         names = seg_class_names(num_classes)
         k = len(names)
-        super().__init__([], names, identity_label_map(k), f"outside 0..{k - 1} and not the ignore value 255",
-                         transforms=transforms, name="synthetic", split=split)
+        super().__init__(
+            [],
+            names,
+            identity_label_map(k),
+            f"outside 0..{k - 1} and not the ignore value 255",
+            transforms=transforms,
+            name="synthetic",
+            split=split,
+        )
         self.num_samples = int(num_samples)
         self.image_size = _size(image_size)
         self.seed = int(seed)
@@ -295,8 +338,10 @@ class SyntheticSegmentation(SegmentationDataset):
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         img, mask = self.arrays(index)
-        return (tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous()),
-                tv_tensors.Mask(torch.from_numpy(mask.copy())))
+        return (
+            tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous()),
+            tv_tensors.Mask(torch.from_numpy(mask.copy())),
+        )
 
 
 class SyntheticClassification(ClassificationDataset):
@@ -356,7 +401,7 @@ def read_meta(root: str | os.PathLike) -> dict[str, Any]:
 def _save_image(arr: np.ndarray, path: Path, fmt: str) -> None:
     with atomic_path(path) as tmp:
         if fmt == "JPEG":
-            Image.fromarray(arr).save(tmp, format="JPEG", quality=95)
+            Image.fromarray(arr).save(tmp, format="JPEG", quality=95, subsampling=0)
         else:
             Image.fromarray(arr).save(tmp, format="PNG")
 

@@ -151,9 +151,7 @@ def cls_eval_transforms(
     h, w = _pair(size)
     if resize is None:
         resize = round(min(h, w) * 8 / 7)
-    return v2.Compose(
-        [v2.Resize(resize, antialias=True), v2.CenterCrop((h, w)), *_to_float_normalized(mean, std)]
-    )
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop((h, w)), *_to_float_normalized(mean, std)])
 
 
 def build_transforms(task: str, train: bool, config: Mapping[str, Any] | None = None) -> v2.Compose:

@@ -84,9 +84,9 @@ class VOCDataset(SegmentationDataset):
         voc_root = require_dir(root_path / "VOCdevkit" / "VOC2012", "VOC 2012 layout")
         image_dir = require_dir(voc_root / "JPEGImages", "VOC 2012 layout")
         if split in _AUG_SPLITS:
-            candidates = [
-                voc_root / "ImageSets" / "Segmentation" / f"{s}.txt" for s in _AUG_SPLITS
-            ] + [voc_root / f"{s}.txt" for s in _AUG_SPLITS]
+            candidates = [voc_root / "ImageSets" / "Segmentation" / f"{s}.txt" for s in _AUG_SPLITS] + [
+                voc_root / f"{s}.txt" for s in _AUG_SPLITS
+            ]
             list_file = next((p for p in candidates if p.is_file()), candidates[0])
             require_file(list_file, "SBD-augmented training list")
             mask_dir = require_dir(voc_root / "SegmentationClassAug", "SBD-augmented masks")
@@ -98,9 +98,7 @@ class VOCDataset(SegmentationDataset):
             require_file(voc_root / "ImageSets" / "Segmentation" / f"{split}.txt", f"VOC list of the {split} split")
             require_dir(voc_root / "SegmentationClass", "VOC 2012 layout")
             tv = VOCSegmentation(str(root_path), year="2012", image_set=split, download=False)
-            samples = [
-                (Path(i), Path(m)) for i, m in zip(tv.images, tv.masks, strict=True) if Path(i).name != ".jpg"
-            ]
+            samples = [(Path(i), Path(m)) for i, m in zip(tv.images, tv.masks, strict=True) if Path(i).name != ".jpg"]
         if not samples:
             raise DataError(f"no samples listed for split {split!r} of {voc_root}")
         num_classes = len(class_names)

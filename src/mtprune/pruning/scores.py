@@ -57,10 +57,21 @@ def get_scorer(name: str) -> Scorer:
 
 @register_scorer("bn", "global", "|γ| of each prunable conv's BatchNorm (Network Slimming / MTP)")
 @torch.no_grad()
-def bn_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) -> dict[str, torch.Tensor]:
-    """|γ| of the BN after each prunable conv: the channel importance of the paper (Sec. 3)."""
+def bn_scores(
+    model: nn.Module, layers: list[PrunableLayer], scores: dict[str, torch.Tensor] | None = None, **_: Any
+) -> dict[str, torch.Tensor]:
+    """|γ| of the BN after each prunable conv: the channel importance of the paper (Sec. 3).
+
+    ``scores`` (BN name → γ), when given, replaces the model's own γ: ``sparse-mtp`` stores γ1 of W1 and
+    γ2 of W2 there (Algorithm 1, line 9) even when the exported backbone is W3.
+    """
     out = {}
     for layer in layers:
+        if scores is not None:
+            if layer.bn not in scores:
+                raise UsageError(f"the scores file has no entry for '{layer.bn}'")
+            out[layer.conv] = scores[layer.bn].detach().abs().float().cpu()
+            continue
         bn = model.get_submodule(layer.bn)
         if not isinstance(bn, nn.BatchNorm2d) or bn.weight is None:
             raise UsageError(f"layer '{layer.bn}' is not an affine BatchNorm2d: it cannot give γ scores")

@@ -1,0 +1,284 @@
+"""Run configuration: dataclasses ← YAML file ← ``--set key=value`` overrides.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and an override keeps the
+type of the default it replaces (``--set sparse_mtp.rounds=5``; values are parsed as YAML). The resolved
+configuration is saved next to every run (``config.yaml``), so a run can be repeated from its folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtprune.errors import UsageError
+from mtprune.io import write_text
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deeplabv3_resnet18"
+    width: float = 0.25
+    num_classes: int | None = None  # None: the segmentation dataset's number of classes
+    cls_classes: int | None = None  # None: the classification dataset's number of classes
+    backbone_weights: str | None = None  # a local torchvision ImageNet .pth
+
+
+@dataclass
+class SegDataConfig:
+    dataset: str = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [64, 64])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: float = 0.5
+    eval_resize: list[int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset kwargs (synthetic: num_samples…)
+    val_options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for the validation split
+
+
+@dataclass
+class ClsDataConfig:
+    dataset: str = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    size: int = 64
+    resize: int | None = None
+    min_area: float = 0.35
+    hflip: float = 0.5
+    options: dict[str, Any] = field(default_factory=dict)
+    val_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    seg: SegDataConfig = field(default_factory=SegDataConfig)
+    cls: ClsDataConfig = field(default_factory=ClsDataConfig)
+    workers: int = 0
+    skip_bad: bool = False
+
+
+@dataclass
+class OptimConfig:
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: float | None = None  # max global grad norm, None: no clipping
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    sync_bn: bool = False  # SyncBatchNorm under DDP
+
+
+@dataclass
+class PretrainClsConfig:
+    """Eq. 1: backbone + classification head on the classification set."""
+
+    epochs: float = 2
+    lr: float = 0.05
+    batch_size: int = 32
+    schedule: str = "linear"
+
+
+@dataclass
+class TrainSegConfig:
+    """Eq. 2: backbone + decoder on the segmentation set."""
+
+    epochs: float = 10
+    lr: float = 0.01
+    batch_size: int = 8
+    schedule: str = "poly"
+    aux_weight: float = 0.4  # BiSeNet's auxiliary heads
+
+
+@dataclass
+class SparseMTPConfig:
+    """Eq. 7–10. ``steps_cls``/``steps_seg``: SGD steps per sub-problem per round."""
+
+    rounds: int = 10
+    steps_cls: int = 10
+    steps_seg: int = 10
+    lam: float = 1.0
+    alpha1: float = 1e-3
+    alpha2: float = 1e-3
+    mu0: float = 1e-2
+    rho: float = 1.2
+    mu_max: float = 10.0
+    lr_cls: float = 0.001
+    lr_seg: float = 0.007
+    cls_batch_size: int = 32
+    seg_batch_size: int = 8
+    mode: str = "joint"  # joint | alternating
+    l1: str = "subgradient"  # subgradient | proximal
+    backbone_from: str = "w1"  # w1 | w3: which copy the pruned net's backbone is taken from
+    aux_weight: float = 0.4
+
+
+@dataclass
+class SparseSlimmingConfig:
+    """Network Slimming (Eq. 3 applied to N2): ℓ1 on all prunable γ, segmentation only."""
+
+    epochs: float = 5
+    lr: float = 0.007
+    batch_size: int = 8
+    alpha: float = 1e-3
+    l1: str = "subgradient"
+    schedule: str = "poly"
+    aux_weight: float = 0.4
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of a pruned net: classification epochs, then segmentation epochs."""
+
+    cls_epochs: float = 1
+    seg_epochs: float = 5
+    lr_cls: float = 0.01
+    lr_seg: float = 0.007
+    cls_batch_size: int = 32
+    seg_batch_size: int = 8
+    aux_weight: float = 0.4
+
+
+@dataclass
+class EvalConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    final: bool = True  # evaluate the stage's model on the validation split(s) when it ends
+    max_images: int | None = None  # evaluate on the first N validation images only
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    log_every: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain_cls: PretrainClsConfig = field(default_factory=PretrainClsConfig)
+    train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
+    sparse_mtp: SparseMTPConfig = field(default_factory=SparseMTPConfig)
+    sparse_slimming: SparseSlimmingConfig = field(default_factory=SparseSlimmingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # free section for pipelines built on top
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise UsageError(f"config key '{key}' expects a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, inner, key) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"config key '{key}' expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise UsageError(f"config key '{key}' expects {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    obj = cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise UsageError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UsageError(f"config key '{path}' is a section, got {value!r}")
+            setattr(obj, key, _from_dict(tp, value, f"{path}."))
+        else:
+            setattr(obj, key, _check_type(value, tp, path))
+    return obj
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise UsageError(f"--set {key}: '{p}' is not a section")
+    d[parts[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> Config:
+    """Defaults ← ``base`` ← the YAML file at ``path`` ← ``overrides`` (``["a.b=value", …]``)."""
+    data: dict[str, Any] = {}
+    if base:
+        data = _merge(data, base)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UsageError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{p}: a config file must be a mapping")
+        data = _merge(data, loaded)
+    over: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            value = yaml.safe_load(v) if v != "" else None
+        except yaml.YAMLError:
+            value = v
+        _set_dotted(over, k.strip(), value)
+    data = _merge(data, over)
+    return _from_dict(Config, data)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
+            "options", "val_options", "extra") else v
+    return out
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved configuration as YAML (atomically)."""
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,32 @@
+"""The paper's mathematics as pure functions on tensors (no data, no training loop).
+
+- :func:`l1_penalty`, :func:`soft_threshold_` — the ℓ1 sparsity on BN scales γ (Eq. 3, Network Slimming).
+- :func:`alm_coupling` — the augmented-Lagrangian terms ``⟨E, W1−W3⟩ + μ/2‖W1−W3‖²`` (Eq. 6).
+- :func:`eq7_objective`, :func:`eq8_objective`, :func:`eq9_objective` — the three sub-problems.
+- :func:`joint_seg_objective` — Eq. 8 and Eq. 9 from one segmentation forward (``joint`` mode).
+- :func:`eq10_update` — the multiplier update ``E ← E + μ(W1−W3)``, ``μ ← ρμ``.
+"""
+
+from mtprune.method.mtp import (
+    alm_coupling,
+    eq7_objective,
+    eq8_objective,
+    eq9_objective,
+    eq10_update,
+    joint_seg_objective,
+    l1_penalty,
+    relative_gap,
+    soft_threshold_,
+)
+
+__all__ = [
+    "alm_coupling",
+    "eq7_objective",
+    "eq8_objective",
+    "eq9_objective",
+    "eq10_update",
+    "joint_seg_objective",
+    "l1_penalty",
+    "relative_gap",
+    "soft_threshold_",
+]

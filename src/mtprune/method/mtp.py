@@ -1,0 +1,117 @@
+"""Multi-task pruning (MTP) by inexact augmented Lagrange multipliers — the paper's Eq. 3 and 6–10.
+
+Notation (paper, Sec. 3): W1 is the backbone trained on classification (with the classification head),
+W3 an auxiliary copy of the backbone trained on segmentation, W2 the decoder; γ1, γ3, γ2 are the BN
+scales of W1, W3, W2. The constraint W1 = W3 is enforced through the augmented Lagrangian (Eq. 6)
+
+    L = ℓcls(W1) + λ ℓseg(W3, W2) + μ/2 ‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α1‖γ1‖₁ + α2 (‖γ2‖₁ + ‖γ3‖₁),
+
+minimised alternately over W1 (Eq. 7), W2 (Eq. 8), W3 (Eq. 9), then E and μ are updated (Eq. 10).
+
+Tensors are passed as aligned lists: ``w1[i]`` and ``w3[i]`` are the same backbone parameter in both
+copies and ``E[i]`` its multiplier (one tensor per backbone parameter, BN γ and β included; BN running
+statistics are buffers, not parameters, and are not tied). Each objective is differentiable: its
+gradient w.r.t. the variable being solved is the task gradient, ``E + μ(W1 − W3)`` (Eq. 7) or
+``−E − μ(W1 − W3)`` (Eq. 9), and ``α·sign(γ)`` — the subgradient of the ℓ1 term, exactly what Network
+Slimming adds to γ's gradient. The other copy enters detached: it is a constant of that sub-problem.
+With the ``proximal`` ℓ1 option, call the objectives with ``alpha = 0`` and apply
+:func:`soft_threshold_` after each optimiser step instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+
+
+def l1_penalty(gammas: Tensors, alpha: float) -> torch.Tensor:
+    """``α Σ|γ|`` over the given BN scales (Eq. 3's sparsity term; its gradient is ``α·sign(γ)``)."""
+    if alpha == 0 or not gammas:
+        dev = gammas[0].device if gammas else None
+        return torch.zeros((), device=dev)
+    return alpha * torch.stack([g.abs().sum() for g in gammas]).sum()
+
+
+@torch.no_grad()
+def soft_threshold_(gammas: Tensors, threshold: float) -> None:
+    """Proximal step of ``threshold·‖γ‖₁`` (``threshold = lr·α``), in place: ``γ ← sign(γ)·max(|γ| − t, 0)``."""
+    if threshold <= 0:
+        return
+    for g in gammas:
+        g.copy_(torch.sign(g) * torch.clamp(g.abs() - threshold, min=0.0))
+
+
+def alm_coupling(w1: Tensors, w3: Tensors, E: Tensors, mu: float) -> torch.Tensor:
+    """``⟨E, W1 − W3⟩ + μ/2 ‖W1 − W3‖²`` summed over all backbone tensors (Eq. 6's augmented terms)."""
+    if len(w1) != len(w3) or len(w1) != len(E):
+        raise ValueError(f"W1, W3 and E must align: got {len(w1)}, {len(w3)}, {len(E)} tensors")
+    diffs = [a - b for a, b in zip(w1, w3, strict=True)]
+    inner = torch.stack([(e * d).sum() for e, d in zip(E, diffs, strict=True)]).sum()
+    sq = torch.stack([(d * d).sum() for d in diffs]).sum()
+    return inner + 0.5 * mu * sq
+
+
+def eq7_objective(
+    cls_loss: torch.Tensor, w1: Tensors, w3: Tensors, E: Tensors, mu: float, gamma1: Tensors, alpha1: float
+) -> torch.Tensor:
+    """Eq. 7, the W1 sub-problem: ``ℓcls + ⟨E, W1 − W3⟩ + μ/2‖W1 − W3‖² + α1‖γ1‖₁`` (W3 held fixed)."""
+    return cls_loss + alm_coupling(w1, [t.detach() for t in w3], E, mu) + l1_penalty(gamma1, alpha1)
+
+
+def eq8_objective(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float) -> torch.Tensor:
+    """Eq. 8, the W2 (decoder) sub-problem: ``λ ℓseg + α2‖γ2‖₁``."""
+    return lam * seg_loss + l1_penalty(gamma2, alpha2)
+
+
+def eq9_objective(
+    seg_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma3: Tensors,
+    alpha2: float,
+    lam: float,
+) -> torch.Tensor:
+    """Eq. 9, the W3 sub-problem: ``λ ℓseg + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁`` (W1 held fixed)."""
+    return lam * seg_loss + alm_coupling([t.detach() for t in w1], w3, E, mu) + l1_penalty(gamma3, alpha2)
+
+
+def joint_seg_objective(
+    seg_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma2: Tensors,
+    gamma3: Tensors,
+    alpha2: float,
+    lam: float,
+) -> torch.Tensor:
+    """Eq. 8 and Eq. 9 from one segmentation forward/backward (``joint`` mode).
+
+    ``λ ℓseg + α2‖γ2‖₁ + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁``: its gradient w.r.t. W2 is Eq. 8's and
+    w.r.t. W3 is Eq. 9's, because the two share ``λ ℓseg`` and each other term touches one variable only.
+    One step on it updates W2 and W3 from the same batch, as a Jacobi (rather than Gauss–Seidel) sweep.
+    """
+    return eq9_objective(seg_loss, w1, w3, E, mu, gamma3, alpha2, lam) + l1_penalty(gamma2, alpha2)
+
+
+@torch.no_grad()
+def eq10_update(E: Tensors, w1: Tensors, w3: Tensors, mu: float, rho: float, mu_max: float | None = None) -> float:
+    """Eq. 10: ``E ← E + μ(W1 − W3)`` in place, and return the new ``μ = min(ρμ, mu_max)``."""
+    for e, a, b in zip(E, w1, w3, strict=True):
+        e.add_(a - b, alpha=mu)
+    new_mu = rho * mu
+    return min(new_mu, mu_max) if mu_max is not None else new_mu
+
+
+@torch.no_grad()
+def relative_gap(w1: Tensors, w3: Tensors) -> float:
+    """``‖W1 − W3‖ / ‖W1‖`` over all backbone tensors: how far the two copies are from agreeing."""
+    num = torch.stack([(a - b).float().pow(2).sum() for a, b in zip(w1, w3, strict=True)]).sum().sqrt()
+    den = torch.stack([a.float().pow(2).sum() for a in w1]).sum().sqrt()
+    return float(num / den.clamp_min(1e-12))

@@ -1,0 +1,292 @@
+"""One training engine for every stage: the loop, schedules, AMP, checkpoints, logs, resume.
+
+A stage is a list of *phases* (or, for MTP, the ALM rounds of :mod:`mtprune.train.mtp`), each a number
+of SGD steps on one task. :class:`StageRun` owns what every stage shares: the output folder, the
+resolved config, the resumable state (``state.safetensors``), the JSON-lines metrics, the progress bar,
+the NaN check, and the final export (``model/``, ``done.json``). Rerunning the same command on the
+same folder resumes from the last checkpoint; a finished stage is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mtprune.checkpoint import load_model, save_model
+from mtprune.config import Config, save_config
+from mtprune.data import IGNORE_INDEX, SkipBadSamples, build_dataset, build_transforms
+from mtprune.errors import MtpruneError, UsageError
+from mtprune.io import write_json
+from mtprune.models import build_model
+from mtprune.models.base import SegmentationModel
+from mtprune.train import state as st
+from mtprune.train.distributed import DistEnv, barrier
+from mtprune.train.streams import BatchStream
+
+STATE_FILE = "state.safetensors"
+METRICS_FILE = "metrics.jsonl"
+DONE_FILE = "done.json"
+
+
+# --- schedules and losses ----------------------------------------------------------------------
+def lr_at(schedule: str, base_lr: float, it: int, total: int) -> float:
+    """Learning rate at iteration ``it`` of ``total``: ``poly`` ``lr·(1 − it/total)^0.9`` (segmentation),
+    ``linear`` ``lr·(1 − it/total)`` (classification), or ``constant``."""
+    frac = min(max(it / max(total, 1), 0.0), 1.0)
+    if schedule == "poly":
+        return base_lr * (1.0 - frac) ** 0.9
+    if schedule == "linear":
+        return base_lr * (1.0 - frac)
+    if schedule == "constant":
+        return base_lr
+    raise UsageError(f"unknown lr schedule '{schedule}' (poly, linear, constant)")
+
+
+def seg_loss(outputs: dict[str, Any], target: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Cross-entropy (ignore 255) on the main logits + ``aux_weight`` × each auxiliary head's."""
+    loss = F.cross_entropy(outputs["out"].float(), target, ignore_index=IGNORE_INDEX)
+    for aux in outputs.get("aux", []):
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), target, ignore_index=IGNORE_INDEX)
+    return loss
+
+
+class SegNet(nn.Module):
+    """backbone + decoder of a model as one module (what DDP wraps for a segmentation step)."""
+
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__()
+        self.backbone, self.decoder = model.backbone, model.decoder
+        object.__setattr__(self, "_model", model)  # not a submodule: its cls_head is not trained here
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return self._model.seg_outputs(x, aux=True)
+
+
+class ClsNet(nn.Module):
+    """A backbone + a classification head as one module: the classification net N1."""
+
+    def __init__(self, backbone: nn.Module, cls_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.cls_head = backbone, cls_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls_head(self.backbone(x)["c5"])
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
+    if not env.distributed:
+        return module
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float, cfg: Config) -> torch.optim.SGD:
+    return torch.optim.SGD(list(params), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def prunable_gammas(model: SegmentationModel, part: str | None = None) -> list[nn.Parameter]:
+    """BN scales γ of the prunable layers (of one part): the parameters the ℓ1 terms act on."""
+    return [model.get_submodule(lay.bn).weight for lay in model.prunable_layers() if part in (None, lay.part)]
+
+
+# --- data ---------------------------------------------------------------------------------------
+def _dataset_kwargs(name: str, task: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    kw = dict(options)
+    if name == "synthetic":
+        kw.setdefault("task", task)
+        kw.setdefault("seed", seed)
+    return kw
+
+
+def make_dataset(cfg: Config, task: str, train: bool) -> Any:
+    """The segmentation (``task="seg"``) or classification set of the config, with its transforms."""
+    d = cfg.data.seg if task == "seg" else cfg.data.cls
+    tcfg: dict[str, Any] = {"hflip": d.hflip}
+    if task == "seg":
+        tcfg.update(crop_size=d.crop_size, scale_range=d.scale_range, eval_resize=d.eval_resize)
+    else:
+        tcfg.update(size=d.size, resize=d.resize, min_area=d.min_area)
+    options = d.options if train else {**d.options, **d.val_options}
+    split = d.train_split if train else d.val_split
+    try:
+        ds = build_dataset(d.dataset, d.root, split, build_transforms(task, train, tcfg),
+                           **_dataset_kwargs(d.dataset, task, options, cfg.seed))
+    except TypeError as e:  # an option the dataset does not take
+        raise UsageError(f"data.{task}.options for dataset '{d.dataset}': {e}") from None
+    return SkipBadSamples(ds) if cfg.data.skip_bad else ds
+
+
+# --- the model a stage starts from ---------------------------------------------------------------
+def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_classes: int | None
+                  ) -> SegmentationModel:
+    """The stage's starting model: ``init`` (a checkpoint or stage folder) or a fresh ``cfg.model``."""
+    if init:
+        model = load_model(init)
+        if seg_classes is not None and model.num_classes != seg_classes:
+            raise UsageError(f"{init}: the model has {model.num_classes} segmentation classes, "
+                             f"the dataset {seg_classes}")
+        if cls_classes is not None and model.cls_classes != cls_classes:
+            raise UsageError(f"{init}: the model's classification head has {model.cls_classes} classes, "
+                             f"the dataset {cls_classes}")
+        return model
+    m = cfg.model
+    nc = m.num_classes or seg_classes
+    cc = m.cls_classes or cls_classes
+    if nc is None or cc is None:
+        raise UsageError("model.num_classes and model.cls_classes are needed (or the datasets that give them)")
+    return build_model(m.name, nc, cc, m.width, m.backbone_weights)
+
+
+# --- the run --------------------------------------------------------------------------------------
+@dataclass
+class StageRun:
+    """Shared machinery of one stage run in folder ``out``."""
+
+    stage: str
+    cfg: Config
+    out: Path
+    env: DistEnv
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # saved in the state, by prefix
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    streams: dict[str, BatchStream] = field(default_factory=dict)
+    extra_tensors: Callable[[], dict[str, torch.Tensor]] | None = None
+    extra_meta: Callable[[], dict[str, Any]] | None = None
+    restore_extra: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    step: int = 0
+    total: int = 0
+    _pbar: Any = None
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    @property
+    def done(self) -> bool:
+        return (self.out / DONE_FILE).is_file()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+
+    def start(self) -> None:
+        """Write the resolved config (rank 0) and resume from ``state.safetensors`` if present."""
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+        barrier(self.env)
+        if self.state_path.is_file():
+            self._restore()
+        elif self.env.is_main and (self.out / METRICS_FILE).exists():
+            (self.out / METRICS_FILE).unlink()
+
+    def _restore(self) -> None:
+        tensors, meta = st.load_state(self.state_path)
+        if meta.get("stage") != self.stage:
+            raise UsageError(f"{self.state_path}: state of stage '{meta.get('stage')}', not '{self.stage}'")
+        for name, m in self.modules.items():
+            st.load_module_tensors(name, m, tensors)
+        for name, opt in self.optimizers.items():
+            st.load_optimizer_state(f"optim.{name}", opt, tensors, meta["optimizers"][name])
+        for name, s in self.streams.items():
+            s.load_state_dict(meta["streams"][name])
+        st.set_rng_state(tensors, meta["rng"])
+        if self.restore_extra:
+            self.restore_extra(tensors, meta.get("extra", {}))
+        self.step = int(meta["step"])
+        if self.env.is_main:  # drop log lines written after the checkpoint
+            path = self.out / METRICS_FILE
+            if path.exists():
+                keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+                path.write_text("".join(x + "\n" for x in keep))
+        if self.env.is_main:
+            print(f"resuming {self.stage} from step {self.step}/{self.total} ({self.state_path})", file=sys.stderr)
+
+    def save(self) -> None:
+        """Checkpoint everything needed to resume (rank 0 writes; every rank waits)."""
+        if self.env.is_main:
+            tensors: dict[str, torch.Tensor] = {}
+            meta: dict[str, Any] = {"stage": self.stage, "step": self.step, "total": self.total,
+                                    "optimizers": {}, "streams": {}}
+            for name, m in self.modules.items():
+                tensors.update(st.module_tensors(name, m))
+            for name, opt in self.optimizers.items():
+                t, om = st.optimizer_state(f"optim.{name}", opt)
+                tensors.update(t)
+                meta["optimizers"][name] = om
+            meta["streams"] = {n: s.state_dict() for n, s in self.streams.items()}
+            rt, rm = st.rng_state()
+            tensors.update(rt)
+            meta["rng"] = rm
+            if self.extra_tensors:
+                tensors.update(self.extra_tensors())
+            if self.extra_meta:
+                meta["extra"] = self.extra_meta()
+            st.save_state(self.state_path, tensors, meta)
+        barrier(self.env)
+
+    def check_finite(self, loss: torch.Tensor, what: str) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+        if self.env.distributed:
+            torch.distributed.all_reduce(bad)
+        if bad.item() > 0:
+            kept = f"; the last good checkpoint {self.state_path} is kept" if self.state_path.exists() else ""
+            raise MtpruneError(f"{self.stage}: {what} loss is {loss.item()} at step {self.step}{kept}")
+
+    def progress(self) -> tqdm:
+        self._pbar = tqdm(total=self.total, initial=self.step, desc=self.stage, unit="it", dynamic_ncols=True,
+                          disable=not self.env.is_main or os.environ.get("MTPRUNE_NO_PROGRESS") == "1",
+                          file=sys.stderr)
+        return self._pbar
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
+        self.step += 1
+        if self._pbar is not None:
+            self._pbar.update(1)
+            self._pbar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
+                                    if k in ("loss", "lr", "phase", "mu")}, refresh=False)
+        if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total:
+            self.log({"step": self.step, "time": time.time(), **record})
+        if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
+            self.save()
+
+    def finish(self, model: SegmentationModel, metrics: dict[str, Any], meta: dict[str, Any] | None = None,
+               extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
+        """Export the final model to ``out/model``, write the final state and ``done.json``."""
+        if self._pbar is not None:
+            self._pbar.close()
+        self.save()
+        if self.env.is_main:
+            save_model(model, self.out / "model", meta={"stage": self.stage, **(meta or {})})
+            if extra_files:
+                extra_files(self.out / "model")
+            write_json(self.out / DONE_FILE, {"stage": self.stage, "steps": self.step, "metrics": metrics})
+        barrier(self.env)
+        return metrics
+
+
+def steps_for(epochs: float, stream: BatchStream) -> int:
+    return max(1, math.ceil(epochs * stream.steps_per_epoch))
+
+
+def autocast(cfg: Config, env: DistEnv) -> torch.autocast:
+    return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16,
+                          enabled=cfg.optim.amp and env.device.type == "cuda")
+
+
+def clip(params: Iterable[nn.Parameter], cfg: Config) -> None:
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(params), cfg.optim.grad_clip)

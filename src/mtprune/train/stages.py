@@ -1,0 +1,180 @@
+"""The supervised stages — ``pretrain-cls`` (Eq. 1), ``train-seg`` (Eq. 2), ``sparse-slimming`` (Eq. 3
+on N2) and ``finetune`` — as sequences of single-task phases on the shared engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset
+
+from mtprune.config import Config
+from mtprune.errors import UsageError
+from mtprune.method import l1_penalty, soft_threshold_
+from mtprune.models.base import SegmentationModel
+from mtprune.train.distributed import DistEnv
+from mtprune.train.engine import (
+    ClsNet,
+    SegNet,
+    StageRun,
+    autocast,
+    clip,
+    initial_model,
+    lr_at,
+    make_dataset,
+    prunable_gammas,
+    seg_loss,
+    sgd,
+    steps_for,
+    wrap_ddp,
+)
+from mtprune.train.streams import BatchStream
+
+
+@dataclass
+class Phase:
+    """``steps`` SGD steps of one task on one network."""
+
+    name: str
+    task: str  # "cls" | "seg"
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    stream: BatchStream
+    steps: int
+    lr: float
+    schedule: str
+    aux_weight: float = 0.4
+    gammas: list[nn.Parameter] = field(default_factory=list)  # ℓ1-regularised BN scales (slimming)
+    alpha: float = 0.0
+    l1: str = "subgradient"
+
+
+def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) -> None:
+    """The training loop: each phase's steps in turn, resumable at any step."""
+    run.total = sum(p.steps for p in phases)
+    run.start()
+    if run.done:
+        return
+    pbar = run.progress()
+    offset = 0
+    for ph in phases:
+        ph.net.train()
+        while run.step < offset + ph.steps:
+            i = run.step - offset
+            lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
+            for g in ph.opt.param_groups:
+                g["lr"] = lr
+            x, y = next(ph.stream)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with autocast(cfg, env):
+                out = ph.net(x)
+            loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
+            run.check_finite(loss, ph.name)
+            objective = loss
+            if ph.gammas and ph.l1 == "subgradient":
+                objective = loss + l1_penalty(ph.gammas, ph.alpha)  # Eq. 3: gradient += α·sign(γ)
+            ph.opt.zero_grad(set_to_none=True)
+            objective.backward()
+            clip(ph.net.parameters(), cfg)
+            ph.opt.step()
+            if ph.gammas and ph.l1 == "proximal":
+                soft_threshold_(ph.gammas, lr * ph.alpha)
+            run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
+        offset += ph.steps
+    pbar.close()
+
+
+def _first(ds: Any, n: int | None) -> Any:
+    return Subset(ds, range(min(n, len(ds)))) if n else ds
+
+
+def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Validation metrics of the stage's model (mIoU and/or top-1/top-5), when ``eval.final`` is set."""
+    if not cfg.eval.final:
+        return {}
+    from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
+
+    out: dict[str, Any] = {}
+    model.eval()
+    if "seg" in tasks:
+        ds = make_dataset(cfg, "seg", train=False)
+        loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers,
+                                   distributed=env.distributed)
+        r = evaluate_segmentation(model, loader, ds.num_classes, scales=tuple(cfg.eval.scales), flip=cfg.eval.flip,
+                                  device=env.device, class_names=list(ds.class_names), progress=env.is_main)
+        out.update(miou=r["miou"], pixel_acc=r["pixel_acc"], per_class=r["per_class"])
+    if "cls" in tasks:
+        ds = make_dataset(cfg, "cls", train=False)
+        loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers,
+                                   distributed=env.distributed)
+        r = evaluate_classification(model, loader, device=env.device, progress=env.is_main)
+        out.update(top1=r["top1"], top5=r["top5"])
+    return out
+
+
+def _seg_phase(name: str, model: SegmentationModel, cfg: Config, env: DistEnv, epochs: float, lr: float,
+               batch_size: int, schedule: str, aux_weight: float, **kw: Any) -> Phase:
+    stream = BatchStream(make_dataset(cfg, "seg", True), batch_size, cfg.seed, env, cfg.data.workers)
+    net = wrap_ddp(SegNet(model), env)
+    opt = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()), lr, cfg)
+    return Phase(name, "seg", net, opt, stream, steps_for(epochs, stream), lr, schedule, aux_weight, **kw)
+
+
+def _cls_phase(name: str, model: SegmentationModel, cfg: Config, env: DistEnv, epochs: float, lr: float,
+               batch_size: int, schedule: str = "linear") -> Phase:
+    stream = BatchStream(make_dataset(cfg, "cls", True), batch_size, cfg.seed + 1, env, cfg.data.workers)
+    net = wrap_ddp(ClsNet(model.backbone, model.cls_head), env)
+    opt = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()), lr, cfg)
+    return Phase(name, "cls", net, opt, stream, steps_for(epochs, stream), lr, schedule)
+
+
+def _classes(cfg: Config) -> tuple[int, int]:
+    seg = make_dataset(cfg, "seg", True)
+    cls = make_dataset(cfg, "cls", True)
+    return seg.num_classes, cls.num_classes
+
+
+def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str | None) -> dict[str, Any]:
+    """``pretrain-cls``, ``train-seg``, ``sparse-slimming`` or ``finetune`` in folder ``out``."""
+    seg_classes, cls_classes = _classes(cfg)
+    if stage == "finetune" and not init:
+        raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
+    model = initial_model(cfg, init, seg_classes, cls_classes).to(env.device)
+    run = StageRun(stage, cfg, out, env)
+    if stage == "pretrain-cls":
+        c = cfg.pretrain_cls
+        phases = [_cls_phase("cls", model, cfg, env, c.epochs, c.lr, c.batch_size, c.schedule)]
+        tasks: tuple[str, ...] = ("cls",)
+    elif stage == "train-seg":
+        c2 = cfg.train_seg
+        phases = [_seg_phase("seg", model, cfg, env, c2.epochs, c2.lr, c2.batch_size, c2.schedule, c2.aux_weight)]
+        tasks = ("seg",)
+    elif stage == "sparse-slimming":
+        c3 = cfg.sparse_slimming
+        if c3.l1 not in ("subgradient", "proximal"):
+            raise UsageError(f"sparse_slimming.l1 must be subgradient or proximal, got '{c3.l1}'")
+        phases = [_seg_phase("seg", model, cfg, env, c3.epochs, c3.lr, c3.batch_size, c3.schedule, c3.aux_weight,
+                             gammas=prunable_gammas(model), alpha=c3.alpha, l1=c3.l1)]
+        tasks = ("seg",)
+    elif stage == "finetune":
+        c4 = cfg.finetune
+        phases = []
+        if c4.cls_epochs > 0:
+            phases.append(_cls_phase("cls", model, cfg, env, c4.cls_epochs, c4.lr_cls, c4.cls_batch_size))
+        if c4.seg_epochs > 0:
+            phases.append(_seg_phase("seg", model, cfg, env, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly",
+                                     c4.aux_weight))
+        tasks = ("seg", "cls")
+    else:
+        raise UsageError(f"unknown stage '{stage}'")
+    run.modules = {"model": model}
+    run.optimizers = {p.name: p.opt for p in phases}
+    run.streams = {p.name: p.stream for p in phases}
+    run_phases(run, phases, cfg, env)
+    if run.done:
+        return {}
+    return run.finish(model, final_metrics(model, cfg, env, tasks), meta={"init": init})
