@@ -72,7 +72,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float | None = None  # max global grad norm, None: no clipping
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    sync_bn: bool = False  # SyncBatchNorm under DDP
+    freeze_bn_stats: bool = False  # BN uses (and keeps) its running statistics; γ and β still train
 
 
 @dataclass

@@ -43,7 +43,7 @@ def run_stage(stage: str, cfg: Config, out: str | os.PathLike, init: str | None 
     import torch
 
     torch.use_deterministic_algorithms(env.device.type == "cpu", warn_only=True)
-    seed_everything(cfg.seed + env.rank)
+    seed_everything(cfg.seed)
     if stage == "sparse-mtp":
         from mtprune.train.mtp import run_sparse_mtp
 

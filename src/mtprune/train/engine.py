@@ -85,6 +85,25 @@ class ClsNet(nn.Module):
         return self.cls_head(self.backbone(x)["c5"])
 
 
+def set_train_mode(module: nn.Module, cfg: Config) -> None:
+    """Training mode; with ``optim.freeze_bn_stats`` BatchNorm layers stay in eval mode (they normalise
+    with, and do not update, their running statistics; γ and β are still trained). Under DDP on CPU,
+    where SyncBatchNorm is not available, this makes N processes compute what one process computes."""
+    module.train()
+    if cfg.optim.freeze_bn_stats:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@torch.no_grad()
+def sync_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Broadcast rank 0's buffers (BN running statistics, which each rank updates on its own batches)."""
+    if env.distributed:
+        for b in module.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+
 def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
     if not env.distributed:
         return module
@@ -189,8 +208,11 @@ class StageRun:
         barrier(self.env)
         if self.state_path.is_file():
             self._restore()
-        elif self.env.is_main and (self.out / METRICS_FILE).exists():
-            (self.out / METRICS_FILE).unlink()
+        else:
+            # models are built with the same seed on every rank; from here on (dropout…) ranks differ
+            torch.manual_seed(self.cfg.seed + 1_000 * self.env.rank)
+            if self.env.is_main and (self.out / METRICS_FILE).exists():
+                (self.out / METRICS_FILE).unlink()
 
     def _restore(self) -> None:
         tensors, meta = st.load_state(self.state_path)
@@ -268,6 +290,7 @@ class StageRun:
         """Export the final model to ``out/model``, write the final state and ``done.json``."""
         if self._pbar is not None:
             self._pbar.close()
+        sync_buffers(model, self.env)
         self.save()
         if self.env.is_main:
             save_model(model, self.out / "model", meta={"stage": self.stage, **(meta or {})})

@@ -58,7 +58,9 @@ from mtprune.train.engine import (
     make_dataset,
     prunable_gammas,
     seg_loss,
+    set_train_mode,
     sgd,
+    sync_buffers,
     wrap_ddp,
 )
 from mtprune.train.stages import final_metrics
@@ -127,8 +129,8 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
     run.restore_extra = restore
     run.start()
     run.progress()
-    model.train()
-    backbone1.train()
+    set_train_mode(model, cfg)
+    set_train_mode(backbone1, cfg)
     while run.step < run.total:
         rnd, k = divmod(run.step, per_round)
         mu = alm["mu"]
@@ -200,6 +202,8 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
             record["mu"] = alm["mu"]
         run.after_step(record)
 
+    sync_buffers(model, env)
+    sync_buffers(backbone1, env)
     exported = _export(model, backbone1, c.backbone_from)
     scores = {lay.bn: (backbone1.get_submodule(lay.bn.removeprefix("backbone.")).weight if lay.part == BACKBONE
                        else model.get_submodule(lay.bn).weight).detach().abs().cpu().contiguous()

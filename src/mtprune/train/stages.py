@@ -28,8 +28,10 @@ from mtprune.train.engine import (
     make_dataset,
     prunable_gammas,
     seg_loss,
+    set_train_mode,
     sgd,
     steps_for,
+    sync_buffers,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -57,12 +59,10 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) ->
     """The training loop: each phase's steps in turn, resumable at any step."""
     run.total = sum(p.steps for p in phases)
     run.start()
-    if run.done:
-        return
     pbar = run.progress()
     offset = 0
     for ph in phases:
-        ph.net.train()
+        set_train_mode(ph.net, cfg)
         while run.step < offset + ph.steps:
             i = run.step - offset
             lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
@@ -175,6 +175,5 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
     run_phases(run, phases, cfg, env)
-    if run.done:
-        return {}
+    sync_buffers(model, env)
     return run.finish(model, final_metrics(model, cfg, env, tasks), meta={"init": init})
