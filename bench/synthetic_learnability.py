@@ -191,11 +191,16 @@ def main() -> None:
         torch.manual_seed(args.seed)
         return build_model(args.model, num_classes=k, cls_classes=args.cls_classes, width=args.width)
 
+    seg_budget = f"{args.steps} steps" if args.steps else f"{args.seconds:.0f} s"
+    pre_budget = f"{args.pretrain_steps} steps" if args.pretrain_steps else f"{args.pretrain_seconds:.0f} s"
     results: dict[str, Any] = {}
     model = fresh()
     run = train_timed(model, seg_loader, args.seconds, args.lr, "seg", args.steps)
     results["scratch"] = {**run, "miou": evaluate_seg(model, val_loader, k)}
-    print(f"from scratch, {args.seconds:.0f} s seg: mIoU {100 * results['scratch']['miou']:.1f} ({run['steps']} steps)")
+    print(
+        f"from scratch, {seg_budget} seg: mIoU {100 * results['scratch']['miou']:.1f} "
+        f"({run['steps']} steps, {run['seconds']:.0f} s)"
+    )
 
     model = fresh()
     pre = train_timed(model, cls_loader, args.pretrain_seconds, args.lr, "cls", args.pretrain_steps)
@@ -203,9 +208,9 @@ def main() -> None:
     run = train_timed(model, seg_loader, args.seconds, args.lr, "seg", args.steps)
     results["pretrained"] = {**run, "miou": evaluate_seg(model, val_loader, k), "pretrain": {**pre, "cls_top1": top1}}
     print(
-        f"cls pre-training {args.pretrain_seconds:.0f} s (top-1 {100 * top1:.1f} % on {args.cls_classes} "
-        f"classes, {pre['steps']} steps) + {args.seconds:.0f} s seg: mIoU "
-        f"{100 * results['pretrained']['miou']:.1f} ({run['steps']} steps)"
+        f"cls pre-training {pre_budget} (top-1 {100 * top1:.1f} % on {args.cls_classes} classes, "
+        f"{pre['steps']} steps, {pre['seconds']:.0f} s) + {seg_budget} seg: mIoU "
+        f"{100 * results['pretrained']['miou']:.1f} ({run['steps']} steps, {run['seconds']:.0f} s)"
     )
 
     if not args.skip_equal_compute:
@@ -215,8 +220,8 @@ def main() -> None:
         run = train_timed(model, seg_loader, total, args.lr, "seg", steps)
         results["scratch_equal_compute"] = {**run, "miou": evaluate_seg(model, val_loader, k)}
         print(
-            f"from scratch, {total:.0f} s seg (same total time): mIoU "
-            f"{100 * results['scratch_equal_compute']['miou']:.1f} ({run['steps']} steps)"
+            f"from scratch, seg for the pre-training's budget too: mIoU "
+            f"{100 * results['scratch_equal_compute']['miou']:.1f} ({run['steps']} steps, {run['seconds']:.0f} s)"
         )
 
     load_end = os.getloadavg()

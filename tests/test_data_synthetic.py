@@ -148,7 +148,8 @@ def test_make_data_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["make-data", "synthetic", "--out", str(other), *small]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not empty" in err[0]
-    assert main(["make-data", "synthetic", "--out", str(tmp_path / "x"), "--num-classes", "20"]) == 1
+    assert main(["make-data", "synthetic", "--out", str(tmp_path / "x"), "--num-classes", "20"]) == 2
+    assert "--num-classes must be in 2..11" in capsys.readouterr().err
 
 
 def test_no_temporary_files_left(tmp_path: Path) -> None:

@@ -156,3 +156,30 @@ def test_large_mu_keeps_copies_closer(tmp_path):
 def test_unstable_mu_is_refused(tmp_path):
     with pytest.raises(MtpruneError, match="mu_max"):
         run_stage("sparse-mtp", cfg("sparse_mtp.mu0=1000.0", "sparse_mtp.mu_max=1000"), tmp_path)
+
+
+def test_sync_bn_reverts_to_batchnorm_for_export():
+    from tests.conftest import tiny
+    from torch import nn
+
+    from mtprune.train.engine import revert_sync_bn
+
+    m = tiny("deeplabv3_resnet18")
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    m.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(m.backbone)
+    assert any(isinstance(x, nn.SyncBatchNorm) for x in m.modules())
+    revert_sync_bn(m)
+    assert not any(isinstance(x, nn.SyncBatchNorm) for x in m.modules())
+    assert all(torch.equal(ref[k], v) for k, v in m.state_dict().items())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert m.eval()(x).shape == (1, 5, 32, 32)
+
+
+def test_sync_bn_on_cpu_is_refused():
+    from mtprune.errors import UsageError
+    from mtprune.train.distributed import DistEnv
+    from mtprune.train.engine import convert_sync_bn
+
+    with pytest.raises(UsageError, match="CUDA"):
+        convert_sync_bn([torch.nn.BatchNorm2d(2)], cfg("optim.sync_bn=true"), DistEnv(0, 2, 0, torch.device("cpu")))

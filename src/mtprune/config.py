@@ -72,6 +72,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float | None = None  # max global grad norm, None: no clipping
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     freeze_bn_stats: bool = False  # BN uses (and keeps) its running statistics; γ and β still train
 
 
@@ -150,7 +151,26 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     final: bool = True  # evaluate the stage's model on the validation split(s) when it ends
+    every_epoch: bool = False  # also evaluate mIoU after every segmentation epoch (Fig. 4 curves)
     max_images: int | None = None  # evaluate on the first N validation images only
+
+
+@dataclass
+class RunConfig:
+    """``mtprune run``: Algorithm 1 end to end for several methods on one budget."""
+
+    methods: list[str] = field(default_factory=lambda: ["mtp", "slimming", "uniform"])
+    ratios: list[float] = field(default_factory=lambda: [0.5])
+    thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
+    without_cls_finetune: bool = False  # also fine-tune with cls_epochs = 0 (Table 1)
+    pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
+    round_to: int = 1
+    min_channels: int = 1
+    thinet_samples: int = 64
+    latency: bool = True
+    latency_size: list[int] | None = None  # default: the segmentation crop size
+    latency_runs: int = 20
+    qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
 
 
 @dataclass
@@ -168,6 +188,7 @@ class Config:
     sparse_slimming: SparseSlimmingConfig = field(default_factory=SparseSlimmingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # free section for pipelines built on top
 
 

@@ -69,7 +69,7 @@ def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
 
 
 def make_data(args: argparse.Namespace) -> int:
-    from mtprune.data.synthetic import META_FILE, write_synthetic
+    from mtprune.data.synthetic import META_FILE, SHAPE_CLASSES, write_synthetic
 
     out: Path = args.out
     for flag in ("num_train", "num_val", "num_cls_train", "num_cls_val"):
@@ -77,6 +77,10 @@ def make_data(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0")
     if min(args.size) < 8:
         raise UsageError(f"--size must be at least 8 8, got {args.size[0]} {args.size[1]}")
+    if not 2 <= args.num_classes <= len(SHAPE_CLASSES) + 1:
+        raise UsageError(f"--num-classes must be in 2..{len(SHAPE_CLASSES) + 1}, got {args.num_classes}")
+    if not 2 <= args.cls_classes <= len(SHAPE_CLASSES):
+        raise UsageError(f"--cls-classes must be in 2..{len(SHAPE_CLASSES)}, got {args.cls_classes}")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -121,6 +125,8 @@ def make_data(args: argparse.Namespace) -> int:
 def check_data(args: argparse.Namespace) -> int:
     from mtprune.data import DATASETS, build_dataset, check_dataset, format_report
 
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     kw: dict[str, Any] = {"task": args.task} if args.dataset == "synthetic" else {}
     if not args.root.is_dir():
         raise DataError(f"expected dataset root directory {args.root} ({args.dataset}) not found")

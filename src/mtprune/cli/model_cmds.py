@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
-from mtprune.errors import UsageError
+from mtprune.errors import DataError, UsageError
 from mtprune.evaluate.cost import count_macs, count_params, model_cost
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.pruning import SCORERS, THRESHOLDS, apply_plan, make_plan
+from mtprune.pruning import SCORERS, THRESHOLDS, prune
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
@@ -80,6 +80,38 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 # --- prune -----------------------------------------------------------------------------------------
+#: default number of training images ThiNet measures (``--samples``)
+THINET_SAMPLES = 64
+
+
+def _thinet_images(args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
+    """``--samples`` images of the configured segmentation training set (with its training transforms),
+    drawn deterministically from ``seed``, in batches of equal size → (batches, seed)."""
+    from mtprune.config import load_config
+    from mtprune.train.engine import make_dataset
+
+    cfg = load_config(args.config, args.set)
+    n_req = THINET_SAMPLES if args.samples is None else args.samples
+    try:
+        ds = make_dataset(cfg, "seg", train=True)
+        n = min(n_req, len(ds))
+        if n < 1:
+            raise UsageError("--method thinet needs training images: the segmentation training set is empty")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+        with torch.random.fork_rng(devices=[]):  # the random training transforms, reproducibly
+            torch.manual_seed(cfg.seed)
+            images = [ds[i][0] for i in idx]
+    except DataError as e:
+        raise UsageError(f"--method thinet needs training images: {e}") from None
+    batches: list[torch.Tensor] = []
+    for img in images:
+        if batches and batches[-1].shape[1:] == img.shape and batches[-1].shape[0] < 8:
+            batches[-1] = torch.cat([batches[-1], img[None]])
+        else:
+            batches.append(img[None])
+    return batches, cfg.seed
+
+
 def _prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():
@@ -87,13 +119,22 @@ def _prune(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
-    score_kw = {}
+    score_kw: dict = {}
+    thinet_flags = [f for f, v in (("--config", args.config), ("--set", args.set), ("--samples", args.samples),
+                                   ("--no-rescale", args.no_rescale)) if v]
+    if args.method != "thinet" and thinet_flags:
+        raise UsageError(f"{', '.join(thinet_flags)}: only with --method thinet")
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
     if args.checkpoint and args.method == "bn":
         scores_file = resolve_checkpoint(args.checkpoint) / "scores.safetensors"
         if scores_file.is_file():  # sparse-mtp: γ1 of W1 and γ2 of W2 (Algorithm 1, line 9)
             score_kw["scores"] = load_file(str(scores_file))
-    plan = make_plan(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels, **score_kw)
-    apply_plan(model, plan)
+    if args.method == "thinet":
+        batches, seed = _thinet_images(args)
+        score_kw.update(images=batches, num_samples=sum(b.shape[0] for b in batches), seed=seed)
+    plan = prune(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels,
+                 rescale=not args.no_rescale, **score_kw)
     after = {"params": count_params(model), "macs": count_macs(model, size)}
     summary = {
         "method": args.method,
@@ -106,12 +147,14 @@ def _prune(args: argparse.Namespace) -> int:
         "macs_ratio": after["macs"] / before["macs"],
         "removed": {p: plan.removed_fraction(p) for p in (BACKBONE, DECODER)},
     }
+    if args.method == "thinet":
+        summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
     write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
     save_model(
         model,
         out,
         meta={
-            "pruned": {k: summary[k] for k in ("method", "ratio", "thresholds")},
+            "pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "thinet") if k in summary},
             "source": args.checkpoint or args.model,
         },
     )
@@ -123,6 +166,9 @@ def _prune(args: argparse.Namespace) -> int:
         f"  removed: backbone {summary['removed'][BACKBONE]:.1%}, "
         f"decoder {summary['removed'][DECODER]:.1%} of prunable channels"
     )
+    if "thinet" in summary:
+        t = summary["thinet"]
+        print(f"  thinet: {t['images']} training images, {'rescaled' if t['rescale'] else 'no rescaling'}")
     print(f"  params {before['params'] / 1e6:.2f} M -> {after['params'] / 1e6:.2f} M ({summary['params_ratio']:.3f}×)")
     print(
         f"  MACs   {before['macs'] / 1e9:.2f} G -> {after['macs'] / 1e9:.2f} G ({summary['macs_ratio']:.3f}×) "
@@ -186,4 +232,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    th = p.add_argument_group("thinet (training images, as `mtprune train` describes them)")
+    th.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded synthetic setup)")
+    th.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    th.add_argument("--samples", type=int, metavar="N", help=f"training images measured (default {THINET_SAMPLES})")
+    th.add_argument("--no-rescale", action="store_true", help="skip the least-squares rescaling of the next layers")
     p.set_defaults(func=_prune)

@@ -3,7 +3,8 @@
 ``prune(model, method, ratio, ...)`` is the one call; the pieces are importable on their own:
 :mod:`~mtprune.pruning.scores` (per-method channel importance), :mod:`~mtprune.pruning.plan`
 (independent / unified thresholds, ``min_channels``, ``round_to``), :mod:`~mtprune.pruning.apply`
-(physical removal and masking).
+(physical removal and masking), :mod:`~mtprune.pruning.thinet` (ThiNet's statistics, greedy and
+least-squares rescaling).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mtprune.models.base import SegmentationModel
 from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan, module_shapes
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer
+from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
 
 
 def make_plan(
@@ -42,11 +44,27 @@ def prune(
     thresholds: str = "independent",
     round_to: int = 1,
     min_channels: int = 1,
+    *,
+    rescale: bool = True,
     **score_kw: Any,
 ) -> PruningPlan:
-    """Prune ``model`` in place (physically) and return the plan that was applied."""
+    """Prune ``model`` in place (physically) and return the plan that was applied.
+
+    ``thinet``: the statistics (``score_kw["stats"]``, or measured here from ``images=…``, see
+    :func:`~mtprune.pruning.thinet.thinet_statistics`) choose the channels, and with ``rescale`` (default)
+    the consumers' kept input channels are then rescaled by least squares (:func:`thinet_rescale`) — the
+    pruned net then differs from the masked one, by design. ``rescale`` is ignored by other methods.
+    """
+    get_scorer(method)
+    check_ratio(ratio)  # before ThiNet's statistics are measured
+    stats = None
+    if method == "thinet":
+        stats = score_kw.get("stats") or thinet_statistics(model, model.prunable_layers(), **score_kw)
+        score_kw = {"stats": stats}
     plan = make_plan(model, method, ratio, thresholds, round_to, min_channels, **score_kw)
     apply_plan(model, plan)
+    if stats is not None and rescale:
+        thinet_rescale(model, plan, stats)
     return plan
 
 
@@ -54,6 +72,7 @@ __all__ = [
     "SCORERS",
     "THRESHOLDS",
     "PruningPlan",
+    "ThiNetStats",
     "apply_plan",
     "build_dependency_graph",
     "compute_plan",
@@ -63,4 +82,6 @@ __all__ = [
     "module_shapes",
     "prune",
     "register_scorer",
+    "thinet_rescale",
+    "thinet_statistics",
 ]

@@ -7,8 +7,8 @@ more important) and says whether its scores are comparable across layers:
   thresholds (independent / unified) decide how many channels each layer loses — ``bn`` (|γ|, the
   paper's score; Network Slimming after ``sparse-slimming``, MTP after ``sparse-mtp``).
 - ``scope = "layer"``: each layer loses the same fraction of its own channels — ``uniform`` (filter
-  ℓ1 norm picks which). The ThiNet and FPGM baselines of a later issue are per-layer scorers too: they
-  are added here with :func:`register_scorer`.
+  ℓ1 norm picks which), ``fpgm`` (filters nearest the layer's geometric median first) and ``thinet``
+  (greedy reconstruction of the next layer's output on training images; :mod:`mtprune.pruning.thinet`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from mtprune.errors import UsageError
 from mtprune.models.base import PrunableLayer
+from mtprune.pruning import thinet as _thinet
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
 
@@ -88,3 +89,29 @@ def l1_filter_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) ->
         w = model.get_submodule(layer.conv).weight.detach().float().cpu()
         out[layer.conv] = w.abs().flatten(1).sum(1)
     return out
+
+
+@register_scorer("fpgm", "layer", "filters nearest the layer's geometric median first (FPGM, raw-weight distances)")
+@torch.no_grad()
+def fpgm_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) -> dict[str, torch.Tensor]:
+    """FPGM (He et al., CVPR 2019): a filter's score is the sum of its Euclidean distances to the other
+    filters of its layer (raw conv weights, one flattened vector per output filter). The lowest-scored
+    filters lie nearest the layer's geometric median — the most replaceable — and go first.
+
+    Torch-Pruning's ``FPGMImportance`` measures the distances on ``|W|^p`` (element-wise magnitudes), a
+    departure from the paper; here the paper's raw-weight Euclidean distance is used (float64, exact).
+    """
+    out = {}
+    for layer in layers:
+        w = model.get_submodule(layer.conv).weight.detach().to(torch.float64).cpu().flatten(1)
+        d = torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")
+        out[layer.conv] = d.sum(1)
+    return out
+
+
+@register_scorer("thinet", "layer", "greedy reconstruction of the next layer's output on training images (ThiNet)")
+def thinet_scores(model: nn.Module, layers: list[PrunableLayer], **kw: Any) -> dict[str, torch.Tensor]:
+    """ThiNet (Luo et al., ICCV 2017): the rank at which ThiNet's greedy removes each channel; see
+    :mod:`mtprune.pruning.thinet`. Keyword arguments: ``images`` (normalised batches), ``num_samples``,
+    ``locations_per_image``, ``seed``, ``batch_size`` — or ``stats`` measured beforehand."""
+    return _thinet.thinet_scores(model, layers, **kw)

@@ -96,6 +96,31 @@ def set_train_mode(module: nn.Module, cfg: Config) -> None:
                 m.eval()
 
 
+def convert_sync_bn(modules: Iterable[nn.Module], cfg: Config, env: DistEnv) -> None:
+    """With ``optim.sync_bn`` under DDP, replace every BatchNorm2d of ``modules`` (in place) by SyncBatchNorm."""
+    if not (cfg.optim.sync_bn and env.distributed):
+        return
+    if env.device.type != "cuda":
+        raise UsageError("optim.sync_bn needs CUDA (SyncBatchNorm is CUDA-only); on CPU use optim.freeze_bn_stats")
+    for m in modules:
+        for name, child in list(m.named_children()):
+            setattr(m, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+def revert_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every SyncBatchNorm of ``module`` (in place) by an equal BatchNorm2d, for export."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            bn.to(child.weight.device if child.weight is not None else "cpu")
+            bn.train(child.training)
+            setattr(module, name, bn)
+        else:
+            revert_sync_bn(child)
+    return module
+
+
 @torch.no_grad()
 def sync_buffers(module: nn.Module, env: DistEnv) -> None:
     """Broadcast rank 0's buffers (BN running statistics, which each rank updates on its own batches)."""
@@ -291,6 +316,7 @@ class StageRun:
         if self._pbar is not None:
             self._pbar.close()
         sync_buffers(model, self.env)
+        revert_sync_bn(model)
         self.save()
         if self.env.is_main:
             save_model(model, self.out / "model", meta={"stage": self.stage, **(meta or {})})

@@ -53,10 +53,12 @@ from mtprune.train.engine import (
     StageRun,
     autocast,
     clip,
+    convert_sync_bn,
     initial_model,
     lr_at,
     make_dataset,
     prunable_gammas,
+    revert_sync_bn,
     seg_loss,
     set_train_mode,
     sgd,
@@ -92,6 +94,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
             "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)")
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
     model = initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes).to(env.device)
+    convert_sync_bn([model.backbone, model.decoder], cfg, env)
     backbone1 = copy.deepcopy(model.backbone)  # W1; model.backbone is W3, model.decoder W2
     cls_net, seg_net = ClsNet(backbone1, model.cls_head), SegNet(model)
     w1, w3 = list(backbone1.parameters()), list(model.backbone.parameters())
@@ -204,6 +207,8 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
 
     sync_buffers(model, env)
     sync_buffers(backbone1, env)
+    revert_sync_bn(model)
+    revert_sync_bn(backbone1)
     exported = _export(model, backbone1, c.backbone_from)
     scores = {lay.bn: (backbone1.get_submodule(lay.bn.removeprefix("backbone.")).weight if lay.part == BACKBONE
                        else model.get_submodule(lay.bn).weight).detach().abs().cpu().contiguous()

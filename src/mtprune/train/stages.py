@@ -23,6 +23,7 @@ from mtprune.train.engine import (
     StageRun,
     autocast,
     clip,
+    convert_sync_bn,
     initial_model,
     lr_at,
     make_dataset,
@@ -84,17 +85,29 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) ->
             if ph.gammas and ph.l1 == "proximal":
                 soft_threshold_(ph.gammas, lr * ph.alpha)
             run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
+            if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
+                epoch_eval(run, ph, cfg, env, (i + 1) / ph.stream.steps_per_epoch)
         offset += ph.steps
     pbar.close()
+
+
+def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, epoch: float) -> None:
+    """Validation mIoU after a segmentation epoch, logged as ``{"epoch", "val_miou"}`` (Fig. 4)."""
+    model = ph.net.module._model if hasattr(ph.net, "module") else ph.net._model
+    sync_buffers(model, env)
+    r = final_metrics(model, cfg, env, ("seg",), force=True)
+    run.log({"step": run.step, "epoch": epoch, "phase": ph.name, "val_miou": r["miou"]})
+    set_train_mode(ph.net, cfg)
 
 
 def _first(ds: Any, n: int | None) -> Any:
     return Subset(ds, range(min(n, len(ds)))) if n else ds
 
 
-def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...]) -> dict[str, Any]:
+def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...],
+                  force: bool = False) -> dict[str, Any]:
     """Validation metrics of the stage's model (mIoU and/or top-1/top-5), when ``eval.final`` is set."""
-    if not cfg.eval.final:
+    if not (cfg.eval.final or force):
         return {}
     from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 
@@ -105,13 +118,13 @@ def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tu
         loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers,
                                    distributed=env.distributed)
         r = evaluate_segmentation(model, loader, ds.num_classes, scales=tuple(cfg.eval.scales), flip=cfg.eval.flip,
-                                  device=env.device, class_names=list(ds.class_names), progress=env.is_main)
+                                  device=env.device, class_names=list(ds.class_names), progress=False)
         out.update(miou=r["miou"], pixel_acc=r["pixel_acc"], per_class=r["per_class"])
     if "cls" in tasks:
         ds = make_dataset(cfg, "cls", train=False)
         loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers,
                                    distributed=env.distributed)
-        r = evaluate_classification(model, loader, device=env.device, progress=env.is_main)
+        r = evaluate_classification(model, loader, device=env.device, progress=False)
         out.update(top1=r["top1"], top5=r["top5"])
     return out
 
@@ -144,6 +157,7 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
     if stage == "finetune" and not init:
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
     model = initial_model(cfg, init, seg_classes, cls_classes).to(env.device)
+    convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
     if stage == "pretrain-cls":
         c = cfg.pretrain_cls

@@ -1,0 +1,228 @@
+"""``mtprune run``: Algorithm 1 end to end, every method on the same budget, as resumable stages.
+
+Each stage has its own folder under the run folder and a ``done.json`` when finished, so a rerun
+reuses finished stages and resumes the interrupted one:
+
+    pretrain-cls/   train-seg/   eval-dense/                     the dense baseline (shared)
+    sparse-mtp/     sparse-slimming/                             sparse training, when a method needs it
+    prune-<tag>/    finetune-<tag>/    eval-<tag>/               per method × ratio × thresholds
+    results.json    report.md    plots/                          the comparison
+
+``<tag>`` is ``<method>-<ratio>[-<thresholds>][-nocls]``. Every method gets the same fine-tuning
+budget (the ``finetune`` section); ``run.without_cls_finetune`` adds the Table 1 variant with no
+classification fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
+from mtprune.config import Config, save_config
+from mtprune.errors import UsageError
+from mtprune.evaluate.cost import count_macs, count_params, measure_latency
+from mtprune.io import read_json, write_json
+from mtprune.pruning import SCORERS, THRESHOLDS, apply_plan, make_plan
+from mtprune.train import run_stage, seed_everything
+from mtprune.train.distributed import DistEnv, barrier, setup
+from mtprune.train.engine import DONE_FILE
+from mtprune.train.stages import final_metrics
+
+#: method → (sparse-training stage or None, channel scores)
+METHODS: dict[str, tuple[str | None, str]] = {
+    "mtp": ("sparse-mtp", "bn"),
+    "slimming": ("sparse-slimming", "bn"),
+    "uniform": (None, "uniform"),
+    "fpgm": (None, "fpgm"),
+    "thinet": (None, "thinet"),
+}
+GLOBAL_METHODS = ("mtp", "slimming")  # the ones whose thresholds (independent / unified) matter
+
+
+def _say(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def check_run_config(cfg: Config) -> None:
+    r = cfg.run
+    for m in r.methods:
+        if m not in METHODS:
+            raise UsageError(f"run.methods: unknown method '{m}' (choose from {', '.join(METHODS)})")
+        if METHODS[m][1] not in SCORERS:
+            raise UsageError(f"run.methods: '{m}' needs the '{METHODS[m][1]}' scorer, not available here")
+    for p in r.ratios:
+        if not 0 < p < 1:
+            raise UsageError(f"run.ratios: {p} is outside (0, 1)")
+    for t in r.thresholds:
+        if t not in THRESHOLDS:
+            raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
+
+
+def variants(cfg: Config) -> list[dict[str, Any]]:
+    """Every model the run compares: method × ratio × thresholds (+ the no-cls-fine-tuning variant)."""
+    out = []
+    r = cfg.run
+    for method in r.methods:
+        modes = r.thresholds if method in GLOBAL_METHODS else ["layer"]
+        for ratio in r.ratios:
+            for th in modes:
+                for cls_ft in [True, False] if r.without_cls_finetune else [True]:
+                    tag = f"{method}-{ratio:g}" + (f"-{th}" if method in GLOBAL_METHODS else "")
+                    tag += "" if cls_ft else "-nocls"
+                    out.append({"method": method, "ratio": ratio, "thresholds": th, "cls_finetune": cls_ft, "tag": tag})
+    return out
+
+
+def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Config, out: Path) -> None:
+    """Prune the model of stage folder ``src`` into ``out`` (plan.json + model/ + done.json)."""
+    if (out / DONE_FILE).is_file():
+        return
+    model = load_model(src)
+    score = METHODS[method][1]
+    kw: dict[str, Any] = {}
+    if score == "bn":
+        scores = resolve_checkpoint(src) / "scores.safetensors"
+        if scores.is_file():
+            from safetensors.torch import load_file
+
+            kw["scores"] = load_file(str(scores))
+    if score == "thinet":
+        from mtprune.pruning.thinet import thinet_inputs
+
+        kw.update(thinet_inputs(cfg, cfg.run.thinet_samples))
+    th = thresholds if thresholds in THRESHOLDS else "independent"
+    plan = make_plan(model, score, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
+    apply_plan(model, plan)
+    if score == "thinet":
+        from mtprune.pruning.thinet import thinet_finish
+
+        thinet_finish(model, plan, kw)
+    write_json(out / "plan.json", plan.to_dict())
+    save_model(
+        model,
+        out / "model",
+        meta={"pruned": {"method": method, "ratio": ratio, "thresholds": thresholds}, "source": str(src)},
+    )
+    write_json(out / DONE_FILE, {"stage": "prune", "method": method, "ratio": ratio, "thresholds": thresholds})
+
+
+def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
+    """Validation mIoU (+ per class), top-1/top-5, params, MACs and latency of ``src``'s model."""
+    if (out / DONE_FILE).is_file():
+        return dict(read_json(out / DONE_FILE)["metrics"])
+    model = load_model(src).to(env.device)
+    metrics = final_metrics(model, cfg, env, ("seg", "cls"), force=True)
+    size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+    model = model.cpu()
+    metrics.update(params=count_params(model), macs=count_macs(model, size), cost_size=list(size))
+    if cfg.run.latency and env.is_main:
+        lat = measure_latency(model, size, device="cpu", runs=cfg.run.latency_runs)
+        metrics.update(latency_ms=lat.latency_ms, latency_iqr_ms=lat.latency_iqr_ms, latency_device=lat.device)
+    if env.is_main:
+        write_json(out / DONE_FILE, {"stage": "eval", "source": str(src), "metrics": metrics})
+    barrier(env)
+    return metrics
+
+
+def run_pipeline(
+    cfg: Config, out: str | os.PathLike, env: DistEnv | None = None, progress: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run Algorithm 1 for every configured method; returns the rows of ``results.json``."""
+    check_run_config(cfg)
+    out = Path(out)
+    env = env or setup(cfg.device)
+    say = progress or (lambda m: _say(env, m))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        state = "reused" if (out / name / DONE_FILE).is_file() else "running"
+        say(f"[{name}] {state}")
+        return fn()
+
+    init = None
+    if cfg.run.pretrain:
+        stage("pretrain-cls", lambda: run_stage("pretrain-cls", cfg, out / "pretrain-cls", env=env))
+        init = str(out / "pretrain-cls")
+    stage("train-seg", lambda: run_stage("train-seg", cfg, out / "train-seg", init=init, env=env))
+    dense = stage("eval-dense", lambda: eval_stage(out / "train-seg", cfg, env, out / "eval-dense"))
+    rows = [
+        _row({"method": "dense", "ratio": 0.0, "thresholds": "-", "cls_finetune": False, "tag": "dense"}, dense, dense)
+    ]
+    for sparse in sorted({METHODS[m][0] for m in cfg.run.methods if METHODS[m][0]}):
+        stage(sparse, lambda s=sparse: run_stage(s, cfg, out / s, init=str(out / "train-seg"), env=env))
+    for v in variants(cfg):
+        src = out / (METHODS[v["method"]][0] or "train-seg")
+        ptag = v["tag"].removesuffix("-nocls")
+        if env.is_main:
+            stage(
+                f"prune-{ptag}",
+                lambda v=v, src=src, ptag=ptag: prune_stage(
+                    src, v["method"], v["ratio"], v["thresholds"], cfg, out / f"prune-{ptag}"
+                ),
+            )
+        barrier(env)
+        ft_cfg = cfg
+        if not v["cls_finetune"]:
+            from copy import deepcopy
+
+            ft_cfg = deepcopy(cfg)
+            ft_cfg.finetune.cls_epochs = 0
+        stage(
+            f"finetune-{v['tag']}",
+            lambda v=v, c=ft_cfg, ptag=ptag: run_stage(
+                "finetune", c, out / f"finetune-{v['tag']}", init=str(out / f"prune-{ptag}"), env=env
+            ),
+        )
+        m = stage(
+            f"eval-{v['tag']}", lambda v=v: eval_stage(out / f"finetune-{v['tag']}", cfg, env, out / f"eval-{v['tag']}")
+        )
+        rows.append(_row(v, m, dense))
+    if env.is_main:
+        write_json(out / "results.json", rows)
+        from mtprune.report import write_report
+
+        say("[report] writing report.md and plots")
+        write_report(out, cfg, rows)
+    barrier(env)
+    return rows
+
+
+def _row(v: dict[str, Any], m: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
+    def ratio(key: str) -> float | None:
+        a, b = m.get(key), dense.get(key)
+        return a / b if a is not None and b else None
+
+    return {
+        "method": v["method"],
+        "ratio": v["ratio"],
+        "thresholds": v["thresholds"],
+        "cls_finetune": v["cls_finetune"],
+        "tag": v["tag"],
+        "miou": m.get("miou"),
+        "delta_miou": (m["miou"] - dense["miou"]) if m.get("miou") is not None else None,
+        "params": m.get("params"),
+        "macs": m.get("macs"),
+        "params_ratio": ratio("params"),
+        "macs_ratio": ratio("macs"),
+        "latency_ms": m.get("latency_ms"),
+        "latency_ratio": ratio("latency_ms"),
+        "top1": m.get("top1"),
+        "top5": m.get("top5"),
+        "pixel_acc": m.get("pixel_acc"),
+        "per_class": m.get("per_class"),
+    }
+
+
+def run_command(cfg: Config, out: str | os.PathLike) -> list[dict[str, Any]]:
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)
+    return run_pipeline(cfg, out)

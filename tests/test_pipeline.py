@@ -1,0 +1,131 @@
+"""``mtprune run`` end to end on a tiny config: results.json rows, cost ratios, stage reuse, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtprune.cli import main
+from mtprune.config import load_config
+from mtprune.evaluate.cost import count_macs, count_params
+from mtprune.pipeline import run_pipeline
+from mtprune.train.engine import StageRun
+
+TINY = [
+    "model.width=0.125",
+    "data.cls.options={num_samples: 32, image_size: 32}",
+    "data.cls.val_options={num_samples: 8}",
+    "data.seg.options={num_samples: 16, image_size: 40}",
+    "data.seg.val_options={num_samples: 4}",
+    "data.cls.size=32",
+    "data.seg.crop_size=[32,32]",
+    "pretrain_cls.epochs=1",
+    "pretrain_cls.batch_size=16",
+    "train_seg.epochs=1",
+    "train_seg.batch_size=4",
+    "sparse_mtp.rounds=2",
+    "sparse_mtp.steps_cls=1",
+    "sparse_mtp.steps_seg=1",
+    "sparse_mtp.cls_batch_size=8",
+    "sparse_mtp.seg_batch_size=4",
+    "sparse_slimming.epochs=0.5",
+    "sparse_slimming.batch_size=4",
+    "finetune.cls_epochs=0.5",
+    "finetune.seg_epochs=1",
+    "finetune.cls_batch_size=16",
+    "finetune.seg_batch_size=4",
+    "eval.every_epoch=true",
+    "run.latency=false",
+    "run.qualitative=2",
+    "checkpoint_every=2",
+]
+
+
+def tiny_cfg(*extra: str):
+    return load_config(overrides=TINY + list(extra))
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("latency")} for r in rows]
+
+
+def test_run_gives_a_row_per_method_with_correct_cost_ratios(tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        "run:\n  methods: [mtp, slimming, uniform]\n  ratios: [0.5]\n"
+        "  thresholds: [independent, unified]\n  without_cls_finetune: true\n  latency: false\n"
+    )
+    argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
+    for s in TINY:
+        if not s.startswith("run."):
+            argv += ["--set", s]
+    argv += ["--set", "run.qualitative=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "results:" in out and "mtp 0.5×" in out
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    tags = [r["tag"] for r in rows]
+    assert tags[0] == "dense"
+    for t in (
+        "mtp-0.5-independent",
+        "mtp-0.5-unified",
+        "slimming-0.5-independent",
+        "uniform-0.5",
+        "mtp-0.5-independent-nocls",
+    ):
+        assert t in tags
+    keys = {
+        "method",
+        "ratio",
+        "thresholds",
+        "miou",
+        "delta_miou",
+        "params",
+        "macs",
+        "params_ratio",
+        "macs_ratio",
+        "latency_ms",
+        "latency_ratio",
+        "top1",
+        "top5",
+        "per_class",
+    }
+    dense = rows[0]
+    from mtprune import load_model
+
+    for r in rows:
+        assert keys <= set(r)
+        assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["top1"] <= 1.0
+        if r["method"] != "dense":
+            assert r["delta_miou"] == pytest.approx(r["miou"] - dense["miou"])
+            assert r["params_ratio"] == pytest.approx(r["params"] / dense["params"])
+            assert 0.2 < r["macs_ratio"] < 0.9 and 0.2 < r["params_ratio"] < 0.9
+            m = load_model(tmp_path / "run" / f"finetune-{r['tag']}")
+            assert count_params(m) == r["params"] and count_macs(m, (32, 32)) == r["macs"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    for heading in ("Comparison", "Table 4", "Table 1", "Tables 5/6", "Table 7", "Fig. 8", "Figs 5/7", "Fig. 4"):
+        assert heading in report
+    for png in ("miou_vs_macs.png", "channels_0.5.png", "miou_vs_epochs.png", "qualitative.png"):
+        assert (tmp_path / "run" / "plots" / png).stat().st_size > 1000
+
+
+def test_interrupted_run_reuses_finished_stages_and_gives_the_same_results(tmp_path, monkeypatch):
+    cfg = tiny_cfg("run.methods=[mtp, uniform]")
+    full = run_pipeline(cfg, tmp_path / "full")
+
+    original = StageRun.after_step
+
+    def crash(self, record):
+        original(self, record)
+        if self.stage == "sparse-mtp" and self.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRun, "after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "cut")
+    stamp = (tmp_path / "cut" / "train-seg" / "model" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(StageRun, "after_step", original)
+    again = run_pipeline(cfg, tmp_path / "cut")
+    assert (tmp_path / "cut" / "train-seg" / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    assert _strip(again) == _strip(full)
