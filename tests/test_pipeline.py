@@ -129,3 +129,21 @@ def test_interrupted_run_reuses_finished_stages_and_gives_the_same_results(tmp_p
     again = run_pipeline(cfg, tmp_path / "cut")
     assert (tmp_path / "cut" / "train-seg" / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
     assert _strip(again) == _strip(full)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from mtprune.cli.run_cmds import demo_config_path
+    from mtprune.pipeline import check_run_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml")) + [demo_config_path()]
+    assert len(files) >= 6
+    for f in files:
+        cfg = load_config(f)
+        check_run_config(cfg)
+        assert cfg.sparse_mtp.rho >= 1.0
+    voc = load_config(root / "paper" / "voc_deeplabv3_r101.yaml")
+    assert (voc.train_seg.lr, voc.finetune.lr_seg, voc.sparse_mtp.alpha1) == (0.007, 0.0007, 1.0e-3)
+    assert voc.data.seg.crop_size == [513, 513] and voc.run.ratios == [0.25, 0.5]
