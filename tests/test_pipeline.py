@@ -53,7 +53,7 @@ def _strip(rows):
 def test_run_gives_a_row_per_method_with_correct_cost_ratios(tmp_path, capsys):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(
-        "run:\n  methods: [mtp, slimming, uniform]\n  ratios: [0.5]\n"
+        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 8\n  ratios: [0.5]\n"
         "  thresholds: [independent, unified]\n  without_cls_finetune: true\n  latency: false\n"
     )
     argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]

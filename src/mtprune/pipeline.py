@@ -28,10 +28,10 @@ from mtprune.config import Config, save_config
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import count_macs, count_params, measure_latency
 from mtprune.io import read_json, write_json
-from mtprune.pruning import SCORERS, THRESHOLDS, apply_plan, make_plan
+from mtprune.pruning import SCORERS, THRESHOLDS, prune
 from mtprune.train import run_stage, seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
-from mtprune.train.engine import DONE_FILE
+from mtprune.train.engine import DONE_FILE, sample_images
 from mtprune.train.stages import final_metrics
 
 #: method → (sparse-training stage or None, channel scores)
@@ -94,16 +94,10 @@ def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Conf
 
             kw["scores"] = load_file(str(scores))
     if score == "thinet":
-        from mtprune.pruning.thinet import thinet_inputs
-
-        kw.update(thinet_inputs(cfg, cfg.run.thinet_samples))
+        batches = sample_images(cfg, cfg.run.thinet_samples)
+        kw.update(images=batches, num_samples=sum(b.shape[0] for b in batches), seed=cfg.seed)
     th = thresholds if thresholds in THRESHOLDS else "independent"
-    plan = make_plan(model, score, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
-    apply_plan(model, plan)
-    if score == "thinet":
-        from mtprune.pruning.thinet import thinet_finish
-
-        thinet_finish(model, plan, kw)
+    plan = prune(model, score, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
     write_json(out / "plan.json", plan.to_dict())
     save_model(
         model,

@@ -85,31 +85,18 @@ THINET_SAMPLES = 64
 
 
 def _thinet_images(args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
-    """``--samples`` images of the configured segmentation training set (with its training transforms),
-    drawn deterministically from ``seed``, in batches of equal size → (batches, seed)."""
+    """``--samples`` images of the configured segmentation training set → (batches, seed)."""
     from mtprune.config import load_config
-    from mtprune.train.engine import make_dataset
+    from mtprune.train.engine import sample_images
 
     cfg = load_config(args.config, args.set)
     n_req = THINET_SAMPLES if args.samples is None else args.samples
     try:
-        ds = make_dataset(cfg, "seg", train=True)
-        n = min(n_req, len(ds))
-        if n < 1:
-            raise UsageError("--method thinet needs training images: the segmentation training set is empty")
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
-        with torch.random.fork_rng(devices=[]):  # the random training transforms, reproducibly
-            torch.manual_seed(cfg.seed)
-            images = [ds[i][0] for i in idx]
+        return sample_images(cfg, n_req), cfg.seed
     except DataError as e:
         raise UsageError(f"--method thinet needs training images: {e}") from None
-    batches: list[torch.Tensor] = []
-    for img in images:
-        if batches and batches[-1].shape[1:] == img.shape and batches[-1].shape[0] < 8:
-            batches[-1] = torch.cat([batches[-1], img[None]])
-        else:
-            batches.append(img[None])
-    return batches, cfg.seed
+    except UsageError as e:
+        raise UsageError(f"--method {e}") from None
 
 
 def _prune(args: argparse.Namespace) -> int:

@@ -172,6 +172,26 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
     return SkipBadSamples(ds) if cfg.data.skip_bad else ds
 
 
+def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) -> list[torch.Tensor]:
+    """``n`` images of the configured training set (with its training transforms), drawn reproducibly
+    from ``cfg.seed``, grouped into batches of equal image size (ThiNet's statistics)."""
+    ds = make_dataset(cfg, task, train=True)
+    n = min(n, len(ds))
+    if n < 1:
+        raise UsageError(f"thinet needs training images: the {task} training set is empty")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+    with torch.random.fork_rng(devices=[]):  # the random training transforms, reproducibly
+        torch.manual_seed(cfg.seed)
+        images = [ds[i][0] for i in idx]
+    batches: list[torch.Tensor] = []
+    for img in images:
+        if batches and batches[-1].shape[1:] == img.shape and batches[-1].shape[0] < max_batch:
+            batches[-1] = torch.cat([batches[-1], img[None]])
+        else:
+            batches.append(img[None])
+    return batches
+
+
 # --- the model a stage starts from ---------------------------------------------------------------
 def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_classes: int | None
                   ) -> SegmentationModel:
