@@ -23,7 +23,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtprune.cli import data_cmds, eval_cmds, model_cmds, run_cmds, train_cmds
+    from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
 
     parser = OneLineArgumentParser(
         prog="mtprune",
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mtprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
-    for module in (model_cmds, train_cmds, run_cmds, eval_cmds, data_cmds):
+    for module in (model_cmds, train_cmds, run_cmds, eval_cmds, export_cmds, data_cmds):
         module.register(sub)
     return parser
 

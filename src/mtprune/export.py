@@ -1,0 +1,128 @@
+"""Deployment: ONNX export of a dense or pruned net, checked against PyTorch, timed in ONNX Runtime.
+
+``onnx`` and ``onnxruntime`` are the optional ``export`` extra (``pip install "mtprune[export]"``).
+The exported graph is the segmentation forward (``image`` → ``logits`` at the input size); with
+``dynamic`` the batch, height and width are dynamic axes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtprune.errors import MtpruneError, UsageError
+from mtprune.io import atomic_path
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except ImportError:
+        raise MtpruneError(
+            'ONNX export needs the export extra: pip install "mtprune[export]" (onnx, onnxruntime)'
+        ) from None
+    return ort
+
+
+@torch.no_grad()
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    size: tuple[int, int],
+    dynamic: bool = False,
+    opset: int = 18,
+    exporter: str = "dynamo",
+) -> Path:
+    """Export ``model``'s segmentation forward to ``path`` (atomically) for a ``1×3×H×W`` example input.
+
+    ``exporter="dynamo"`` (default; ``torch.export`` + onnxscript) handles PSPNet's adaptive pooling,
+    which the legacy ``"torchscript"`` exporter refuses. PSPNet's pyramid bins (2, 3, 6) pool over
+    windows that depend on the feature size, so its graph is exported for ``size`` only: with ``dynamic``
+    only its batch axis is dynamic.
+    """
+    _require_onnx()
+    if exporter not in ("dynamo", "torchscript"):
+        raise UsageError(f"unknown exporter '{exporter}' (dynamo or torchscript)")
+    path = Path(path)
+    model = model.eval().cpu()
+    x = torch.zeros(1, 3, *size)
+    with atomic_path(path) as tmp:
+        if exporter == "dynamo":
+            shapes = None
+            if dynamic:
+                dim = torch.export.Dim
+                axes = {0: dim("batch", min=1, max=1024)}
+                if getattr(model, "family", "") != "pspnet":
+                    axes.update({2: dim("height", min=32, max=8192), 3: dim("width", min=32, max=8192)})
+                shapes = (axes,)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                dynamo=True,
+                verbose=False,
+            )
+        else:
+            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_axes=axes if dynamic else None,
+                dynamo=False,
+            )
+    return path
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    ort = _require_onnx()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: ONNX file not found")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def compare_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int], seed: int = 0) -> float:
+    """Max |ONNX Runtime − PyTorch| of the logits on a random input of ``size``."""
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
+    ref = model.eval().cpu()(x).numpy()
+    sess = ort_session(path)
+    out = sess.run(None, {"image": x.numpy()})[0]
+    if out.shape != ref.shape:
+        raise MtpruneError(f"{path}: ONNX output shape {out.shape} differs from PyTorch's {ref.shape}")
+    return float(np.abs(out - ref).max())
+
+
+def ort_latency(
+    path: str | os.PathLike, size: tuple[int, int], runs: int = 20, warmup: int = 5, threads: int | None = None
+) -> dict[str, float]:
+    """Median and IQR (ms) of batch-1 ONNX Runtime CPU runs."""
+    sess = ort_session(path, threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"image": x})
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    return {"latency_ms": statistics.median(times), "latency_iqr_ms": q[2] - q[0], "runs": runs}

@@ -1,0 +1,73 @@
+"""ONNX export of pruned nets: ONNX Runtime's output equals PyTorch's (1e-4), also at another input size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import tiny
+
+from mtprune.cli import main
+from mtprune.pruning import prune
+
+ort = pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_resnet18", "pspnet_resnet18", "bisenet_resnet18"])
+def test_pruned_net_exports_and_matches_pytorch(tmp_path, name):
+    from mtprune.export import compare_onnx, export_onnx
+
+    m = tiny(name)
+    prune(m, "bn", 0.5)
+    path = export_onnx(m, tmp_path / "m.onnx", (64, 64), dynamic=True)
+    assert compare_onnx(m, path, (64, 64)) < 1e-4
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # dynamic batch, and (but for PSPNet, whose pyramid bins fix the size) dynamic height and width
+    x = torch.randn(2, 3, 64, 64) if name.startswith("pspnet") else torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    out = sess.run(None, {"image": x.numpy()})[0]
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+
+
+def test_export_cli(tmp_path, capsys):
+    import json
+
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                "deeplabv3_resnet18",
+                "--num-classes",
+                "3",
+                "--width",
+                "0.125",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "d"),
+                "--onnx",
+                str(tmp_path / "d.onnx"),
+                "--size",
+                "48",
+                "48",
+                "--check",
+                "--latency",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_abs_diff"] < 1e-4 and out["latency_ms"] > 0
+    assert (tmp_path / "d.onnx").stat().st_size > 10_000
