@@ -4,10 +4,12 @@
 - :func:`alm_coupling` — the augmented-Lagrangian terms ``⟨E, W1−W3⟩ + μ/2‖W1−W3‖²`` (Eq. 6).
 - :func:`eq7_objective`, :func:`eq8_objective`, :func:`eq9_objective` — the three sub-problems.
 - :func:`joint_seg_objective` — Eq. 8 and Eq. 9 from one segmentation forward (``joint`` mode).
+- :func:`add_alm_grad_` — the ALM terms' gradient added in place (the training loop's fast path).
 - :func:`eq10_update` — the multiplier update ``E ← E + μ(W1−W3)``, ``μ ← ρμ``.
 """
 
 from mtprune.method.mtp import (
+    add_alm_grad_,
     alm_coupling,
     eq7_objective,
     eq8_objective,
@@ -20,6 +22,7 @@ from mtprune.method.mtp import (
 )
 
 __all__ = [
+    "add_alm_grad_",
     "alm_coupling",
     "eq7_objective",
     "eq8_objective",

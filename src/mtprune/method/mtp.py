@@ -55,10 +55,22 @@ def alm_coupling(w1: Tensors, w3: Tensors, E: Tensors, mu: float) -> torch.Tenso
 
 
 def eq7_objective(
-    cls_loss: torch.Tensor, w1: Tensors, w3: Tensors, E: Tensors, mu: float, gamma1: Tensors, alpha1: float
+    cls_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma1: Tensors,
+    alpha1: float,
+    coupling: bool = True,
 ) -> torch.Tensor:
-    """Eq. 7, the W1 sub-problem: ``ℓcls + ⟨E, W1 − W3⟩ + μ/2‖W1 − W3‖² + α1‖γ1‖₁`` (W3 held fixed)."""
-    return cls_loss + alm_coupling(w1, [t.detach() for t in w3], E, mu) + l1_penalty(gamma1, alpha1)
+    """Eq. 7, the W1 sub-problem: ``ℓcls + ⟨E, W1 − W3⟩ + μ/2‖W1 − W3‖² + α1‖γ1‖₁`` (W3 held fixed).
+
+    ``coupling=False`` leaves the ALM terms out of the returned graph; the caller then adds their gradient
+    with :func:`add_alm_grad_` after ``backward()`` (the training loop's fast path).
+    """
+    alm = alm_coupling(w1, [t.detach() for t in w3], E, mu) if coupling else 0.0
+    return cls_loss + alm + l1_penalty(gamma1, alpha1)
 
 
 def eq8_objective(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float) -> torch.Tensor:
@@ -75,9 +87,14 @@ def eq9_objective(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
+    coupling: bool = True,
 ) -> torch.Tensor:
-    """Eq. 9, the W3 sub-problem: ``λ ℓseg + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁`` (W1 held fixed)."""
-    return lam * seg_loss + alm_coupling([t.detach() for t in w1], w3, E, mu) + l1_penalty(gamma3, alpha2)
+    """Eq. 9, the W3 sub-problem: ``λ ℓseg + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁`` (W1 held fixed).
+
+    ``coupling=False``: as in :func:`eq7_objective` (gradient added by :func:`add_alm_grad_`, sign −1).
+    """
+    alm = alm_coupling([t.detach() for t in w1], w3, E, mu) if coupling else 0.0
+    return lam * seg_loss + alm + l1_penalty(gamma3, alpha2)
 
 
 def joint_seg_objective(
@@ -90,6 +107,7 @@ def joint_seg_objective(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
+    coupling: bool = True,
 ) -> torch.Tensor:
     """Eq. 8 and Eq. 9 from one segmentation forward/backward (``joint`` mode).
 
@@ -97,7 +115,26 @@ def joint_seg_objective(
     w.r.t. W3 is Eq. 9's, because the two share ``λ ℓseg`` and each other term touches one variable only.
     One step on it updates W2 and W3 from the same batch, as a Jacobi (rather than Gauss–Seidel) sweep.
     """
-    return eq9_objective(seg_loss, w1, w3, E, mu, gamma3, alpha2, lam) + l1_penalty(gamma2, alpha2)
+    return eq9_objective(seg_loss, w1, w3, E, mu, gamma3, alpha2, lam, coupling) + l1_penalty(gamma2, alpha2)
+
+
+@torch.no_grad()
+def add_alm_grad_(w: Tensors, w_other: Tensors, E: Tensors, mu: float, sign: float) -> None:
+    """Add the gradient of the ALM terms ``⟨E, W1−W3⟩ + μ/2‖W1−W3‖²`` to ``w``'s ``.grad``, in place.
+
+    ``sign=+1`` with ``w = W1, w_other = W3`` gives Eq. 7's ``E + μ(W1 − W3)``; ``sign=−1`` with
+    ``w = W3, w_other = W1`` gives Eq. 9's ``−E − μ(W1 − W3)``. The training loop uses this instead of
+    backpropagating through :func:`alm_coupling`: the same gradient (tested), with a few fused passes over
+    the backbone instead of an autograd graph per tensor — what keeps an MTP step near a plain one.
+    """
+    diff = torch._foreach_sub(list(w), list(w_other)) if sign > 0 else torch._foreach_sub(list(w_other), list(w))
+    torch._foreach_mul_(diff, mu)  # μ(W1 − W3)
+    torch._foreach_add_(diff, list(E))  # E + μ(W1 − W3)
+    for p, d in zip(w, diff, strict=True):
+        if p.grad is None:
+            p.grad = d.mul_(sign)
+        else:
+            p.grad.add_(d, alpha=sign)
 
 
 @torch.no_grad()

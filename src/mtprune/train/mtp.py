@@ -37,6 +37,8 @@ from mtprune.config import Config
 from mtprune.errors import UsageError
 from mtprune.io import atomic_path
 from mtprune.method import (
+    add_alm_grad_,
+    alm_coupling,
     eq7_objective,
     eq8_objective,
     eq9_objective,
@@ -91,7 +93,8 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
     if max(c.lr_cls, c.lr_seg) * max(c.mu_max, c.mu0) >= limit:
         raise UsageError(
             f"sparse_mtp: lr × mu_max = {max(c.lr_cls, c.lr_seg) * max(c.mu_max, c.mu0):.3g} ≥ {limit:.3g}: "
-            "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)")
+            "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)"
+        )
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
     model = initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes).to(env.device)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
@@ -146,15 +149,16 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
                 logits = ddp_cls(x)
             loss = F.cross_entropy(logits.float(), y)
             run.check_finite(loss, "classification (Eq. 7)")
-            obj = eq7_objective(loss, w1, w3, E, mu, gamma1, a1)
+            obj = eq7_objective(loss, w1, w3, E, mu, gamma1, a1, coupling=False)
             opt1.zero_grad(set_to_none=True)
             obj.backward()
+            add_alm_grad_(w1, w3, E, mu, +1.0)  # Eq. 7's ALM terms: + E + μ(W1 − W3)
             clip(cls_net.parameters(), cfg)
             opt1.step()
             if not l1_grad:
                 soft_threshold_(gamma1, lr * c.alpha1)
             alm["sum_cls"] += float(loss.detach())
-            record = {"phase": "w1", "loss": float(loss.detach()), "objective": float(obj.detach()), "lr": lr}
+            record = {"phase": "w1", "loss": float(loss.detach()), "lr": lr}
         else:
             j = k - c.steps_cls
             sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
@@ -169,17 +173,19 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
             loss = seg_loss(outputs, y, c.aux_weight)
             run.check_finite(loss, "segmentation (Eq. 8/9)")
             if sub == "w2w3":
-                obj = joint_seg_objective(loss, w1, w3, E, mu, gamma2, gamma3, a2, c.lam)
+                obj = joint_seg_objective(loss, w1, w3, E, mu, gamma2, gamma3, a2, c.lam, coupling=False)
                 stepped = [(opt2, gamma2), (opt3, gamma3)]
             elif sub == "w2":
                 obj = eq8_objective(loss, gamma2, a2, c.lam)
                 stepped = [(opt2, gamma2)]
             else:
-                obj = eq9_objective(loss, w1, w3, E, mu, gamma3, a2, c.lam)
+                obj = eq9_objective(loss, w1, w3, E, mu, gamma3, a2, c.lam, coupling=False)
                 stepped = [(opt3, gamma3)]
             opt2.zero_grad(set_to_none=True)
             opt3.zero_grad(set_to_none=True)
             obj.backward()
+            if sub != "w2":
+                add_alm_grad_(w3, w1, E, mu, -1.0)  # Eq. 9's ALM terms: − E − μ(W1 − W3)
             clip(seg_net.parameters(), cfg)
             for opt, gam in stepped:
                 opt.step()
@@ -187,9 +193,11 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
                     soft_threshold_(gam, lr * c.alpha2)
             if sub != "w3":
                 alm["sum_seg"] += float(loss.detach())
-            record = {"phase": sub, "loss": float(loss.detach()), "objective": float(obj.detach()), "lr": lr}
+            record = {"phase": sub, "loss": float(loss.detach()), "lr": lr}
         if k == per_round - 1:  # end of the round
             gap = relative_gap(w1, w3)
+            with torch.no_grad():
+                alm_value = float(alm_coupling(w1, w3, E, mu))
             alm["mu"] = eq10_update(E, w1, w3, mu, c.rho, c.mu_max)  # Eq. 10
             round_rec = {
                 "round": rnd + 1,
@@ -197,6 +205,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
                 "cls_loss": alm["sum_cls"] / max(c.steps_cls, 1),
                 "seg_loss": alm["sum_seg"] / max(c.steps_seg, 1),
                 "mu": alm["mu"],
+                "alm": alm_value,
                 "sparse_backbone": sparsity(gamma1),
                 "sparse_decoder": sparsity(gamma2),
             }
@@ -210,19 +219,33 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
     revert_sync_bn(model)
     revert_sync_bn(backbone1)
     exported = _export(model, backbone1, c.backbone_from)
-    scores = {lay.bn: (backbone1.get_submodule(lay.bn.removeprefix("backbone.")).weight if lay.part == BACKBONE
-                       else model.get_submodule(lay.bn).weight).detach().abs().cpu().contiguous()
-              for lay in model.prunable_layers()}
+    scores = {
+        lay.bn: (
+            backbone1.get_submodule(lay.bn.removeprefix("backbone.")).weight
+            if lay.part == BACKBONE
+            else model.get_submodule(lay.bn).weight
+        )
+        .detach()
+        .abs()
+        .cpu()
+        .contiguous()
+        for lay in model.prunable_layers()
+    }
 
     def write_scores(model_dir: Path) -> None:
         with atomic_path(model_dir / "scores.safetensors") as tmp:
             save_file(scores, str(tmp), metadata={"what": "gamma1 of W1 (backbone), gamma2 of W2 (decoder)"})
 
-    metrics = {"gap": relative_gap(w1, w3), "mu": alm["mu"], "sparse_backbone": sparsity(gamma1),
-               "sparse_decoder": sparsity(gamma2)}
+    metrics = {
+        "gap": relative_gap(w1, w3),
+        "mu": alm["mu"],
+        "sparse_backbone": sparsity(gamma1),
+        "sparse_decoder": sparsity(gamma2),
+    }
     metrics.update(final_metrics(exported, cfg, env, ("seg", "cls")))
-    return run.finish(exported, metrics, meta={"init": init, "backbone_from": c.backbone_from},
-                      extra_files=write_scores)
+    return run.finish(
+        exported, metrics, meta={"init": init, "backbone_from": c.backbone_from}, extra_files=write_scores
+    )
 
 
 def _export(model: SegmentationModel, backbone1: torch.nn.Module, source: str) -> SegmentationModel:

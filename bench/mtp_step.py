@@ -1,0 +1,154 @@
+"""The cost of MTP training: one MTP round against the same number of plain steps (issue 7).
+
+    python bench/mtp_step.py [--model deeplabv3_resnet18] [--width 0.5] [--seg-size 128] [--cls-size 64]
+                             [--steps 5] [--rounds 3] [--device cpu]
+
+A round is ``steps`` classification steps (Eq. 7) and ``steps`` segmentation steps (joint: Eq. 8 + 9
+from one pass; alternating: ``steps`` Eq. 8 and ``steps`` Eq. 9 passes) and Eq. 10. "plain" is the same
+number of ordinary classification and segmentation SGD steps (cross-entropy only, one backbone). Data are
+fixed random tensors, so the figures are compute only. Each mode runs in its own process (peak memory =
+that process's max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA); the first round is warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mtprune.method import add_alm_grad_, eq7_objective, eq8_objective, eq9_objective, eq10_update, joint_seg_objective
+from mtprune.models import build_model
+from mtprune.models.base import BACKBONE, DECODER
+
+
+def run_mode(mode: str, a: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    model = build_model(a.model, 21, 100, a.width).to(dev).train()
+    xs, ys = (
+        torch.randn(a.seg_batch, 3, a.seg_size, a.seg_size, device=dev),
+        torch.randint(0, 21, (a.seg_batch, a.seg_size, a.seg_size), device=dev),
+    )
+    xc, yc = (
+        torch.randn(a.cls_batch, 3, a.cls_size, a.cls_size, device=dev),
+        torch.randint(0, 100, (a.cls_batch,), device=dev),
+    )
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, weight_decay=1e-4)  # noqa: E731
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    layers = model.prunable_layers()
+    if mode == "plain":
+        opt_c = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()))
+        opt_s = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()))
+
+        def one_round() -> None:
+            for _ in range(a.steps):
+                opt_c.zero_grad()
+                F.cross_entropy(model.forward_cls(xc), yc).backward()
+                opt_c.step()
+            for _ in range(a.steps):
+                opt_s.zero_grad()
+                F.cross_entropy(model.seg_outputs(xs, aux=True)["out"], ys).backward()
+                opt_s.step()
+    else:
+        b1 = copy.deepcopy(model.backbone)
+        w1, w3 = list(b1.parameters()), list(model.backbone.parameters())
+        E = [torch.zeros_like(p) for p in w1]
+        g1 = [b1.get_submodule(lay.bn.removeprefix("backbone.")).weight for lay in layers if lay.part == BACKBONE]
+        g3 = [model.get_submodule(lay.bn).weight for lay in layers if lay.part == BACKBONE]
+        g2 = [model.get_submodule(lay.bn).weight for lay in layers if lay.part == DECODER]
+        opt1 = sgd(list(b1.parameters()) + list(model.cls_head.parameters()))
+        opt2, opt3 = sgd(model.decoder.parameters()), sgd(model.backbone.parameters())
+        state = {"mu": 0.1}
+
+        def one_round() -> None:
+            mu = state["mu"]
+            for _ in range(a.steps):
+                opt1.zero_grad()
+                loss = F.cross_entropy(model.cls_head(b1(xc)["c5"]), yc)
+                eq7_objective(loss, w1, w3, E, mu, g1, 1e-3, coupling=False).backward()
+                add_alm_grad_(w1, w3, E, mu, +1.0)
+                opt1.step()
+            for _ in range(a.steps):
+                out = model.seg_outputs(xs, aux=True)["out"]
+                loss = F.cross_entropy(out, ys)
+                opt2.zero_grad()
+                opt3.zero_grad()
+                if mode == "joint":
+                    joint_seg_objective(loss, w1, w3, E, mu, g2, g3, 1e-3, 1.0, coupling=False).backward()
+                    add_alm_grad_(w3, w1, E, mu, -1.0)
+                    opt2.step()
+                    opt3.step()
+                else:
+                    eq8_objective(loss, g2, 1e-3, 1.0).backward()
+                    opt2.step()
+            if mode == "alternating":
+                for _ in range(a.steps):
+                    opt2.zero_grad()
+                    opt3.zero_grad()
+                    loss = F.cross_entropy(model.seg_outputs(xs, aux=True)["out"], ys)
+                    eq9_objective(loss, w1, w3, E, mu, g3, 1e-3, 1.0, coupling=False).backward()
+                    add_alm_grad_(w3, w1, E, mu, -1.0)
+                    opt3.step()
+            state["mu"] = eq10_update(E, w1, w3, mu, 1.1, 10.0)
+
+    times = []
+    for r in range(a.rounds + 1):
+        sync()
+        t0 = time.perf_counter()
+        one_round()
+        sync()
+        if r > 0:
+            times.append(time.perf_counter() - t0)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {"mode": mode, "round_s": statistics.median(times), "rounds": a.rounds, "peak_mib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="deeplabv3_resnet18")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--seg-size", type=int, default=128)
+    ap.add_argument("--cls-size", type=int, default=64)
+    ap.add_argument("--seg-batch", type=int, default=8)
+    ap.add_argument("--cls-batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.mode:
+        print(json.dumps(run_mode(a.mode, a)))
+        return
+    rows = {}
+    for mode in ("plain", "joint", "alternating"):
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True, text=True, check=True
+        ).stdout
+        rows[mode] = json.loads(out.strip().splitlines()[-1])
+    print(
+        f"{a.model} width {a.width}, seg {a.seg_batch}×{a.seg_size}², cls {a.cls_batch}×{a.cls_size}², "
+        f"{a.steps}+{a.steps} steps a round, {a.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.machine()}"
+    )
+    base = rows["plain"]["round_s"]
+    for mode, r in rows.items():
+        print(
+            f"  {mode:12s} {r['round_s']:.3f} s/round  ({r['round_s'] / base:.3f}× plain)  peak {r['peak_mib']:.0f} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
