@@ -170,6 +170,7 @@ class RunConfig:
     latency: bool = True
     latency_size: list[int] | None = None  # default: the segmentation crop size
     latency_runs: int = 20
+    latency_threads: int | None = None  # CPU threads while timing (None: torch's default); see README
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
 
 

@@ -117,7 +117,13 @@ def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any
     model = model.cpu()
     metrics.update(params=count_params(model), macs=count_macs(model, size), cost_size=list(size))
     if cfg.run.latency and env.is_main:
-        lat = measure_latency(model, size, device="cpu", runs=cfg.run.latency_runs)
+        threads = torch.get_num_threads()
+        if cfg.run.latency_threads:
+            torch.set_num_threads(cfg.run.latency_threads)
+        try:
+            lat = measure_latency(model, size, device="cpu", runs=cfg.run.latency_runs)
+        finally:
+            torch.set_num_threads(threads)
         metrics.update(latency_ms=lat.latency_ms, latency_iqr_ms=lat.latency_iqr_ms, latency_device=lat.device)
     if env.is_main:
         write_json(out / DONE_FILE, {"stage": "eval", "source": str(src), "metrics": metrics})
