@@ -1,0 +1,144 @@
+"""Real speed-up against MACs: dense against pruned nets of the paper's models at the paper's sizes.
+
+    python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
+                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
+                            [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
+                            [--threads 2] [--runs 20] [--json FILE]
+
+For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
+fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
+``--round-to``, the pruned net; each timed in every layout (and dtype): median and IQR of batch-1
+forwards after warm-up (``mtprune.evaluate.cost.measure_latency``, CUDA synchronised). "Best against
+best" compares each net in its fastest configuration — the figure a deployment engineer ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+
+from mtprune.evaluate.cost import count_macs, count_params, measure_latency
+from mtprune.models import build_model
+from mtprune.pruning import apply_plan, make_plan
+
+SIZES = {"deeplabv3_resnet101": (513, 513), "pspnet_resnet50": (513, 513), "bisenet_resnet18": (1024, 2048)}
+CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
+
+
+def time_net(model, size, a) -> dict[str, dict[str, float]]:
+    out = {}
+    for layout in a.layouts:
+        for dtype in a.dtypes:
+            lat = measure_latency(
+                model,
+                size,
+                device=a.device,
+                dtype=dtype,
+                channels_last=layout == "channels_last",
+                warmup=a.warmup,
+                runs=a.runs,
+            )
+            out[f"{layout}/{dtype}"] = {"ms": lat.latency_ms, "iqr": lat.latency_iqr_ms}
+    model.to("cpu", memory_format=torch.contiguous_format)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(SIZES))
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
+    ap.add_argument("--plans", nargs="+", default=["uniform", "irregular"], choices=["uniform", "irregular"])
+    ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8, 16])
+    ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {platform.processor()}",
+        "device": a.device,
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "rows": [],
+    }
+    print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}")
+    print(
+        f"{'model':22s} {'plan':10s} {'ratio':>5s} {'rt':>3s} {'MACs×':>6s} "
+        + " ".join(f"{k:>24s}" for k in [f"{lo}/{d}" for lo in a.layouts for d in a.dtypes])
+        + f" {'best×':>6s}"
+    )
+    for name in a.models:
+        size = SIZES[name]
+        torch.manual_seed(0)
+        dense = build_model(name, CLASSES[name])
+        dmacs = count_macs(dense, size)
+        dlat = time_net(dense, size, a)
+        dbest = min(v["ms"] for v in dlat.values())
+        row = {
+            "model": name,
+            "plan": "dense",
+            "ratio": 0.0,
+            "round_to": 1,
+            "params": count_params(dense),
+            "macs": dmacs,
+            "latency": dlat,
+            "macs_ratio": 1.0,
+            "best_ratio": 1.0,
+        }
+        results["rows"].append(row)
+        print(
+            f"{name:22s} {'dense':10s} {0:5.2f} {1:3d} {1:6.3f} "
+            + " ".join(f"{v['ms']:14.1f} ±{v['iqr']:6.1f} ms" for v in dlat.values())
+            + f" {1:6.3f}",
+            flush=True,
+        )
+        for plan_kind in a.plans:
+            for ratio in a.ratios:
+                for rt in a.round_to:
+                    torch.manual_seed(1)
+                    model = build_model(name, CLASSES[name])
+                    if plan_kind == "irregular":
+                        with torch.no_grad():
+                            for m in model.modules():
+                                if isinstance(m, torch.nn.BatchNorm2d):
+                                    m.weight.uniform_(0.0, 1.0)
+                    method = "bn" if plan_kind == "irregular" else "uniform"
+                    apply_plan(model, make_plan(model, method, ratio, round_to=rt))
+                    macs = count_macs(model, size)
+                    lat = time_net(model, size, a)
+                    best = min(v["ms"] for v in lat.values())
+                    r = {
+                        "model": name,
+                        "plan": plan_kind,
+                        "ratio": ratio,
+                        "round_to": rt,
+                        "params": count_params(model),
+                        "macs": macs,
+                        "latency": lat,
+                        "macs_ratio": macs / dmacs,
+                        "best_ratio": best / dbest,
+                        "same_layout_ratio": {k: v["ms"] / dlat[k]["ms"] for k, v in lat.items()},
+                    }
+                    results["rows"].append(r)
+                    print(
+                        f"{name:22s} {plan_kind:10s} {ratio:5.2f} {rt:3d} {macs / dmacs:6.3f} "
+                        + " ".join(f"{v['ms']:14.1f} ±{v['iqr']:6.1f} ms" for v in lat.values())
+                        + f" {best / dbest:6.3f}",
+                        flush=True,
+                    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
