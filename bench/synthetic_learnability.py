@@ -7,7 +7,8 @@ on the synthetic classification set, fine-tunes for the same segmentation budget
 too, plus a from-scratch run given the pre-training's time as extra segmentation time (the fair
 comparison at equal total compute).
 
-    python bench/synthetic_learnability.py                     # 60 s per phase, 2 threads
+    python bench/synthetic_learnability.py                     # 60 s per phase, 1 torch thread
+    python bench/synthetic_learnability.py --steps 700 --pretrain-steps 600   # budget in steps
     python bench/synthetic_learnability.py --seconds 30 --json out.json
 """
 
@@ -150,7 +151,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--model", default="deeplabv3_resnet18")
     p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: a shared 2-core box oversubscribes with 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-equal-compute", action="store_true", help="skip the from-scratch run of equal total time")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

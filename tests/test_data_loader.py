@@ -37,7 +37,14 @@ def camvid_tree(root: Path, n: int = 6, bad: tuple[int, ...] = ()) -> Path:
 
 
 def batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
-    return [(x.clone(), y.clone()) for x, y in loader]
+    it = iter(loader)
+    try:
+        return [(x.clone(), y.clone()) for x, y in it]
+    finally:
+        # Shut the workers down now: left to the traceback's collection, torch waits 5 s to join them.
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def test_seeded_workers_reproduce_augmentations() -> None:
