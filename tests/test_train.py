@@ -146,8 +146,9 @@ def test_l1_shrinks_gamma(tmp_path):
 
 def test_large_mu_keeps_copies_closer(tmp_path):
     run_stage("sparse-mtp", cfg("sparse_mtp.mu0=0.0", "sparse_mtp.rho=1.0"), tmp_path / "free")
-    run_stage("sparse-mtp", cfg("sparse_mtp.mu0=100.0", "sparse_mtp.rho=1.0", "sparse_mtp.mu_max=100"),
-              tmp_path / "tied")
+    run_stage(
+        "sparse-mtp", cfg("sparse_mtp.mu0=100.0", "sparse_mtp.rho=1.0", "sparse_mtp.mu_max=100"), tmp_path / "tied"
+    )
     free = json.loads((tmp_path / "free" / "done.json").read_text())["metrics"]["gap"]
     tied = json.loads((tmp_path / "tied" / "done.json").read_text())["metrics"]["gap"]
     assert tied < 0.5 * free
@@ -183,3 +184,65 @@ def test_sync_bn_on_cpu_is_refused():
 
     with pytest.raises(UsageError, match="CUDA"):
         convert_sync_bn([torch.nn.BatchNorm2d(2)], cfg("optim.sync_bn=true"), DistEnv(0, 2, 0, torch.device("cpu")))
+
+
+def test_bad_sample_stops_training_with_one_line_unless_skip_bad(tmp_path, capsys):
+    """A corrupt mask in a VOC-layout tree: one line naming the file and exit 1; --skip-bad skips and counts it."""
+    from mtprune.cli import main
+
+    root = tmp_path / "syn"
+    assert (
+        main(
+            [
+                "make-data",
+                "synthetic",
+                "--out",
+                str(root),
+                "--num-train",
+                "8",
+                "--num-val",
+                "2",
+                "--size",
+                "32",
+                "32",
+                "--num-cls-train",
+                "16",
+                "--num-cls-val",
+                "4",
+            ]
+        )
+        == 0
+    )
+    masks = sorted((root / "VOCdevkit" / "VOC2012" / "SegmentationClass").glob("*.png"))
+    train_ids = (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    bad = next(m for m in masks if m.stem in train_ids)
+    bad.write_bytes(b"not a png")
+    capsys.readouterr()
+    args = [
+        "train",
+        "train-seg",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.seg.root={root}",
+        "--set",
+        "data.seg.crop_size=[32,32]",
+        "--set",
+        "train_seg.epochs=1",
+        "--set",
+        "train_seg.batch_size=2",
+        "--set",
+        "eval.final=false",
+        "--set",
+        "model.width=0.125",
+        "--set",
+        f"data.cls.root={root}",
+        "--set",
+        "data.cls.size=32",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and bad.name in err[0]
+    assert main(args + ["--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 bad sample" in captured.err

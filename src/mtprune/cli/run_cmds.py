@@ -44,7 +44,7 @@ def _print_table(rows: list[dict], out: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     from mtprune.pipeline import run_command
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
     t0 = time.time()
     rows = run_command(cfg, args.out)
     _print_table(rows, Path(args.out))
@@ -73,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML config with a 'run' section (see configs/)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (rerun to resume; finished stages reused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable or invalid samples")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data in a few minutes on a CPU")

@@ -11,7 +11,7 @@ from mtprune.train import STAGES, run_stage
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
     if args.resume and not Path(args.out, "state.safetensors").is_file():
         print(f"note: nothing to resume in {args.out}; starting {args.stage}")
     metrics = run_stage(args.stage, cfg, args.out, init=args.init)
@@ -32,5 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", metavar="DIR", help="start from this checkpoint or stage folder (finetune: required)")
     p.add_argument("--out", required=True, metavar="DIR", help="stage output folder")
     p.add_argument("--resume", action="store_true", help="continue DIR's run (the default when DIR has a state)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable or invalid samples")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)

@@ -335,6 +335,13 @@ class StageRun:
         """Export the final model to ``out/model``, write the final state and ``done.json``."""
         if self._pbar is not None:
             self._pbar.close()
+        skipped = {n: s.dataset.num_skipped for n, s in self.streams.items() if isinstance(s.dataset, SkipBadSamples)}
+        if any(skipped.values()):
+            metrics = {**metrics, "skipped_bad_samples": skipped}
+            if self.env.is_main:
+                for n, s in self.streams.items():
+                    if skipped.get(n):
+                        print(f"{self.stage}: {n} data: {s.dataset.report()}", file=sys.stderr)
         sync_buffers(model, self.env)
         revert_sync_bn(model)
         self.save()
