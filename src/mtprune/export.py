@@ -54,38 +54,22 @@ def export_onnx(
     path = Path(path)
     model = model.eval().cpu()
     x = torch.zeros(1, 3, *size)
+    kw: dict[str, Any] = {"input_names": ["image"], "output_names": ["logits"], "opset_version": opset}
+    if exporter == "dynamo":
+        kw.update(dynamo=True, verbose=False)
+        if dynamic:
+            dim = torch.export.Dim
+            axes = {0: dim("batch", min=1, max=1024)}
+            if getattr(model, "family", "") != "pspnet":
+                axes.update({2: dim("height", min=32, max=8192), 3: dim("width", min=32, max=8192)})
+            kw["dynamic_shapes"] = (axes,)
+    else:
+        kw["dynamo"] = False
+        if dynamic:
+            names = {0: "batch", 2: "height", 3: "width"}
+            kw["dynamic_axes"] = {"image": names, "logits": names}
     with atomic_path(path) as tmp:
-        if exporter == "dynamo":
-            shapes = None
-            if dynamic:
-                dim = torch.export.Dim
-                axes = {0: dim("batch", min=1, max=1024)}
-                if getattr(model, "family", "") != "pspnet":
-                    axes.update({2: dim("height", min=32, max=8192), 3: dim("width", min=32, max=8192)})
-                shapes = (axes,)
-            torch.onnx.export(
-                model,
-                (x,),
-                str(tmp),
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=opset,
-                dynamic_shapes=shapes,
-                dynamo=True,
-                verbose=False,
-            )
-        else:
-            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
-            torch.onnx.export(
-                model,
-                (x,),
-                str(tmp),
-                input_names=["image"],
-                output_names=["logits"],
-                opset_version=opset,
-                dynamic_axes=axes if dynamic else None,
-                dynamo=False,
-            )
+        torch.onnx.export(model, (x,), str(tmp), **kw)
     return path
 
 

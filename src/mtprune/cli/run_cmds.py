@@ -41,31 +41,34 @@ def _print_table(rows: list[dict], out: Path) -> None:
     print(f"\nresults: {out / 'results.json'}\nreport:  {out / 'report.md'}\nplots:   {out / 'plots'}/")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _execute(cfg_path: str | Path | None, sets: list[str], out: str, banner: str | None = None) -> int:
     from mtprune.pipeline import run_command
 
-    cfg = load_config(args.config, args.set + (["data.skip_bad=true"] if args.skip_bad else []))
+    cfg = load_config(cfg_path, sets)
+    if banner:
+        print(banner)
     t0 = time.time()
-    rows = run_command(cfg, args.out)
-    _print_table(rows, Path(args.out))
+    rows = run_command(cfg, out)
+    _print_table(rows, Path(out))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mtprune.pipeline import run_command
+def _skip_bad(args: argparse.Namespace) -> list[str]:
+    return ["data.skip_bad=true"] if getattr(args, "skip_bad", False) else []
 
+
+def _run(args: argparse.Namespace) -> int:
+    return _execute(args.config, args.set + _skip_bad(args), args.out)
+
+
+def _demo(args: argparse.Namespace) -> int:
     sets = list(args.set) + ([f"seed={args.seed}"] if args.seed is not None else [])
-    cfg = load_config(demo_config_path(), sets)
-    print(
+    banner = (
         f"mtprune demo: MTP, Network Slimming and Uniform at 0.5× on synthetic data, in {args.out} "
         "(rerun the same command to resume after Ctrl-C)"
     )
-    t0 = time.time()
-    rows = run_command(cfg, args.out)
-    _print_table(rows, Path(args.out))
-    print(f"demo done in {time.time() - t0:.0f} s")
-    return 0
+    return _execute(demo_config_path(), sets, args.out, banner)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

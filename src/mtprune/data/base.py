@@ -149,6 +149,22 @@ def identity_label_map(num_classes: int, raw_ignore: int = IGNORE_INDEX) -> np.n
     return lut
 
 
+class DatasetView(Dataset):
+    """A dataset wrapped by another: same length, and the wrapped dataset's attributes (``num_classes``,
+    ``class_names``, ``task``...) forwarded. Subclasses change ``__getitem__``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
 class SegmentationDataset(Dataset):
     """A list of ``(image file, mask file)`` pairs with a raw-label → class-id map.
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mtprune.data.base import BadSampleError
+from mtprune.data.base import BadSampleError, DatasetView
 
 log = logging.getLogger("mtprune.data")
 
@@ -33,23 +33,15 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class SkipBadSamples(Dataset):
+class SkipBadSamples(DatasetView):
     """A dataset view that skips bad samples, counting them (in memory shared with the workers).
 
     Attributes of the wrapped dataset (``num_classes``, ``class_names``, ``task``...) are forwarded.
     """
 
     def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self._bad = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "dataset" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["dataset"], name)
 
     def __getitem__(self, index: int) -> Any:
         n = len(self)

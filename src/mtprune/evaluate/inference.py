@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mtprune.data.base import BadSampleError
+from mtprune.data.base import BadSampleError, DatasetView
 from mtprune.errors import DataError, MtpruneError
 from mtprune.evaluate.metrics import ConfusionMatrix, TopKAccuracy, _all_reduce_sum
 
@@ -119,7 +119,7 @@ class BadSample:
     skip: bool
 
 
-class EvalDataset(Dataset):
+class EvalDataset(DatasetView):
     """A dataset view that turns a bad sample (:class:`BadSampleError`) into a :class:`BadSample` marker.
 
     The evaluation loops skip and count markers with ``skip=True`` and raise the one-line
@@ -129,16 +129,8 @@ class EvalDataset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, skip_bad: bool = False) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self.skip_bad = bool(skip_bad)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "dataset" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["dataset"], name)
 
     def __getitem__(self, index: int) -> Any:
         try:
