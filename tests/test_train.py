@@ -186,10 +186,11 @@ def test_sync_bn_on_cpu_is_refused():
         convert_sync_bn([torch.nn.BatchNorm2d(2)], cfg("optim.sync_bn=true"), DistEnv(0, 2, 0, torch.device("cpu")))
 
 
-def test_bad_sample_stops_training_with_one_line_unless_skip_bad(tmp_path, capsys):
+def test_bad_sample_stops_training_with_one_line_unless_skip_bad(tmp_path, capsys, monkeypatch):
     """A corrupt mask in a VOC-layout tree: one line naming the file and exit 1; --skip-bad skips and counts it."""
     from mtprune.cli import main
 
+    monkeypatch.setenv("MTPRUNE_NO_PROGRESS", "1")  # the progress bar also writes to stderr
     root = tmp_path / "syn"
     assert (
         main(
