@@ -85,15 +85,17 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
 
 
 @torch.no_grad()
-def compare_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int], seed: int = 0) -> float:
-    """Max |ONNX Runtime − PyTorch| of the logits on a random input of ``size``."""
+def compare_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int], seed: int = 0) -> dict[str, float]:
+    """``max_abs_diff`` = max |ONNX Runtime − PyTorch| of the logits on a random input of ``size``, and
+    ``max_rel_diff`` = that divided by max |PyTorch logits| (an untrained net's logits reach ~1e3–1e4)."""
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
     ref = model.eval().cpu()(x).numpy()
     sess = ort_session(path)
     out = sess.run(None, {"image": x.numpy()})[0]
     if out.shape != ref.shape:
         raise MtpruneError(f"{path}: ONNX output shape {out.shape} differs from PyTorch's {ref.shape}")
-    return float(np.abs(out - ref).max())
+    diff = float(np.abs(out - ref).max())
+    return {"max_abs_diff": diff, "max_rel_diff": diff / max(float(np.abs(ref).max()), 1e-12)}
 
 
 def ort_latency(

@@ -16,7 +16,7 @@ def _export(args: argparse.Namespace) -> int:
     path = export_onnx(model, args.onnx, size, dynamic=args.dynamic, opset=args.opset, exporter=args.exporter)
     out = {"onnx": str(path), "size": list(size), "dynamic": args.dynamic}
     if args.check:
-        out["max_abs_diff"] = compare_onnx(model, path, size)
+        out.update(compare_onnx(model, path, size))
     if args.latency:
         out.update(ort_latency(path, size, runs=args.runs, threads=args.threads or None))
     if args.json:
@@ -24,7 +24,10 @@ def _export(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {path} ({size[0]}×{size[1]}{', dynamic axes' if args.dynamic else ''})")
         if "max_abs_diff" in out:
-            print(f"  ONNX Runtime vs PyTorch: max |Δ| = {out['max_abs_diff']:.2e}")
+            print(
+                f"  ONNX Runtime vs PyTorch: max |Δ| = {out['max_abs_diff']:.2e} "
+                f"({out['max_rel_diff']:.2e} of max |logit|)"
+            )
         if "latency_ms" in out:
             print(f"  ONNX Runtime CPU latency: {out['latency_ms']:.2f} ms (IQR {out['latency_iqr_ms']:.2f})")
     return 0
