@@ -31,8 +31,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_stage(stage: str, cfg: Config, out: str | os.PathLike, init: str | None = None,
-              env: DistEnv | None = None) -> dict[str, Any]:
+def run_stage(
+    stage: str, cfg: Config, out: str | os.PathLike, init: str | None = None, env: DistEnv | None = None
+) -> dict[str, Any]:
     """Run (or resume, or reuse) one stage; returns its final metrics."""
     if stage not in STAGES:
         raise UsageError(f"unknown stage '{stage}'; choose from {', '.join(STAGES)}")

@@ -165,8 +165,13 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
     options = d.options if train else {**d.options, **d.val_options}
     split = d.train_split if train else d.val_split
     try:
-        ds = build_dataset(d.dataset, d.root, split, build_transforms(task, train, tcfg),
-                           **_dataset_kwargs(d.dataset, task, options, cfg.seed))
+        ds = build_dataset(
+            d.dataset,
+            d.root,
+            split,
+            build_transforms(task, train, tcfg),
+            **_dataset_kwargs(d.dataset, task, options, cfg.seed),
+        )
     except TypeError as e:  # an option the dataset does not take
         raise UsageError(f"data.{task}.options for dataset '{d.dataset}': {e}") from None
     return SkipBadSamples(ds) if cfg.data.skip_bad else ds
@@ -193,17 +198,18 @@ def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) ->
 
 
 # --- the model a stage starts from ---------------------------------------------------------------
-def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_classes: int | None
-                  ) -> SegmentationModel:
+def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_classes: int | None) -> SegmentationModel:
     """The stage's starting model: ``init`` (a checkpoint or stage folder) or a fresh ``cfg.model``."""
     if init:
         model = load_model(init)
         if seg_classes is not None and model.num_classes != seg_classes:
-            raise UsageError(f"{init}: the model has {model.num_classes} segmentation classes, "
-                             f"the dataset {seg_classes}")
+            raise UsageError(
+                f"{init}: the model has {model.num_classes} segmentation classes, the dataset {seg_classes}"
+            )
         if cls_classes is not None and model.cls_classes != cls_classes:
-            raise UsageError(f"{init}: the model's classification head has {model.cls_classes} classes, "
-                             f"the dataset {cls_classes}")
+            raise UsageError(
+                f"{init}: the model's classification head has {model.cls_classes} classes, the dataset {cls_classes}"
+            )
         return model
     m = cfg.model
     nc = m.num_classes or seg_classes
@@ -285,8 +291,13 @@ class StageRun:
         """Checkpoint everything needed to resume (rank 0 writes; every rank waits)."""
         if self.env.is_main:
             tensors: dict[str, torch.Tensor] = {}
-            meta: dict[str, Any] = {"stage": self.stage, "step": self.step, "total": self.total,
-                                    "optimizers": {}, "streams": {}}
+            meta: dict[str, Any] = {
+                "stage": self.stage,
+                "step": self.step,
+                "total": self.total,
+                "optimizers": {},
+                "streams": {},
+            }
             for name, m in self.modules.items():
                 tensors.update(st.module_tensors(name, m))
             for name, opt in self.optimizers.items():
@@ -313,28 +324,50 @@ class StageRun:
             raise MtpruneError(f"{self.stage}: {what} loss is {loss.item()} at step {self.step}{kept}")
 
     def progress(self) -> tqdm:
-        self._pbar = tqdm(total=self.total, initial=self.step, desc=self.stage, unit="it", dynamic_ncols=True,
-                          disable=not self.env.is_main or os.environ.get("MTPRUNE_NO_PROGRESS") == "1",
-                          file=sys.stderr)
+        self._pbar = tqdm(
+            total=self.total,
+            initial=self.step,
+            desc=self.stage,
+            unit="it",
+            dynamic_ncols=True,
+            disable=not self.env.is_main or os.environ.get("MTPRUNE_NO_PROGRESS") == "1",
+            file=sys.stderr,
+        )
         return self._pbar
+
+    def close_progress(self) -> None:
+        """Close the bar (before an error message is printed, so the bar does not redraw after it)."""
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
         self.step += 1
         if self._pbar is not None:
             self._pbar.update(1)
-            self._pbar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
-                                    if k in ("loss", "lr", "phase", "mu")}, refresh=False)
+            self._pbar.set_postfix(
+                {
+                    k: (f"{v:.4g}" if isinstance(v, float) else v)
+                    for k, v in record.items()
+                    if k in ("loss", "lr", "phase", "mu")
+                },
+                refresh=False,
+            )
         if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total:
             self.log({"step": self.step, "time": time.time(), **record})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
             self.save()
 
-    def finish(self, model: SegmentationModel, metrics: dict[str, Any], meta: dict[str, Any] | None = None,
-               extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        model: SegmentationModel,
+        metrics: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> dict[str, Any]:
         """Export the final model to ``out/model``, write the final state and ``done.json``."""
-        if self._pbar is not None:
-            self._pbar.close()
+        self.close_progress()
         skipped = {n: s.dataset.num_skipped for n, s in self.streams.items() if isinstance(s.dataset, SkipBadSamples)}
         if any(skipped.values()):
             metrics = {**metrics, "skipped_bad_samples": skipped}
@@ -359,8 +392,9 @@ def steps_for(epochs: float, stream: BatchStream) -> int:
 
 
 def autocast(cfg: Config, env: DistEnv) -> torch.autocast:
-    return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16,
-                          enabled=cfg.optim.amp and env.device.type == "cuda")
+    return torch.autocast(
+        device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.optim.amp and env.device.type == "cuda"
+    )
 
 
 def clip(params: Iterable[nn.Parameter], cfg: Config) -> None:

@@ -135,85 +135,88 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
     run.restore_extra = restore
     run.start()
     run.progress()
-    set_train_mode(model, cfg)
-    set_train_mode(backbone1, cfg)
-    while run.step < run.total:
-        rnd, k = divmod(run.step, per_round)
-        mu = alm["mu"]
-        if k < c.steps_cls:  # Eq. 7: W1 on classification
-            lr = lr_at("linear", c.lr_cls, rnd * c.steps_cls + k, total_cls)
-            for g in opt1.param_groups:
-                g["lr"] = lr
-            x, y = (t.to(env.device, non_blocking=True) for t in next(cls_stream))
-            with autocast(cfg, env):
-                logits = ddp_cls(x)
-            loss = F.cross_entropy(logits.float(), y)
-            run.check_finite(loss, "classification (Eq. 7)")
-            obj = eq7_objective(loss, w1, w3, E, mu, gamma1, a1, coupling=False)
-            opt1.zero_grad(set_to_none=True)
-            obj.backward()
-            add_alm_grad_(w1, w3, E, mu, +1.0)  # Eq. 7's ALM terms: + E + μ(W1 − W3)
-            clip(cls_net.parameters(), cfg)
-            opt1.step()
-            if not l1_grad:
-                soft_threshold_(gamma1, lr * c.alpha1)
-            alm["sum_cls"] += float(loss.detach())
-            record = {"phase": "w1", "loss": float(loss.detach()), "lr": lr}
-        else:
-            j = k - c.steps_cls
-            sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
-            it = rnd * c.steps_seg + (j % c.steps_seg)
-            lr = lr_at("poly", c.lr_seg, it, total_seg)
-            for opt in (opt2, opt3):
-                for g in opt.param_groups:
+    try:
+        set_train_mode(model, cfg)
+        set_train_mode(backbone1, cfg)
+        while run.step < run.total:
+            rnd, k = divmod(run.step, per_round)
+            mu = alm["mu"]
+            if k < c.steps_cls:  # Eq. 7: W1 on classification
+                lr = lr_at("linear", c.lr_cls, rnd * c.steps_cls + k, total_cls)
+                for g in opt1.param_groups:
                     g["lr"] = lr
-            x, y = (t.to(env.device, non_blocking=True) for t in next(seg_stream))
-            with autocast(cfg, env):
-                outputs = ddp_seg(x)
-            loss = seg_loss(outputs, y, c.aux_weight)
-            run.check_finite(loss, "segmentation (Eq. 8/9)")
-            if sub == "w2w3":
-                obj = joint_seg_objective(loss, w1, w3, E, mu, gamma2, gamma3, a2, c.lam, coupling=False)
-                stepped = [(opt2, gamma2), (opt3, gamma3)]
-            elif sub == "w2":
-                obj = eq8_objective(loss, gamma2, a2, c.lam)
-                stepped = [(opt2, gamma2)]
-            else:
-                obj = eq9_objective(loss, w1, w3, E, mu, gamma3, a2, c.lam, coupling=False)
-                stepped = [(opt3, gamma3)]
-            opt2.zero_grad(set_to_none=True)
-            opt3.zero_grad(set_to_none=True)
-            obj.backward()
-            if sub != "w2":
-                add_alm_grad_(w3, w1, E, mu, -1.0)  # Eq. 9's ALM terms: − E − μ(W1 − W3)
-            clip(seg_net.parameters(), cfg)
-            for opt, gam in stepped:
-                opt.step()
+                x, y = (t.to(env.device, non_blocking=True) for t in next(cls_stream))
+                with autocast(cfg, env):
+                    logits = ddp_cls(x)
+                loss = F.cross_entropy(logits.float(), y)
+                run.check_finite(loss, "classification (Eq. 7)")
+                obj = eq7_objective(loss, w1, w3, E, mu, gamma1, a1, coupling=False)
+                opt1.zero_grad(set_to_none=True)
+                obj.backward()
+                add_alm_grad_(w1, w3, E, mu, +1.0)  # Eq. 7's ALM terms: + E + μ(W1 − W3)
+                clip(cls_net.parameters(), cfg)
+                opt1.step()
                 if not l1_grad:
-                    soft_threshold_(gam, lr * c.alpha2)
-            if sub != "w3":
-                alm["sum_seg"] += float(loss.detach())
-            record = {"phase": sub, "loss": float(loss.detach()), "lr": lr}
-        if k == per_round - 1:  # end of the round
-            gap = relative_gap(w1, w3)
-            with torch.no_grad():
-                alm_value = float(alm_coupling(w1, w3, E, mu))
-            alm["mu"] = eq10_update(E, w1, w3, mu, c.rho, c.mu_max)  # Eq. 10
-            round_rec = {
-                "round": rnd + 1,
-                "gap": gap,
-                "cls_loss": alm["sum_cls"] / max(c.steps_cls, 1),
-                "seg_loss": alm["sum_seg"] / max(c.steps_seg, 1),
-                "mu": alm["mu"],
-                "alm": alm_value,
-                "sparse_backbone": sparsity(gamma1),
-                "sparse_decoder": sparsity(gamma2),
-            }
-            alm["sum_cls"] = alm["sum_seg"] = 0.0
-            run.log({"step": run.step + 1, **round_rec})
-            record["mu"] = alm["mu"]
-        run.after_step(record)
+                    soft_threshold_(gamma1, lr * c.alpha1)
+                alm["sum_cls"] += float(loss.detach())
+                record = {"phase": "w1", "loss": float(loss.detach()), "lr": lr}
+            else:
+                j = k - c.steps_cls
+                sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
+                it = rnd * c.steps_seg + (j % c.steps_seg)
+                lr = lr_at("poly", c.lr_seg, it, total_seg)
+                for opt in (opt2, opt3):
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                x, y = (t.to(env.device, non_blocking=True) for t in next(seg_stream))
+                with autocast(cfg, env):
+                    outputs = ddp_seg(x)
+                loss = seg_loss(outputs, y, c.aux_weight)
+                run.check_finite(loss, "segmentation (Eq. 8/9)")
+                if sub == "w2w3":
+                    obj = joint_seg_objective(loss, w1, w3, E, mu, gamma2, gamma3, a2, c.lam, coupling=False)
+                    stepped = [(opt2, gamma2), (opt3, gamma3)]
+                elif sub == "w2":
+                    obj = eq8_objective(loss, gamma2, a2, c.lam)
+                    stepped = [(opt2, gamma2)]
+                else:
+                    obj = eq9_objective(loss, w1, w3, E, mu, gamma3, a2, c.lam, coupling=False)
+                    stepped = [(opt3, gamma3)]
+                opt2.zero_grad(set_to_none=True)
+                opt3.zero_grad(set_to_none=True)
+                obj.backward()
+                if sub != "w2":
+                    add_alm_grad_(w3, w1, E, mu, -1.0)  # Eq. 9's ALM terms: − E − μ(W1 − W3)
+                clip(seg_net.parameters(), cfg)
+                for opt, gam in stepped:
+                    opt.step()
+                    if not l1_grad:
+                        soft_threshold_(gam, lr * c.alpha2)
+                if sub != "w3":
+                    alm["sum_seg"] += float(loss.detach())
+                record = {"phase": sub, "loss": float(loss.detach()), "lr": lr}
+            if k == per_round - 1:  # end of the round
+                gap = relative_gap(w1, w3)
+                with torch.no_grad():
+                    alm_value = float(alm_coupling(w1, w3, E, mu))
+                alm["mu"] = eq10_update(E, w1, w3, mu, c.rho, c.mu_max)  # Eq. 10
+                round_rec = {
+                    "round": rnd + 1,
+                    "gap": gap,
+                    "cls_loss": alm["sum_cls"] / max(c.steps_cls, 1),
+                    "seg_loss": alm["sum_seg"] / max(c.steps_seg, 1),
+                    "mu": alm["mu"],
+                    "alm": alm_value,
+                    "sparse_backbone": sparsity(gamma1),
+                    "sparse_decoder": sparsity(gamma2),
+                }
+                alm["sum_cls"] = alm["sum_seg"] = 0.0
+                run.log({"step": run.step + 1, **round_rec})
+                record["mu"] = alm["mu"]
+            run.after_step(record)
 
+    finally:
+        run.close_progress()
     sync_buffers(model, env)
     sync_buffers(backbone1, env)
     revert_sync_bn(model)

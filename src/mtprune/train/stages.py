@@ -60,35 +60,37 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) ->
     """The training loop: each phase's steps in turn, resumable at any step."""
     run.total = sum(p.steps for p in phases)
     run.start()
-    pbar = run.progress()
-    offset = 0
-    for ph in phases:
-        set_train_mode(ph.net, cfg)
-        while run.step < offset + ph.steps:
-            i = run.step - offset
-            lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
-            for g in ph.opt.param_groups:
-                g["lr"] = lr
-            x, y = next(ph.stream)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            with autocast(cfg, env):
-                out = ph.net(x)
-            loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
-            run.check_finite(loss, ph.name)
-            objective = loss
-            if ph.gammas and ph.l1 == "subgradient":
-                objective = loss + l1_penalty(ph.gammas, ph.alpha)  # Eq. 3: gradient += α·sign(γ)
-            ph.opt.zero_grad(set_to_none=True)
-            objective.backward()
-            clip(ph.net.parameters(), cfg)
-            ph.opt.step()
-            if ph.gammas and ph.l1 == "proximal":
-                soft_threshold_(ph.gammas, lr * ph.alpha)
-            run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
-            if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
-                epoch_eval(run, ph, cfg, env, (i + 1) / ph.stream.steps_per_epoch)
-        offset += ph.steps
-    pbar.close()
+    run.progress()
+    try:
+        offset = 0
+        for ph in phases:
+            set_train_mode(ph.net, cfg)
+            while run.step < offset + ph.steps:
+                i = run.step - offset
+                lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
+                for g in ph.opt.param_groups:
+                    g["lr"] = lr
+                x, y = next(ph.stream)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                with autocast(cfg, env):
+                    out = ph.net(x)
+                loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
+                run.check_finite(loss, ph.name)
+                objective = loss
+                if ph.gammas and ph.l1 == "subgradient":
+                    objective = loss + l1_penalty(ph.gammas, ph.alpha)  # Eq. 3: gradient += α·sign(γ)
+                ph.opt.zero_grad(set_to_none=True)
+                objective.backward()
+                clip(ph.net.parameters(), cfg)
+                ph.opt.step()
+                if ph.gammas and ph.l1 == "proximal":
+                    soft_threshold_(ph.gammas, lr * ph.alpha)
+                run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
+                if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
+                    epoch_eval(run, ph, cfg, env, (i + 1) / ph.stream.steps_per_epoch)
+            offset += ph.steps
+    finally:
+        run.close_progress()
 
 
 def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, epoch: float) -> None:
@@ -104,8 +106,9 @@ def _first(ds: Any, n: int | None) -> Any:
     return Subset(ds, range(min(n, len(ds)))) if n else ds
 
 
-def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...],
-                  force: bool = False) -> dict[str, Any]:
+def final_metrics(
+    model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...], force: bool = False
+) -> dict[str, Any]:
     """Validation metrics of the stage's model (mIoU and/or top-1/top-5), when ``eval.final`` is set."""
     if not (cfg.eval.final or force):
         return {}
@@ -115,30 +118,58 @@ def final_metrics(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tu
     model.eval()
     if "seg" in tasks:
         ds = make_dataset(cfg, "seg", train=False)
-        loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers,
-                                   distributed=env.distributed)
-        r = evaluate_segmentation(model, loader, ds.num_classes, scales=tuple(cfg.eval.scales), flip=cfg.eval.flip,
-                                  device=env.device, class_names=list(ds.class_names), progress=False)
+        loader = build_eval_loader(
+            _first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers, distributed=env.distributed
+        )
+        r = evaluate_segmentation(
+            model,
+            loader,
+            ds.num_classes,
+            scales=tuple(cfg.eval.scales),
+            flip=cfg.eval.flip,
+            device=env.device,
+            class_names=list(ds.class_names),
+            progress=False,
+        )
         out.update(miou=r["miou"], pixel_acc=r["pixel_acc"], per_class=r["per_class"])
     if "cls" in tasks:
         ds = make_dataset(cfg, "cls", train=False)
-        loader = build_eval_loader(_first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers,
-                                   distributed=env.distributed)
+        loader = build_eval_loader(
+            _first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers, distributed=env.distributed
+        )
         r = evaluate_classification(model, loader, device=env.device, progress=False)
         out.update(top1=r["top1"], top5=r["top5"])
     return out
 
 
-def _seg_phase(name: str, model: SegmentationModel, cfg: Config, env: DistEnv, epochs: float, lr: float,
-               batch_size: int, schedule: str, aux_weight: float, **kw: Any) -> Phase:
+def _seg_phase(
+    name: str,
+    model: SegmentationModel,
+    cfg: Config,
+    env: DistEnv,
+    epochs: float,
+    lr: float,
+    batch_size: int,
+    schedule: str,
+    aux_weight: float,
+    **kw: Any,
+) -> Phase:
     stream = BatchStream(make_dataset(cfg, "seg", True), batch_size, cfg.seed, env, cfg.data.workers)
     net = wrap_ddp(SegNet(model), env)
     opt = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()), lr, cfg)
     return Phase(name, "seg", net, opt, stream, steps_for(epochs, stream), lr, schedule, aux_weight, **kw)
 
 
-def _cls_phase(name: str, model: SegmentationModel, cfg: Config, env: DistEnv, epochs: float, lr: float,
-               batch_size: int, schedule: str = "linear") -> Phase:
+def _cls_phase(
+    name: str,
+    model: SegmentationModel,
+    cfg: Config,
+    env: DistEnv,
+    epochs: float,
+    lr: float,
+    batch_size: int,
+    schedule: str = "linear",
+) -> Phase:
     stream = BatchStream(make_dataset(cfg, "cls", True), batch_size, cfg.seed + 1, env, cfg.data.workers)
     net = wrap_ddp(ClsNet(model.backbone, model.cls_head), env)
     opt = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()), lr, cfg)
@@ -171,8 +202,22 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
         c3 = cfg.sparse_slimming
         if c3.l1 not in ("subgradient", "proximal"):
             raise UsageError(f"sparse_slimming.l1 must be subgradient or proximal, got '{c3.l1}'")
-        phases = [_seg_phase("seg", model, cfg, env, c3.epochs, c3.lr, c3.batch_size, c3.schedule, c3.aux_weight,
-                             gammas=prunable_gammas(model), alpha=c3.alpha, l1=c3.l1)]
+        phases = [
+            _seg_phase(
+                "seg",
+                model,
+                cfg,
+                env,
+                c3.epochs,
+                c3.lr,
+                c3.batch_size,
+                c3.schedule,
+                c3.aux_weight,
+                gammas=prunable_gammas(model),
+                alpha=c3.alpha,
+                l1=c3.l1,
+            )
+        ]
         tasks = ("seg",)
     elif stage == "finetune":
         c4 = cfg.finetune
@@ -180,8 +225,9 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
         if c4.cls_epochs > 0:
             phases.append(_cls_phase("cls", model, cfg, env, c4.cls_epochs, c4.lr_cls, c4.cls_batch_size))
         if c4.seg_epochs > 0:
-            phases.append(_seg_phase("seg", model, cfg, env, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly",
-                                     c4.aux_weight))
+            phases.append(
+                _seg_phase("seg", model, cfg, env, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly", c4.aux_weight)
+            )
         tasks = ("seg", "cls")
     else:
         raise UsageError(f"unknown stage '{stage}'")

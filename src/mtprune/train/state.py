@@ -65,8 +65,9 @@ def optimizer_state(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, 
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer_state(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                         meta: dict[str, Any]) -> None:
+def load_optimizer_state(
+    prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
         if key.startswith(prefix + "."):

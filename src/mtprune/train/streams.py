@@ -63,8 +63,9 @@ class SeededSamples(Dataset):
 class BatchStream:
     """An endless, resumable stream of training batches over epochs (``next(stream)``)."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, env: DistEnv, workers: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, env: DistEnv, workers: int = 0, shuffle: bool = True
+    ) -> None:
         self.dataset = dataset
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size, self.seed, self.env, self.workers, self.shuffle = batch_size, seed, env, workers, shuffle
@@ -78,13 +79,21 @@ class BatchStream:
         self._it: Iterator[Any] | None = None
 
     def _loader(self) -> DataLoader:
-        sampler = EpochSampler(self.n, self.shuffle, self.seed, self.epoch, self.pos, self.env.rank,
-                               self.env.world_size)
+        sampler = EpochSampler(
+            self.n, self.shuffle, self.seed, self.epoch, self.pos, self.env.rank, self.env.world_size
+        )
         # an own generator: creating the iterator must not draw from the global RNG (dropout uses it)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return DataLoader(SeededSamples(self.dataset, self.seed), batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.workers, drop_last=True, worker_init_fn=seed_worker, generator=gen,
-                          pin_memory=self.env.device.type == "cuda")
+        return DataLoader(
+            SeededSamples(self.dataset, self.seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.workers,
+            drop_last=True,
+            worker_init_fn=seed_worker,
+            generator=gen,
+            pin_memory=self.env.device.type == "cuda",
+        )
 
     def __next__(self) -> Any:
         if self.pos + self.batch_size > self.steps_per_epoch * self.batch_size:
