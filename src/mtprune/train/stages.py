@@ -147,6 +147,7 @@ def _seg_phase(
     model: SegmentationModel,
     cfg: Config,
     env: DistEnv,
+    dataset: Any,
     epochs: float,
     lr: float,
     batch_size: int,
@@ -154,7 +155,7 @@ def _seg_phase(
     aux_weight: float,
     **kw: Any,
 ) -> Phase:
-    stream = BatchStream(make_dataset(cfg, "seg", True), batch_size, cfg.seed, env, cfg.data.workers)
+    stream = BatchStream(dataset, batch_size, cfg.seed, env, cfg.data.workers)
     net = wrap_ddp(SegNet(model), env)
     opt = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()), lr, cfg)
     return Phase(name, "seg", net, opt, stream, steps_for(epochs, stream), lr, schedule, aux_weight, **kw)
@@ -165,38 +166,35 @@ def _cls_phase(
     model: SegmentationModel,
     cfg: Config,
     env: DistEnv,
+    dataset: Any,
     epochs: float,
     lr: float,
     batch_size: int,
     schedule: str = "linear",
 ) -> Phase:
-    stream = BatchStream(make_dataset(cfg, "cls", True), batch_size, cfg.seed + 1, env, cfg.data.workers)
+    stream = BatchStream(dataset, batch_size, cfg.seed + 1, env, cfg.data.workers)
     net = wrap_ddp(ClsNet(model.backbone, model.cls_head), env)
     opt = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()), lr, cfg)
     return Phase(name, "cls", net, opt, stream, steps_for(epochs, stream), lr, schedule)
 
 
-def _classes(cfg: Config) -> tuple[int, int]:
-    seg = make_dataset(cfg, "seg", True)
-    cls = make_dataset(cfg, "cls", True)
-    return seg.num_classes, cls.num_classes
-
-
 def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str | None) -> dict[str, Any]:
     """``pretrain-cls``, ``train-seg``, ``sparse-slimming`` or ``finetune`` in folder ``out``."""
-    seg_classes, cls_classes = _classes(cfg)
     if stage == "finetune" and not init:
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
-    model = initial_model(cfg, init, seg_classes, cls_classes).to(env.device)
+    seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
+    model = initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes).to(env.device)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
     if stage == "pretrain-cls":
         c = cfg.pretrain_cls
-        phases = [_cls_phase("cls", model, cfg, env, c.epochs, c.lr, c.batch_size, c.schedule)]
+        phases = [_cls_phase("cls", model, cfg, env, cls_ds, c.epochs, c.lr, c.batch_size, c.schedule)]
         tasks: tuple[str, ...] = ("cls",)
     elif stage == "train-seg":
         c2 = cfg.train_seg
-        phases = [_seg_phase("seg", model, cfg, env, c2.epochs, c2.lr, c2.batch_size, c2.schedule, c2.aux_weight)]
+        phases = [
+            _seg_phase("seg", model, cfg, env, seg_ds, c2.epochs, c2.lr, c2.batch_size, c2.schedule, c2.aux_weight)
+        ]
         tasks = ("seg",)
     elif stage == "sparse-slimming":
         c3 = cfg.sparse_slimming
@@ -208,6 +206,7 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
                 model,
                 cfg,
                 env,
+                seg_ds,
                 c3.epochs,
                 c3.lr,
                 c3.batch_size,
@@ -223,10 +222,12 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
         c4 = cfg.finetune
         phases = []
         if c4.cls_epochs > 0:
-            phases.append(_cls_phase("cls", model, cfg, env, c4.cls_epochs, c4.lr_cls, c4.cls_batch_size))
+            phases.append(_cls_phase("cls", model, cfg, env, cls_ds, c4.cls_epochs, c4.lr_cls, c4.cls_batch_size))
         if c4.seg_epochs > 0:
             phases.append(
-                _seg_phase("seg", model, cfg, env, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly", c4.aux_weight)
+                _seg_phase(
+                    "seg", model, cfg, env, seg_ds, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly", c4.aux_weight
+                )
             )
         tasks = ("seg", "cls")
     else:
