@@ -3,13 +3,17 @@
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
-                            [--threads 2] [--runs 20] [--json FILE]
+                            [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
+                            [--json FILE]
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
 ``--round-to``, the pruned net; each timed in every layout (and dtype): median and IQR of batch-1
 forwards after warm-up (``mtprune.evaluate.cost.measure_latency``, CUDA synchronised). "Best against
 best" compares each net in its fastest configuration — the figure a deployment engineer ships.
+Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
+deployment runtime does), ``compile`` (BN folded, then ``torch.compile``). ``--profile`` prints the
+self time of each operator, dense against pruned: which work shrinks with the MACs and which does not.
 """
 
 from __future__ import annotations
@@ -29,22 +33,57 @@ SIZES = {"deeplabv3_resnet101": (513, 513), "pspnet_resnet50": (513, 513), "bise
 CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
 
 
+VARIANTS = ("eager", "foldbn", "compile")  # PyTorch as is; BN folded into convs; BN folded + torch.compile
+
+
 def time_net(model, size, a) -> dict[str, dict[str, float]]:
     out = {}
     for layout in a.layouts:
         for dtype in a.dtypes:
-            lat = measure_latency(
-                model,
-                size,
-                device=a.device,
-                dtype=dtype,
-                channels_last=layout == "channels_last",
-                warmup=a.warmup,
-                runs=a.runs,
-            )
-            out[f"{layout}/{dtype}"] = {"ms": lat.latency_ms, "iqr": lat.latency_iqr_ms}
-    model.to("cpu", memory_format=torch.contiguous_format)
+            for variant in a.variants:
+                lat = measure_latency(
+                    model,
+                    size,
+                    device=a.device,
+                    dtype=dtype,
+                    channels_last=layout == "channels_last",
+                    warmup=a.warmup,
+                    runs=a.runs,
+                    fold_bn=variant != "eager",
+                    compile=variant == "compile",
+                )
+                key = f"{layout}/{dtype}" + ("" if variant == "eager" else f"/{variant}")
+                out[key] = {"ms": lat.latency_ms, "iqr": lat.latency_iqr_ms}
+                model.to("cpu", memory_format=torch.contiguous_format)
     return out
+
+
+@torch.no_grad()
+def profile_ops(model, size, a, runs: int = 5) -> dict[str, float]:
+    """Self CPU time per operator (ms per forward) in the first layout/variant asked for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtprune.evaluate.cost import fold_batchnorm
+
+    net = fold_batchnorm(model) if a.variants[0] != "eager" else model.eval()
+    fmt = torch.channels_last if a.layouts[0] == "channels_last" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(1, 3, *size).to(memory_format=fmt)
+    for _ in range(2):
+        net(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            net(x)
+    model.to(memory_format=torch.contiguous_format)
+    return {e.key: e.self_cpu_time_total / 1000.0 / runs for e in prof.key_averages()}
+
+
+def print_profile(dense: dict[str, float], pruned: dict[str, float], label: str) -> None:
+    total_d, total_p = sum(dense.values()), sum(pruned.values())
+    print(f"  profile {label}: total {total_d:.0f} → {total_p:.0f} ms/forward ({total_p / total_d:.3f}×)")
+    for op in sorted(dense, key=dense.get, reverse=True)[:12]:
+        d, p = dense[op], pruned.get(op, 0.0)
+        print(f"    {op:40s} {d:9.1f} → {p:9.1f} ms  ({p / d if d else 0:.3f}×, {100 * p / total_p:4.1f} % of pruned)")
 
 
 def main() -> None:
@@ -55,6 +94,8 @@ def main() -> None:
     ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8, 16])
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
+    ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
+    ap.add_argument("--profile", action="store_true", help="per-operator self time, dense against each pruned net")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
@@ -73,7 +114,15 @@ def main() -> None:
     print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}")
     print(
         f"{'model':22s} {'plan':10s} {'ratio':>5s} {'rt':>3s} {'MACs×':>6s} "
-        + " ".join(f"{k:>24s}" for k in [f"{lo}/{d}" for lo in a.layouts for d in a.dtypes])
+        + " ".join(
+            f"{k:>24s}"
+            for k in [
+                f"{lo}/{d}" + ("" if v == "eager" else f"/{v}")
+                for lo in a.layouts
+                for d in a.dtypes
+                for v in a.variants
+            ]
+        )
         + f" {'best×':>6s}"
     )
     for name in a.models:
@@ -83,6 +132,7 @@ def main() -> None:
         dmacs = count_macs(dense, size)
         dlat = time_net(dense, size, a)
         dbest = min(v["ms"] for v in dlat.values())
+        dprof = profile_ops(dense, size, a) if a.profile else None
         row = {
             "model": name,
             "plan": "dense",
@@ -135,6 +185,9 @@ def main() -> None:
                         + f" {best / dbest:6.3f}",
                         flush=True,
                     )
+                    if dprof is not None:
+                        r["profile"] = {"dense": dprof, "pruned": profile_ops(model, size, a)}
+                        print_profile(dprof, r["profile"]["pruned"], f"{plan_kind} {ratio} rt{rt}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -53,3 +53,29 @@ def test_latency_reports_median_and_iqr():
     assert lat.runs == 20 and lat.latency_ms > 0 and lat.latency_iqr_ms >= 0
     with pytest.raises(UsageError, match="at least 20"):
         measure_latency(SmallNet(), (16, 16), runs=5)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_resnet18", "pspnet_resnet18", "bisenet_resnet18"])
+def test_folded_batchnorm_computes_the_same_output(name):
+    from mtprune.evaluate.cost import fold_batchnorm
+    from mtprune.pruning import prune
+
+    torch.manual_seed(0)
+    m = tiny(name)
+    with torch.no_grad():  # non-trivial BN statistics
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.1, 1.0)
+    prune(m, "bn", 0.5)
+    m.eval()
+    folded = fold_batchnorm(m)
+    assert not any(isinstance(q, nn.BatchNorm2d) for q in folded.modules())
+    assert any(isinstance(q, nn.BatchNorm2d) for q in m.modules())  # the original is untouched
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ref, out = m(x), folded(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+    assert count_macs(folded, (48, 64)) == count_macs(m, (48, 64))

@@ -45,8 +45,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for s in SETTINGS + ["train_seg.batch_size=2"]:
         args += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MTPRUNE_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "mtprune", "train", "train-seg", "--out", str(tmp_path / "two"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29533",
+        "-m",
+        "mtprune",
+        "train",
+        "train-seg",
+        "--out",
+        str(tmp_path / "two"),
+        *args,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 

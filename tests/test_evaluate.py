@@ -204,8 +204,9 @@ def test_evaluate_segmentation_matches_a_direct_computation_and_restores_mode() 
     torch.manual_seed(0)
     model = build_model("deeplabv3_resnet18", num_classes=6, cls_classes=4, width=0.125).train()
     ds = build_dataset("synthetic", None, "val", seg_eval_transforms(), num_samples=4, image_size=32)
-    res = evaluate_segmentation(model, build_eval_loader(ds, batch_size=2), 6, scales=(0.75, 1.0), flip=True,
-                                progress=False)
+    res = evaluate_segmentation(
+        model, build_eval_loader(ds, batch_size=2), 6, scales=(0.75, 1.0), flip=True, progress=False
+    )
     assert model.training  # restored
     model.eval()
     cm = np.zeros((6, 6), np.int64)
@@ -228,8 +229,7 @@ def test_evaluate_segmentation_matches_a_direct_computation_and_restores_mode() 
 def test_evaluate_classification_matches_argmax() -> None:
     torch.manual_seed(0)
     model = build_model("deeplabv3_resnet18", num_classes=3, cls_classes=10, width=0.125).eval()
-    ds = build_dataset("synthetic", None, "val", cls_eval_transforms(32, 32), task="cls", num_samples=6,
-                       image_size=32)
+    ds = build_dataset("synthetic", None, "val", cls_eval_transforms(32, 32), task="cls", num_samples=6, image_size=32)
     res = evaluate_classification(model, build_eval_loader(ds, batch_size=4), progress=False)
     x = torch.stack([ds[i][0] for i in range(6)])
     y = torch.tensor([ds[i][1] for i in range(6)])

@@ -101,7 +101,7 @@ def test_coupling_l1_gap_and_soft_threshold():
     w1, w3, E = _pair()
     assert alm_coupling(w1, w3, E, 0.0).item() == pytest.approx(0.2)
     assert l1_penalty([torch.tensor([1.0, -3.0])], 0.5).item() == pytest.approx(2.0)
-    assert relative_gap(w1, w3) == pytest.approx((3 ** 0.5) / (1 + 4 + 0.25) ** 0.5)
+    assert relative_gap(w1, w3) == pytest.approx((3**0.5) / (1 + 4 + 0.25) ** 0.5)
     g = [torch.tensor([0.5, -0.05, 0.02, -1.0])]
     soft_threshold_(g, 0.1)
     assert torch.allclose(g[0], torch.tensor([0.4, 0.0, 0.0, -0.9]))

@@ -147,3 +147,32 @@ def test_shipped_configs_are_valid():
     voc = load_config(root / "paper" / "voc_deeplabv3_r101.yaml")
     assert (voc.train_seg.lr, voc.finetune.lr_seg, voc.sparse_mtp.alpha1) == (0.007, 0.0007, 1.0e-3)
     assert voc.data.seg.crop_size == [513, 513] and voc.run.ratios == [0.25, 0.5]
+
+
+def test_seeds_share_the_pretraining_and_summarise_paired_differences(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    argv = ["run", "-", "--out", str(out), "--seeds", "0", "1"]
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text("run:\n  methods: [mtp, slimming, uniform]\n  ratios: [0.5]\n  latency: false\n")
+    argv[1] = str(cfg_path)
+    for s in TINY:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Paired differences" in printed and "summary.md" in printed
+    assert (out / "pretrain-cls" / "done.json").is_file()
+    assert not (out / "seed-0" / "pretrain-cls").exists() and not (out / "seed-1" / "pretrain-cls").exists()
+    for s in (0, 1):  # both seeds started from the shared backbone, and ran with their own seed
+        done = json.loads((out / f"seed-{s}" / "train-seg" / "model" / "arch.json").read_text())
+        assert done["meta"]["init"] == str(out / "pretrain-cls")
+        assert "seed: " + str(s) in (out / f"seed-{s}" / "config.yaml").read_text()
+    rows = {s: {r["tag"]: r for r in json.loads((out / f"seed-{s}" / "results.json").read_text())} for s in (0, 1)}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    mt = summary["models"]["mtp-0.5-independent"]["miou"]
+    assert mt["n"] == 2 and mt["values"] == [rows[s]["mtp-0.5-independent"]["miou"] for s in (0, 1)]
+    pair = next(p for p in summary["paired"] if p["a"] == "mtp-0.5-independent" and p["b"] == "slimming-0.5-independent")
+    want = [rows[s]["mtp-0.5-independent"]["miou"] - rows[s]["slimming-0.5-independent"]["miou"] for s in (0, 1)]
+    assert pair["miou"]["values"] == pytest.approx(want)
+    assert pair["miou"]["mean"] == pytest.approx(sum(want) / 2)
+    assert "mtp 0.5× (independent) − slimming" in (out / "summary.md").read_text()

@@ -247,3 +247,25 @@ def test_bad_sample_stops_training_with_one_line_unless_skip_bad(tmp_path, capsy
     assert main(args + ["--skip-bad"]) == 0
     captured = capsys.readouterr()
     assert "skipped 1 bad sample" in captured.err
+
+
+def test_train_subset_is_a_fixed_draw_whatever_the_run_seed():
+    from mtprune.train.engine import make_dataset
+
+    a = make_dataset(cfg("data.seg.train_subset=5", "seed=0"), "seg", train=True)
+    b = make_dataset(cfg("data.seg.train_subset=5", "seed=3"), "seg", train=True)
+    c = make_dataset(cfg("data.seg.train_subset=5", "data.seg.subset_seed=1"), "seg", train=True)
+    assert len(a) == 5 and a.indices == b.indices != c.indices
+    assert len(set(a.indices)) == 5 and all(0 <= i < 16 for i in a.indices)
+    assert a.num_classes == make_dataset(cfg(), "seg", train=True).num_classes
+    # the validation split is never cut
+    assert len(make_dataset(cfg("data.seg.train_subset=5"), "seg", train=False)) > 5
+    with pytest.raises(MtpruneError, match=r"data.seg.train_subset 17 is outside 1..16"):
+        make_dataset(cfg("data.seg.train_subset=17"), "seg", train=True)
+
+
+def test_train_seg_on_a_subset_counts_epochs_over_the_subset(tmp_path):
+    from mtprune.train.engine import DONE_FILE
+
+    run_stage("train-seg", cfg("data.seg.train_subset=4", "train_seg.epochs=2", "train_seg.batch_size=2"), tmp_path)
+    assert json.loads((tmp_path / DONE_FILE).read_text())["steps"] == 4  # 2 epochs × 4 images / batch 2

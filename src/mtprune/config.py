@@ -40,6 +40,8 @@ class SegDataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: float = 0.5
     eval_resize: list[int] | None = None
+    train_subset: int | None = None  # train on N images of the training split only (a fixed, seeded draw)
+    subset_seed: int = 0  # the draw of ``train_subset``: fixed across run seeds, so seeds vary training only
     options: dict[str, Any] = field(default_factory=dict)  # extra build_dataset kwargs (synthetic: num_samples…)
     val_options: dict[str, Any] = field(default_factory=dict)  # extra kwargs for the validation split
 
@@ -54,6 +56,8 @@ class ClsDataConfig:
     resize: int | None = None
     min_area: float = 0.35
     hflip: float = 0.5
+    train_subset: int | None = None  # train on N images of the training split only (a fixed, seeded draw)
+    subset_seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     val_options: dict[str, Any] = field(default_factory=dict)
 
@@ -172,6 +176,8 @@ class RunConfig:
     latency_runs: int = 20
     latency_threads: int | None = None  # CPU threads while timing (None: torch's default); see README
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
+    seeds: list[int] = field(default_factory=list)  # several seeds: one run each + summary (mtprune run --seeds)
+    shared_pretrain: bool = True  # with seeds: pretrain-cls once (first seed), shared by every seed
 
 
 @dataclass
@@ -292,8 +298,11 @@ def load_config(
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in (
-            "options", "val_options", "extra") else v
+        out[k] = (
+            _merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options", "val_options", "extra")
+            else v
+        )
     return out
 
 

@@ -132,9 +132,17 @@ def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any
 
 
 def run_pipeline(
-    cfg: Config, out: str | os.PathLike, env: DistEnv | None = None, progress: Callable[[str], None] | None = None
+    cfg: Config,
+    out: str | os.PathLike,
+    env: DistEnv | None = None,
+    progress: Callable[[str], None] | None = None,
+    pretrained: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Run Algorithm 1 for every configured method; returns the rows of ``results.json``."""
+    """Run Algorithm 1 for every configured method; returns the rows of ``results.json``.
+
+    ``pretrained``: a finished ``pretrain-cls`` folder (or checkpoint) to start ``train-seg`` from
+    instead of running ``pretrain-cls`` here (several seeds sharing one pre-trained backbone, as the
+    paper's runs share one ImageNet model)."""
     check_run_config(cfg)
     out = Path(out)
     env = env or setup(cfg.device)
@@ -149,7 +157,9 @@ def run_pipeline(
         return fn()
 
     init = None
-    if cfg.run.pretrain:
+    if pretrained is not None:
+        init = str(pretrained)
+    elif cfg.run.pretrain:
         stage("pretrain-cls", lambda: run_stage("pretrain-cls", cfg, out / "pretrain-cls", env=env))
         init = str(out / "pretrain-cls")
     stage("train-seg", lambda: run_stage("train-seg", cfg, out / "train-seg", init=init, env=env))
@@ -222,7 +232,64 @@ def _row(v: dict[str, Any], m: dict[str, Any], dense: dict[str, Any]) -> dict[st
     }
 
 
-def run_command(cfg: Config, out: str | os.PathLike) -> list[dict[str, Any]]:
+def run_seeds(
+    cfg: Config,
+    out: str | os.PathLike,
+    seeds: list[int],
+    env: DistEnv | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The run once per seed in ``out/seed-<k>/``, then ``out/summary.{json,md}``: mean ± std of every
+    model and the paired per-seed differences (:mod:`mtprune.report.seeds`).
+
+    With ``run.pretrain`` and ``run.shared_pretrain`` (the default), ``pretrain-cls`` runs once, in
+    ``out/pretrain-cls/`` with the first seed, and every seed starts from it; the seeds then differ in
+    everything after it. Finished seeds and stages are reused, so the command resumes like ``run``."""
+    from copy import deepcopy
+
+    from mtprune.report.seeds import write_seeds_summary
+
+    if not seeds:
+        raise UsageError("run_seeds: no seeds given")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds repeat: {seeds}")
+    check_run_config(cfg)
+    out = Path(out)
+    env = env or setup(cfg.device)
+    say = progress or (lambda m: _say(env, m))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    pretrained = None
+    if cfg.run.pretrain and cfg.run.shared_pretrain:
+        first = deepcopy(cfg)
+        first.seed = seeds[0]
+        state = "reused" if (out / "pretrain-cls" / DONE_FILE).is_file() else "running"
+        say(f"[pretrain-cls] {state} (shared by seeds {', '.join(map(str, seeds))})")
+        seed_everything(first.seed)
+        run_stage("pretrain-cls", first, out / "pretrain-cls", env=env)
+        pretrained = out / "pretrain-cls"
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for s in seeds:
+        c = deepcopy(cfg)
+        c.seed = s
+        say(f"== seed {s} ==")
+        seed_everything(s)
+        per_seed[s] = run_pipeline(c, out / f"seed-{s}", env=env, progress=progress, pretrained=pretrained)
+    summary: dict[str, Any] = {}
+    if env.is_main:
+        title = f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}, seeds {', '.join(map(str, seeds))}"
+        summary = write_seeds_summary(out, per_seed, title)
+    barrier(env)
+    return summary
+
+
+def run_command(cfg: Config, out: str | os.PathLike, seeds: list[int] | None = None) -> Any:
+    """``mtprune run``: one run (``results.json`` rows), or with ``seeds`` (or ``run.seeds``) one run per
+    seed and their summary."""
     torch.use_deterministic_algorithms(True, warn_only=True)
+    seeds = list(seeds) if seeds else list(cfg.run.seeds)
+    if seeds:
+        return run_seeds(cfg, out, seeds)
     seed_everything(cfg.seed)
     return run_pipeline(cfg, out)

@@ -171,8 +171,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="test scales, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default 1.0)",
     )  # fmt: skip
     p.add_argument("--flip", action="store_true", help="also run the horizontally flipped image")
-    p.add_argument("--resize", type=int, nargs="+", metavar="N", help="segmentation: resize images and masks "
-                   "(shorter side N, or H W) before evaluating, for reduced-resolution protocols")
+    p.add_argument(
+        "--resize",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="segmentation: resize images and masks "
+        "(shorter side N, or H W) before evaluating, for reduced-resolution protocols",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (and say how many)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device (default cpu)")

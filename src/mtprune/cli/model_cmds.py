@@ -62,6 +62,8 @@ def _cost(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         channels_last=args.channels_last,
         runs=args.runs,
+        fold_bn=args.fold_bn,
+        compile=args.compile,
     )
     if args.json:
         print(json.dumps(cost))
@@ -74,7 +76,8 @@ def _cost(args: argparse.Namespace) -> int:
         print(
             f"latency {cost['latency_ms']:.2f} ms median (IQR {cost['latency_iqr_ms']:.2f} ms, "
             f"{cost['latency_runs']} runs, "
-            f"{cost['device']}, {args.dtype}{', channels_last' if args.channels_last else ''})"
+            f"{cost['device']}, {args.dtype}{', channels_last' if args.channels_last else ''}"
+            f"{', BN folded' if args.fold_bn else ''}{', torch.compile' if args.compile else ''})"
         )
     return 0
 
@@ -107,8 +110,16 @@ def _prune(args: argparse.Namespace) -> int:
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
     score_kw: dict = {}
-    thinet_flags = [f for f, v in (("--config", args.config), ("--set", args.set), ("--samples", args.samples),
-                                   ("--no-rescale", args.no_rescale)) if v]
+    thinet_flags = [
+        f
+        for f, v in (
+            ("--config", args.config),
+            ("--set", args.set),
+            ("--samples", args.samples),
+            ("--no-rescale", args.no_rescale),
+        )
+        if v
+    ]
     if args.method != "thinet" and thinet_flags:
         raise UsageError(f"{', '.join(thinet_flags)}: only with --method thinet")
     if args.samples is not None and args.samples < 1:
@@ -120,8 +131,16 @@ def _prune(args: argparse.Namespace) -> int:
     if args.method == "thinet":
         batches, seed = _thinet_images(args)
         score_kw.update(images=batches, num_samples=sum(b.shape[0] for b in batches), seed=seed)
-    plan = prune(model, args.method, args.ratio, args.thresholds, args.round_to, args.min_channels,
-                 rescale=not args.no_rescale, **score_kw)
+    plan = prune(
+        model,
+        args.method,
+        args.ratio,
+        args.thresholds,
+        args.round_to,
+        args.min_channels,
+        rescale=not args.no_rescale,
+        **score_kw,
+    )
     after = {"params": count_params(model), "macs": count_macs(model, size)}
     summary = {
         "method": args.method,
@@ -202,6 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="latency device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="latency dtype")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for latency")
+    p.add_argument("--fold-bn", action="store_true", help="time an inference copy with BatchNorm folded into the convs")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(model) (compiled during warm-up)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (≥ 20, default 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -41,15 +41,23 @@ def _print_table(rows: list[dict], out: Path) -> None:
     print(f"\nresults: {out / 'results.json'}\nreport:  {out / 'report.md'}\nplots:   {out / 'plots'}/")
 
 
-def _execute(cfg_path: str | Path | None, sets: list[str], out: str, banner: str | None = None) -> int:
+def _execute(
+    cfg_path: str | Path | None, sets: list[str], out: str, banner: str | None = None, seeds: list[int] | None = None
+) -> int:
     from mtprune.pipeline import run_command
 
     cfg = load_config(cfg_path, sets)
     if banner:
         print(banner)
     t0 = time.time()
-    rows = run_command(cfg, out)
-    _print_table(rows, Path(out))
+    result = run_command(cfg, out, seeds=seeds)
+    if isinstance(result, dict):  # several seeds: their summary
+        from mtprune.report.seeds import render_seeds
+
+        print("\n" + render_seeds(result))
+        print(f"summary: {Path(out) / 'summary.md'} (and summary.json); each seed in {Path(out)}/seed-<k>/")
+    else:
+        _print_table(result, Path(out))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 
@@ -59,7 +67,7 @@ def _skip_bad(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _execute(args.config, args.set + _skip_bad(args), args.out)
+    return _execute(args.config, args.set + _skip_bad(args), args.out, seeds=args.seeds)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -77,6 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (rerun to resume; finished stages reused)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable or invalid samples")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="one run per seed in DIR/seed-K, pre-training shared, then DIR/summary.md: mean ± std and paired "
+        "per-seed differences (MTP − Slimming …)",
+    )
     p.set_defaults(func=_run)
 
     p = sub.add_parser("demo", help="the whole pipeline on embedded synthetic data in a few minutes on a CPU")

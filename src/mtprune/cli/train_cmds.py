@@ -19,8 +19,12 @@ def _train(args: argparse.Namespace) -> int:
 
     cleanup()
     shown = {k: v for k, v in metrics.items() if k != "per_class"}
-    print(json.dumps(shown) if args.json else f"{args.stage} done: " + ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(
+        json.dumps(shown)
+        if args.json
+        else f"{args.stage} done: "
+        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    )
     return 0
 
 

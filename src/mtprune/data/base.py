@@ -165,6 +165,27 @@ class DatasetView(Dataset):
         return getattr(self.__dict__["dataset"], name)
 
 
+class SeededSubset(DatasetView):
+    """``n`` samples of ``dataset``, a seeded draw without replacement (kept in the drawn order), so that
+    "the same 46 labelled images" is one fixed set whatever else varies. ``indices`` are the originals."""
+
+    def __init__(self, dataset: Dataset, n: int, seed: int = 0) -> None:
+        super().__init__(dataset)
+        total = len(dataset)  # type: ignore[arg-type]
+        if not 1 <= n <= total:
+            raise ValueError(f"train_subset {n} is outside 1..{total} (the split's size)")
+        import torch
+
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        self.indices = sorted(perm[:n].tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
 class SegmentationDataset(Dataset):
     """A list of ``(image file, mask file)`` pairs with a raw-label → class-id map.
 

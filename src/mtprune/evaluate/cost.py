@@ -51,6 +51,22 @@ class Latency:
     runs: int
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm that follows a convolution folded into the
+    convolution's weights (``W' = γ/σ·W``, ``b' = β + γ/σ·(b − m)``), as deployment runtimes do.
+
+    Uses ``torch.fx`` (``torch.fx.experimental.optimization.fuse``): the copy is a ``GraphModule`` that
+    computes the segmentation output of ``model.forward``, equal to it up to float rounding, in eval mode.
+    The original model is not changed.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval(), inplace=False)
+    except Exception as e:  # a model torch.fx cannot trace
+        raise UsageError(f"cannot fold BatchNorm into convolutions: torch.fx failed to trace the model ({e})") from None
+
+
 @torch.no_grad()
 def measure_latency(
     model: nn.Module,
@@ -60,11 +76,16 @@ def measure_latency(
     channels_last: bool = False,
     warmup: int = 5,
     runs: int = 20,
+    fold_bn: bool = False,
+    compile: bool = False,
 ) -> Latency:
     """Median and inter-quartile range of the wall time of a batch-1 forward, after ``warmup`` runs.
 
     On CUDA every run is synchronised before the clock is read. ``dtype="bfloat16"`` runs under
     autocast. The model is moved to ``device`` (and ``channels_last`` memory format if asked).
+    ``fold_bn`` times an inference copy with BatchNorm folded into the convolutions
+    (:func:`fold_batchnorm`); ``compile`` times ``torch.compile(model)`` (the compilation happens in
+    the warm-up runs and is not timed).
     """
     if runs < 20:
         raise UsageError(f"latency needs at least 20 timed runs (got {runs})")
@@ -73,9 +94,15 @@ def measure_latency(
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UsageError(f"unknown dtype '{dtype}'; choose from float32, bfloat16")
-    model = model.eval().to(device)
+    model = model.eval()
+    if fold_bn:
+        model = fold_batchnorm(model)
+    model = model.to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if compile:
+        model = torch.compile(model)
+        warmup = max(warmup, 2)
     x = torch.randn(1, 3, *size, device=device).to(memory_format=fmt)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -243,8 +243,9 @@ def thinet_statistics(
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][:1])
             model.train(was)
     if forward is None:
-        forward = (lambda m, x: m.seg_outputs(x, aux=True)) if isinstance(model, SegmentationModel) else (
-            lambda m, x: m(x))
+        forward = (
+            (lambda m, x: m.seg_outputs(x, aux=True)) if isinstance(model, SegmentationModel) else (lambda m, x: m(x))
+        )
     consumers = find_consumers(model, dg, [lay.conv for lay in layers])
 
     # consumer → (union of its input channels fed by prunable layers, sampled patches)
@@ -372,8 +373,10 @@ def thinet_rescale(model: nn.Module, plan: Any, stats: ThiNetStats, ridge: float
             rem = sorted(removed_in[cs.name])
             have = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
             if have != cs.in_channels - len(rem):
-                raise UsageError(f"thinet_rescale: '{cs.name}' has {have} input channels, expected "
-                                 f"{cs.in_channels - len(rem)} after the plan (apply the plan first)")
+                raise UsageError(
+                    f"thinet_rescale: '{cs.name}' has {have} input channels, expected "
+                    f"{cs.in_channels - len(rem)} after the plan (apply the plan first)"
+                )
             kept = sorted(lp.kept)
             new = [cs.idxs[c] - bisect.bisect_left(rem, cs.idxs[c]) for c in kept]
             s = least_squares_scales(cs.gram, kept, ridge).to(mod.weight.dtype).to(mod.weight.device)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, save_config
 from mtprune.data import IGNORE_INDEX, SkipBadSamples, build_dataset, build_transforms
+from mtprune.data.base import SeededSubset
 from mtprune.errors import MtpruneError, UsageError
 from mtprune.io import write_json
 from mtprune.models import build_model
@@ -174,6 +175,11 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
         )
     except TypeError as e:  # an option the dataset does not take
         raise UsageError(f"data.{task}.options for dataset '{d.dataset}': {e}") from None
+    if train and d.train_subset is not None:
+        try:
+            ds = SeededSubset(ds, d.train_subset, d.subset_seed)
+        except ValueError as e:
+            raise UsageError(f"data.{task}.{e}") from None
     return SkipBadSamples(ds) if cfg.data.skip_bad else ds
 
 
