@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="results file (default OUT/premise.json)")
+    ap.add_argument(
+        "--pretrained", default=None, metavar="DIR", help="a finished pretrain-cls folder shared by every seed"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -53,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval.every_epoch = False
         row: dict[str, Any] = {"seed": seed}
         base = out / f"seed{seed}"
-        if "pretrained" in args.arms:
+        if "pretrained" in args.arms and args.pretrained:
+            row["cls_top1"] = run_stage("pretrain-cls", cfg, args.pretrained).get("top1")
+        elif "pretrained" in args.arms:
             t = time.perf_counter()
             m = run_stage("pretrain-cls", cfg, base / "pretrain-cls")
             row["pretrain_s"] = round(time.perf_counter() - t, 1)
             row["cls_top1"] = m.get("top1")
         for arm in args.arms:
             t = time.perf_counter()
-            init = str(base / "pretrain-cls") if arm == "pretrained" else None
+            init = (args.pretrained or str(base / "pretrain-cls")) if arm == "pretrained" else None
             m = run_stage("train-seg", cfg, base / f"train-seg-{arm}", init=init)
             row[f"{arm}_s"] = round(time.perf_counter() - t, 1)
             row[arm] = m.get("miou")

@@ -171,8 +171,22 @@ def test_seeds_share_the_pretraining_and_summarise_paired_differences(tmp_path, 
     assert summary["seeds"] == [0, 1]
     mt = summary["models"]["mtp-0.5-independent"]["miou"]
     assert mt["n"] == 2 and mt["values"] == [rows[s]["mtp-0.5-independent"]["miou"] for s in (0, 1)]
-    pair = next(p for p in summary["paired"] if p["a"] == "mtp-0.5-independent" and p["b"] == "slimming-0.5-independent")
+    pair = next(
+        p for p in summary["paired"] if p["a"] == "mtp-0.5-independent" and p["b"] == "slimming-0.5-independent"
+    )
     want = [rows[s]["mtp-0.5-independent"]["miou"] - rows[s]["slimming-0.5-independent"]["miou"] for s in (0, 1)]
     assert pair["miou"]["values"] == pytest.approx(want)
     assert pair["miou"]["mean"] == pytest.approx(sum(want) / 2)
     assert "mtp 0.5× (independent) − slimming" in (out / "summary.md").read_text()
+
+
+def test_without_cls_finetune_for_some_methods_only():
+    from mtprune.errors import UsageError
+    from mtprune.pipeline import check_run_config, variants
+
+    c = tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[mtp]")
+    check_run_config(c)
+    assert [v["tag"] for v in variants(c)] == ["mtp-0.5-independent", "mtp-0.5-independent-nocls", "uniform-0.5"]
+    assert len(variants(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=true"))) == 4
+    with pytest.raises(UsageError, match="'slimming' is not one of run.methods"):
+        check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))

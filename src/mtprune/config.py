@@ -166,7 +166,7 @@ class RunConfig:
     methods: list[str] = field(default_factory=lambda: ["mtp", "slimming", "uniform"])
     ratios: list[float] = field(default_factory=lambda: [0.5])
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
-    without_cls_finetune: bool = False  # also fine-tune with cls_epochs = 0 (Table 1)
+    without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
     pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
     round_to: int = 1
     min_channels: int = 1

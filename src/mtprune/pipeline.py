@@ -60,6 +60,10 @@ def check_run_config(cfg: Config) -> None:
     for p in r.ratios:
         if not 0 < p < 1:
             raise UsageError(f"run.ratios: {p} is outside (0, 1)")
+    if isinstance(r.without_cls_finetune, list):
+        for m in r.without_cls_finetune:
+            if m not in r.methods:
+                raise UsageError(f"run.without_cls_finetune: '{m}' is not one of run.methods ({', '.join(r.methods)})")
     for t in r.thresholds:
         if t not in THRESHOLDS:
             raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
@@ -73,7 +77,9 @@ def variants(cfg: Config) -> list[dict[str, Any]]:
         modes = r.thresholds if method in GLOBAL_METHODS else ["layer"]
         for ratio in r.ratios:
             for th in modes:
-                for cls_ft in [True, False] if r.without_cls_finetune else [True]:
+                nocls = r.without_cls_finetune
+                both = nocls is True or (isinstance(nocls, list) and method in nocls)
+                for cls_ft in [True, False] if both else [True]:
                     tag = f"{method}-{ratio:g}" + (f"-{th}" if method in GLOBAL_METHODS else "")
                     tag += "" if cls_ft else "-nocls"
                     out.append({"method": method, "ratio": ratio, "thresholds": th, "cls_finetune": cls_ft, "tag": tag})
