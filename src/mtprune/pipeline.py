@@ -69,6 +69,12 @@ def check_run_config(cfg: Config) -> None:
             raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
 
 
+def variant_tag(method: str, ratio: float, thresholds: str, cls_finetune: bool = True) -> str:
+    """``<method>-<ratio>[-<thresholds>][-nocls]``: the name of a variant's stage folders and results row."""
+    tag = f"{method}-{ratio:g}" + (f"-{thresholds}" if method in GLOBAL_METHODS else "")
+    return tag + ("" if cls_finetune else "-nocls")
+
+
 def variants(cfg: Config) -> list[dict[str, Any]]:
     """Every model the run compares: method × ratio × thresholds (+ the no-cls-fine-tuning variant)."""
     out = []
@@ -80,8 +86,7 @@ def variants(cfg: Config) -> list[dict[str, Any]]:
                 nocls = r.without_cls_finetune
                 both = nocls is True or (isinstance(nocls, list) and method in nocls)
                 for cls_ft in [True, False] if both else [True]:
-                    tag = f"{method}-{ratio:g}" + (f"-{th}" if method in GLOBAL_METHODS else "")
-                    tag += "" if cls_ft else "-nocls"
+                    tag = variant_tag(method, ratio, th, cls_ft)
                     out.append({"method": method, "ratio": ratio, "thresholds": th, "cls_finetune": cls_ft, "tag": tag})
     return out
 

@@ -27,13 +27,10 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _tag(method: str, ratio: float, thresholds: str, cls_ft: bool) -> str:
-    tag = f"{method}-{ratio:g}" + (f"-{thresholds}" if thresholds in ("independent", "unified") else "")
-    return tag + ("" if cls_ft else "-nocls")
-
-
 def _pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
     """(label, tag a, tag b) for every difference a − b whose two models the run has."""
+    from mtprune.pipeline import variant_tag
+
     tags = {r["tag"] for r in rows}
     out = []
     for r in rows:
@@ -43,13 +40,13 @@ def _pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
         name = _name(r)
         if m == "mtp":
             for other in ("slimming", "uniform", "fpgm", "thinet"):
-                b = _tag(other, p, th if other == "slimming" else "layer", cls)
+                b = variant_tag(other, p, th, cls)
                 if b in tags:
                     out.append((f"{name} − {other}", r["tag"], b))
-        if th == "independent" and _tag(m, p, "unified", cls) in tags:
-            out.append((f"{name}: independent − unified", r["tag"], _tag(m, p, "unified", cls)))
-        if cls and _tag(m, p, th, False) in tags:
-            out.append((f"{name}: with − without cls FT", r["tag"], _tag(m, p, th, False)))
+        if th == "independent" and variant_tag(m, p, "unified", cls) in tags:
+            out.append((f"{name}: independent − unified", r["tag"], variant_tag(m, p, "unified", cls)))
+        if cls and variant_tag(m, p, th, False) in tags:
+            out.append((f"{name}: with − without cls FT", r["tag"], variant_tag(m, p, th, False)))
     return out
 
 
