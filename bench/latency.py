@@ -4,7 +4,7 @@
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
                             [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
-                            [--json FILE]
+                            [--per-layer] [--skip-timing] [--json FILE]
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
@@ -13,7 +13,9 @@ forwards after warm-up (``mtprune.evaluate.cost.measure_latency``, CUDA synchron
 best" compares each net in its fastest configuration — the figure a deployment engineer ships.
 Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
 deployment runtime does), ``compile`` (BN folded, then ``torch.compile``). ``--profile`` prints the
-self time of each operator, dense against pruned: which work shrinks with the MACs and which does not.
+self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
+``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks least against
+their work (MACs, or channels for BN/ReLU), in the first layout and variant given.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import argparse
 import datetime
 import json
 import platform
+from dataclasses import asdict
 
 import torch
 
-from mtprune.evaluate.cost import count_macs, count_params, measure_latency
+from mtprune.evaluate.cost import count_macs, count_params, layer_latency, measure_latency
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
 
@@ -86,6 +89,49 @@ def print_profile(dense: dict[str, float], pruned: dict[str, float], label: str)
         print(f"    {op:40s} {d:9.1f} → {p:9.1f} ms  ({p / d if d else 0:.3f}×, {100 * p / total_p:4.1f} % of pruned)")
 
 
+def per_layer(model, size, a) -> dict:
+    """Per-layer times in the first layout/variant asked for (``mtprune.evaluate.cost.layer_latency``)."""
+    rows, total = layer_latency(
+        model, size, device=a.device, channels_last=a.layouts[0] == "channels_last", fold_bn=a.variants[0] != "eager"
+    )
+    return {"total_ms": total, "layers": {r.name: {**asdict(r), "out_size": list(r.out_size)} for r in rows}}
+
+
+def print_layer_comparison(dense: dict, pruned: dict, label: str, top: int = 10) -> None:
+    """Which layers lose: for each layer, its time in the pruned net against what it would take if its time
+    shrank with its work (its MACs ratio for convolutions, its output-channel ratio for BN/ReLU …); the
+    excess is the difference in ms. Then the totals by layer kind and outside modules."""
+    rows = []
+    for name, p in pruned["layers"].items():
+        d = dense["layers"].get(name)
+        if d is None or d["ms"] <= 0:
+            continue
+        if d["macs"]:
+            work = p["macs"] / d["macs"]
+        else:
+            work = p["out_channels"] / d["out_channels"] if d["out_channels"] else 1.0
+        rows.append((p["ms"] - work * d["ms"], name, d, p, work))
+    rows.sort(reverse=True)
+    td, tp = dense["total_ms"], pruned["total_ms"]
+    print(f"  layers {label}: forward with hooks {td:.0f} → {tp:.0f} ms ({tp / td:.3f}×); slowest against their work:")
+    for ex, name, d, p, work in rows[:top]:
+        print(
+            f"    {name[:34]:34s} {p['kind'][:22]:22s} {d['in_channels']:>4d}→{d['out_channels']:<4d} → "
+            f"{p['in_channels']:>4d}→{p['out_channels']:<4d} {d['ms']:7.2f} → {p['ms']:7.2f} ms "
+            f"(× {p['ms'] / d['ms']:.2f}, work × {work:.2f}, +{ex:.2f} ms)"
+        )
+    kinds: dict[str, list[float]] = {}
+    for ex, _name, d, p, _work in rows:
+        k = kinds.setdefault(p["kind"].split(" ")[0], [0.0, 0.0, 0.0])
+        k[0] += d["ms"]
+        k[1] += p["ms"]
+        k[2] += ex
+    out_d = td - sum(v["ms"] for v in dense["layers"].values())
+    out_p = tp - sum(v["ms"] for v in pruned["layers"].values())
+    summary = "; ".join(f"{k} {v[0]:.0f} → {v[1]:.0f} ms ({v[2]:+.0f})" for k, v in sorted(kinds.items()))
+    print(f"    by kind: {summary}; outside modules {out_d:.0f} → {out_p:.0f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SIZES))
@@ -96,6 +142,10 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
     ap.add_argument("--profile", action="store_true", help="per-operator self time, dense against each pruned net")
+    ap.add_argument(
+        "--per-layer", action="store_true", help="per-layer time against per-layer work, dense against each pruned net"
+    )
+    ap.add_argument("--skip-timing", action="store_true", help="only --profile / --per-layer, no latency table")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
@@ -130,9 +180,10 @@ def main() -> None:
         torch.manual_seed(0)
         dense = build_model(name, CLASSES[name])
         dmacs = count_macs(dense, size)
-        dlat = time_net(dense, size, a)
+        dlat = time_net(dense, size, a) if not a.skip_timing else {"-": {"ms": float("nan"), "iqr": float("nan")}}
         dbest = min(v["ms"] for v in dlat.values())
         dprof = profile_ops(dense, size, a) if a.profile else None
+        dlayers = per_layer(dense, size, a) if a.per_layer else None
         row = {
             "model": name,
             "plan": "dense",
@@ -164,7 +215,7 @@ def main() -> None:
                     method = "bn" if plan_kind == "irregular" else "uniform"
                     apply_plan(model, make_plan(model, method, ratio, round_to=rt))
                     macs = count_macs(model, size)
-                    lat = time_net(model, size, a)
+                    lat = time_net(model, size, a) if not a.skip_timing else dict(dlat)
                     best = min(v["ms"] for v in lat.values())
                     r = {
                         "model": name,
@@ -188,6 +239,9 @@ def main() -> None:
                     if dprof is not None:
                         r["profile"] = {"dense": dprof, "pruned": profile_ops(model, size, a)}
                         print_profile(dprof, r["profile"]["pruned"], f"{plan_kind} {ratio} rt{rt}")
+                    if dlayers is not None:
+                        r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
+                        print_layer_comparison(dlayers, r["layers"]["pruned"], f"{plan_kind} {ratio} rt{rt}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -103,6 +103,21 @@ def test_cost_keys_with_latency(capsys):
     assert cost["latency_ms"] > 0
 
 
+def test_cost_best_and_per_layer(capsys):
+    base = ["cost", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125", "--size", "32", "32"]
+    assert main([*base, "--latency", "--best", "--per-layer", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert len(cost["configs"]) == 4 and cost["best"] in cost["configs"]
+    assert cost["latency_ms"] == cost["best"]["latency_ms"] == min(c["latency_ms"] for c in cost["configs"])
+    assert sum(r["macs"] for r in cost["layers"]) == cost["macs"]
+    assert {"name", "kind", "in_channels", "out_channels", "out_size", "ms", "gmacs_per_s"} <= set(cost["layers"][0])
+    assert main([*base, "--per-layer", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "by kind: Conv2d" in text and "outside modules" in text
+    assert main([*base, "--best"]) == 2
+    assert "--best needs --latency" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -79,3 +79,42 @@ def test_folded_batchnorm_computes_the_same_output(name):
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
     assert count_macs(folded, (48, 64)) == count_macs(m, (48, 64))
+
+
+def test_per_layer_macs_add_up_to_the_model_and_shrink_with_pruning():
+    from mtprune.evaluate.cost import layer_latency
+    from mtprune.pruning import prune
+
+    torch.manual_seed(0)
+    m = tiny("deeplabv3_resnet18")
+    rows, total = layer_latency(m, (48, 64), runs=2, warmup=1)
+    convs = [r for r in rows if r.kind.startswith("Conv2d")]
+    # every conv the forward runs, with its own MACs; the classification head is not run
+    assert len(convs) == sum(isinstance(q, nn.Conv2d) for q in m.modules())
+    assert sum(r.macs for r in rows) == count_macs(m, (48, 64))
+    assert all(r.ms > 0 for r in rows) and total > 0
+    stem = next(r for r in rows if r.name == "backbone.conv1")
+    assert stem.kind == "Conv2d 7×7 s2 d1" and stem.in_channels == 3 and stem.out_size == (24, 32)
+    # the hand count of the stem: 24·32 outputs × C_out × 3·7·7
+    assert stem.macs == 24 * 32 * stem.out_channels * 3 * 49
+    prune(m, "uniform", 0.5)
+    pruned, _ = layer_latency(m, (48, 64), runs=2, warmup=1, fold_bn=True, channels_last=True)
+    assert not any(r.kind == "BatchNorm2d" for r in pruned)  # folded into the convs
+    p1 = next(r for r in pruned if r.name == "backbone.layer1.0.conv1")
+    d1 = next(r for r in rows if r.name == "backbone.layer1.0.conv1")
+    assert p1.out_channels < d1.out_channels and p1.macs * d1.out_channels == d1.macs * p1.out_channels
+    assert sum(r.macs for r in pruned) == count_macs(m, (48, 64))
+
+
+def test_best_latency_times_every_configuration_and_picks_the_fastest():
+    from mtprune.evaluate.cost import best_latency
+
+    out = best_latency(tiny("deeplabv3_resnet18"), (32, 32), runs=20, warmup=1)
+    configs = out["configs"]
+    assert [(c["layout"], c["fold_bn"]) for c in configs] == [
+        ("contiguous", False),
+        ("contiguous", True),
+        ("channels_last", False),
+        ("channels_last", True),
+    ]
+    assert out["best"]["latency_ms"] == min(c["latency_ms"] for c in configs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
 from mtprune.errors import DataError, UsageError
-from mtprune.evaluate.cost import count_macs, count_params, model_cost
+from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
@@ -54,10 +55,15 @@ def _init(args: argparse.Namespace) -> int:
 def _cost(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     model = _model_from_args(args)
+    if args.best and not args.latency:
+        raise UsageError("--best needs --latency")
+    if args.best and (args.channels_last or args.fold_bn):
+        raise UsageError("--best tries every layout and BN folding itself: drop --channels-last / --fold-bn")
+    size = (args.size[0], args.size[1])
     cost = model_cost(
         model,
-        tuple(args.size),
-        latency=args.latency,
+        size,
+        latency=args.latency and not args.best,
         device=args.device,
         dtype=args.dtype,
         channels_last=args.channels_last,
@@ -65,6 +71,18 @@ def _cost(args: argparse.Namespace) -> int:
         fold_bn=args.fold_bn,
         compile=args.compile,
     )
+    if args.best:
+        best = best_latency(model, size, device=args.device, dtype=args.dtype, runs=args.runs, compile=args.compile)
+        b = best["best"]
+        cost.update({k: b[k] for k in ("latency_ms", "latency_iqr_ms", "device")})
+        cost.update({"latency_runs": args.runs, "best": b, "configs": best["configs"]})
+    layers = None
+    if args.per_layer:
+        layers, total = layer_latency(
+            model, size, device=args.device, channels_last=args.channels_last, fold_bn=args.fold_bn
+        )
+        cost["layers"] = [{**asdict(r), "gmacs_per_s": r.gmacs_per_s} for r in layers]
+        cost["layers_total_ms"] = total
     if args.json:
         print(json.dumps(cost))
         return 0
@@ -72,14 +90,46 @@ def _cost(args: argparse.Namespace) -> int:
     print(f"size    {args.size[0]}×{args.size[1]}")
     print(f"params  {cost['params'] / 1e6:.2f} M")
     print(f"MACs    {cost['macs'] / 1e9:.2f} G")
-    if args.latency:
+    if args.latency and not args.best:
         print(
             f"latency {cost['latency_ms']:.2f} ms median (IQR {cost['latency_iqr_ms']:.2f} ms, "
             f"{cost['latency_runs']} runs, "
             f"{cost['device']}, {args.dtype}{', channels_last' if args.channels_last else ''}"
             f"{', BN folded' if args.fold_bn else ''}{', torch.compile' if args.compile else ''})"
         )
+    if args.best:
+        print("latency by configuration (median ± IQR):")
+        for c in cost["configs"]:
+            tag = c["layout"] + (", BN folded" if c["fold_bn"] else "") + (", torch.compile" if c["compile"] else "")
+            mark = "  ← fastest" if c is cost["best"] else ""
+            print(f"  {tag:40s} {c['latency_ms']:9.2f} ± {c['latency_iqr_ms']:.2f} ms{mark}")
+    if layers is not None:
+        print(_layer_table(layers, cost["layers_total_ms"], args.top))
     return 0
+
+
+def _layer_table(layers: list, total_ms: float, top: int) -> str:
+    """The ``top`` slowest layers, then the time by layer kind and the time outside modules."""
+    lines = [
+        f"per layer (forward hooks, median of 5 runs; forward {total_ms:.1f} ms with hooks):",
+        f"  {'layer':38s} {'kind':24s} {'in→out':>11s} {'out size':>9s} {'MMACs':>8s} {'ms':>8s} "
+        f"{'GMAC/s':>7s} {'%':>5s}",
+    ]
+    for r in sorted(layers, key=lambda r: r.ms, reverse=True)[:top]:
+        io = f"{r.in_channels}→{r.out_channels}"
+        hw = f"{r.out_size[0]}×{r.out_size[1]}"
+        lines.append(
+            f"  {r.name[:38]:38s} {r.kind:24s} {io:>11s} {hw:>9s} {r.macs / 1e6:8.1f} {r.ms:8.2f} "
+            f"{r.gmacs_per_s:7.1f} {100 * r.ms / total_ms:5.1f}"
+        )
+    by_kind: dict[str, float] = {}
+    for r in layers:
+        k = r.kind.split(" ")[0]
+        by_kind[k] = by_kind.get(k, 0.0) + r.ms
+    inside = sum(by_kind.values())
+    kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    lines.append(f"  by kind: {kinds}; outside modules (interpolate, sums, cat …) {total_ms - inside:.1f} ms")
+    return "\n".join(lines)
 
 
 # --- prune -----------------------------------------------------------------------------------------
@@ -223,6 +273,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for latency")
     p.add_argument("--fold-bn", action="store_true", help="time an inference copy with BatchNorm folded into the convs")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) (compiled during warm-up)")
+    p.add_argument(
+        "--best",
+        action="store_true",
+        help="with --latency: time both layouts with and without BN folding (and --compile if given) and report "
+        "the fastest configuration",
+    )
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="time every layer (forward hooks) and list the slowest with their MACs and GMAC/s",
+    )
+    p.add_argument("--top", type=int, default=15, metavar="N", help="layers listed by --per-layer (default 15)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (≥ 20, default 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
