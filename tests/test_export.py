@@ -72,3 +72,25 @@ def test_export_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["max_abs_diff"] < 1e-4 and out["max_rel_diff"] < 1e-4 and out["latency_ms"] > 0
     assert (tmp_path / "d.onnx").stat().st_size > 10_000
+
+
+def test_unaligned_convs_are_found_and_round_to_8_removes_them(capsys, tmp_path):
+    from mtprune.checkpoint import save_model
+    from mtprune.export import unaligned_convs
+
+    dense = tiny("deeplabv3_resnet18")  # width 0.25: 16…128 channels, 5 classes
+    assert unaligned_convs(dense) == []  # the stem's 3 inputs and the 5 logits do not count
+    m = tiny("deeplabv3_resnet18")
+    prune(m, "bn", 0.5)  # random γ: irregular counts
+    odd = unaligned_convs(m)
+    convs = dict(m.named_modules())
+    assert odd and all(convs[n].in_channels % 8 or convs[n].out_channels % 8 for n in odd)
+    m8 = tiny("deeplabv3_resnet18")
+    prune(m8, "bn", 0.5, round_to=8)
+    assert unaligned_convs(m8) == []
+    save_model(m, tmp_path / "p")
+    assert (
+        main(["export", "--checkpoint", str(tmp_path / "p"), "--onnx", str(tmp_path / "p.onnx"), "--size", "32", "32"])
+        == 0
+    )
+    assert f"note: {len(odd)} convolutions have channel counts that are not multiples of 8" in capsys.readouterr().out

@@ -32,6 +32,26 @@ def _require_onnx() -> Any:
     return ort
 
 
+def unaligned_convs(model: nn.Module, multiple: int = 8) -> list[str]:
+    """Names of the convolutions whose input or output channel count is not a multiple of ``multiple``
+    (the image stem's 3 input channels and the class count of logits convolutions excepted: pruning does
+    not set them).
+
+    ONNX Runtime's CPU kernels ran a 0.5× DeepLabv3-R101 with irregular channel counts at 0.62× of the
+    dense latency, and the same plan rounded to multiples of 8 at 0.48× (bench/README.md); a pruned net with
+    unaligned convolutions is best re-pruned with ``mtprune prune --round-to 8`` before ONNX deployment.
+    """
+    classes = getattr(model, "num_classes", None)
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            cin = m.in_channels if m.in_channels != 3 else multiple
+            cout = m.out_channels if m.out_channels != classes else multiple
+            if cin % multiple or cout % multiple:
+                out.append(name)
+    return out
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
