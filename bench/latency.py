@@ -28,7 +28,7 @@ from dataclasses import asdict
 
 import torch
 
-from mtprune.evaluate.cost import count_macs, count_params, layer_latency, measure_latency
+from mtprune.evaluate.cost import Setup, count_macs, count_params, interleaved_latency, layer_latency, paired_ratio
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
 
@@ -39,26 +39,49 @@ CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18"
 VARIANTS = ("eager", "foldbn", "compile")  # PyTorch as is; BN folded into convs; BN folded + torch.compile
 
 
-def time_net(model, size, a) -> dict[str, dict[str, float]]:
+def setups(a) -> dict[str, Setup]:
     out = {}
     for layout in a.layouts:
-        for dtype in a.dtypes:
-            for variant in a.variants:
-                lat = measure_latency(
-                    model,
-                    size,
-                    device=a.device,
-                    dtype=dtype,
-                    channels_last=layout == "channels_last",
-                    warmup=a.warmup,
-                    runs=a.runs,
-                    fold_bn=variant != "eager",
-                    compile=variant == "compile",
-                )
-                key = f"{layout}/{dtype}" + ("" if variant == "eager" else f"/{variant}")
-                out[key] = {"ms": lat.latency_ms, "iqr": lat.latency_iqr_ms}
-                model.to("cpu", memory_format=torch.contiguous_format)
+        for v in a.variants:
+            st = Setup(layout == "channels_last", v != "eager", v == "compile")
+            out[st.label] = st
     return out
+
+
+def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
+    """``{label: (row, model)}``: the dense net, then one pruned net per plan kind, ratio and round-to (a plan
+    with the same channel counts as an earlier one is not timed twice)."""
+    size = SIZES[name]
+    torch.manual_seed(0)
+    dense = build_model(name, CLASSES[name])
+    dmacs = count_macs(dense, size)
+    nets = {
+        "dense": ({"plan": "dense", "ratio": 0.0, "round_to": 1, "params": count_params(dense), "macs": dmacs}, dense)
+    }
+    seen: dict[tuple, str] = {}
+    for plan_kind in a.plans:
+        for ratio in a.ratios:
+            for rt in a.round_to:
+                torch.manual_seed(1)
+                model = build_model(name, CLASSES[name])
+                if plan_kind == "irregular":
+                    with torch.no_grad():
+                        for m in model.modules():
+                            if isinstance(m, torch.nn.BatchNorm2d):
+                                m.weight.uniform_(0.0, 1.0)
+                method = "bn" if plan_kind == "irregular" else "uniform"
+                plan = make_plan(model, method, ratio, round_to=rt)
+                label = f"{plan_kind} {ratio} rt{rt}"
+                key = (plan_kind, ratio, tuple(sorted((k, len(lp.kept)) for k, lp in plan.layers.items())))
+                if key in seen:
+                    print(f"  ({label}: same channel counts as {seen[key]}, not timed again)")
+                    continue
+                seen[key] = label
+                apply_plan(model, plan)
+                row = {"plan": plan_kind, "ratio": ratio, "round_to": rt}
+                row.update({"params": count_params(model), "macs": count_macs(model, size)})
+                nets[label] = (row, model)
+    return nets
 
 
 @torch.no_grad()
@@ -161,87 +184,87 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [],
     }
-    print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}")
+    print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}; round-robin, {a.runs} rounds")
     print(
-        f"{'model':22s} {'plan':10s} {'ratio':>5s} {'rt':>3s} {'MACs×':>6s} "
-        + " ".join(
-            f"{k:>24s}"
-            for k in [
-                f"{lo}/{d}" + ("" if v == "eager" else f"/{v}")
-                for lo in a.layouts
-                for d in a.dtypes
-                for v in a.variants
-            ]
-        )
-        + f" {'best×':>6s}"
+        f"{'model':20s} {'dtype':8s} {'net':22s} {'MACs×':>6s} "
+        + " ".join(f"{st + ' ms (× dense)':>31s}" for st in setups(a))
+        + f"  {'fastest setup':28s} best× (paired) ± IQR"
     )
     for name in a.models:
         size = SIZES[name]
-        torch.manual_seed(0)
-        dense = build_model(name, CLASSES[name])
-        dmacs = count_macs(dense, size)
-        dlat = time_net(dense, size, a) if not a.skip_timing else {"-": {"ms": float("nan"), "iqr": float("nan")}}
-        dbest = min(v["ms"] for v in dlat.values())
-        dprof = profile_ops(dense, size, a) if a.profile else None
-        dlayers = per_layer(dense, size, a) if a.per_layer else None
-        row = {
-            "model": name,
-            "plan": "dense",
-            "ratio": 0.0,
-            "round_to": 1,
-            "params": count_params(dense),
-            "macs": dmacs,
-            "latency": dlat,
-            "macs_ratio": 1.0,
-            "best_ratio": 1.0,
-        }
-        results["rows"].append(row)
-        print(
-            f"{name:22s} {'dense':10s} {0:5.2f} {1:3d} {1:6.3f} "
-            + " ".join(f"{v['ms']:14.1f} ±{v['iqr']:6.1f} ms" for v in dlat.values())
-            + f" {1:6.3f}",
-            flush=True,
-        )
-        for plan_kind in a.plans:
-            for ratio in a.ratios:
-                for rt in a.round_to:
-                    torch.manual_seed(1)
-                    model = build_model(name, CLASSES[name])
-                    if plan_kind == "irregular":
-                        with torch.no_grad():
-                            for m in model.modules():
-                                if isinstance(m, torch.nn.BatchNorm2d):
-                                    m.weight.uniform_(0.0, 1.0)
-                    method = "bn" if plan_kind == "irregular" else "uniform"
-                    apply_plan(model, make_plan(model, method, ratio, round_to=rt))
-                    macs = count_macs(model, size)
-                    lat = time_net(model, size, a) if not a.skip_timing else dict(dlat)
-                    best = min(v["ms"] for v in lat.values())
-                    r = {
-                        "model": name,
-                        "plan": plan_kind,
-                        "ratio": ratio,
-                        "round_to": rt,
-                        "params": count_params(model),
-                        "macs": macs,
-                        "latency": lat,
-                        "macs_ratio": macs / dmacs,
-                        "best_ratio": best / dbest,
-                        "same_layout_ratio": {k: v["ms"] / dlat[k]["ms"] for k, v in lat.items()},
+        nets = build_nets(name, a)
+        sts = setups(a)
+        dmacs = nets["dense"][0]["macs"]
+        for dtype in a.dtypes:
+            timed = {}
+            if not a.skip_timing:
+                entries = {f"{label}|{st}": m for label, (_, m) in nets.items() for st in sts}
+                timed = interleaved_latency(
+                    entries,
+                    size,
+                    device=a.device,
+                    dtype=dtype,
+                    warmup=a.warmup,
+                    runs=a.runs,
+                    setups={f"{label}|{st}": s_ for label in nets for st, s_ in sts.items()},
+                )
+                for _, m in nets.values():
+                    m.to("cpu", memory_format=torch.contiguous_format)
+            dense_best = min(sts, key=lambda st: timed[f"dense|{st}"]["latency_ms"]) if timed else None
+            for label, (row, _) in nets.items():
+                r = {"model": name, "dtype": dtype, **row, "macs_ratio": row["macs"] / dmacs}
+                cells = ""
+                if timed:
+                    lat = {st: timed[f"{label}|{st}"] for st in sts}
+                    best = min(sts, key=lambda st: lat[st]["latency_ms"])
+                    same = {
+                        st: paired_ratio(lat[st]["times_ms"], timed[f"dense|{st}"]["times_ms"])["ratio"] for st in sts
                     }
-                    results["rows"].append(r)
-                    print(
-                        f"{name:22s} {plan_kind:10s} {ratio:5.2f} {rt:3d} {macs / dmacs:6.3f} "
-                        + " ".join(f"{v['ms']:14.1f} ±{v['iqr']:6.1f} ms" for v in lat.values())
-                        + f" {best / dbest:6.3f}",
-                        flush=True,
+                    bb = paired_ratio(lat[best]["times_ms"], timed[f"dense|{dense_best}"]["times_ms"])
+                    r.update(
+                        {
+                            "latency": {
+                                st: {"ms": v["latency_ms"], "iqr": v["latency_iqr_ms"]} for st, v in lat.items()
+                            },
+                            "same_setup_ratio": same,
+                            "best_setup": best,
+                            "dense_best_setup": dense_best,
+                            "best_ratio": bb["ratio"],
+                            "best_ratio_iqr": bb["ratio_iqr"],
+                            "times_ms": {st: v["times_ms"] for st, v in lat.items()},
+                        }
                     )
-                    if dprof is not None:
-                        r["profile"] = {"dense": dprof, "pruned": profile_ops(model, size, a)}
-                        print_profile(dprof, r["profile"]["pruned"], f"{plan_kind} {ratio} rt{rt}")
-                    if dlayers is not None:
-                        r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
-                        print_layer_comparison(dlayers, r["layers"]["pruned"], f"{plan_kind} {ratio} rt{rt}")
+                    cells = " ".join(
+                        f"{lat[st]['latency_ms']:8.1f}±{lat[st]['latency_iqr_ms']:5.1f} ({same[st]:.3f})" for st in sts
+                    )
+                    cells += f"  {best:28s} {bb['ratio']:6.3f} ± {bb['ratio_iqr']:.3f}"
+                results["rows"].append(r)
+                print(
+                    f"{name:20s} {dtype:8s} {label:22s} {r['macs_ratio']:6.3f} {cells}",
+                    flush=True,
+                )
+        dense = nets["dense"][1]
+        if a.profile or a.per_layer:
+            dprof = profile_ops(dense, size, a) if a.profile else None
+            dlayers = per_layer(dense, size, a) if a.per_layer else None
+            for label, (row, model) in nets.items():
+                if label == "dense":
+                    continue
+                r = next(
+                    x
+                    for x in results["rows"]
+                    if x["model"] == name
+                    and x["plan"] == row["plan"]
+                    and x["ratio"] == row["ratio"]
+                    and x["round_to"] == row["round_to"]
+                )
+                if dprof is not None:
+                    r["profile"] = {"dense": dprof, "pruned": profile_ops(model, size, a)}
+                    print_profile(dprof, r["profile"]["pruned"], label)
+                if dlayers is not None:
+                    r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
+                    print_layer_comparison(dlayers, r["layers"]["pruned"], label)
+        del nets
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -118,3 +118,18 @@ def test_best_latency_times_every_configuration_and_picks_the_fastest():
         ("channels_last", True),
     ]
     assert out["best"]["latency_ms"] == min(c["latency_ms"] for c in configs)
+
+
+def test_interleaved_latency_pairs_rounds_and_copies_shared_models():
+    from mtprune.evaluate.cost import Setup, interleaved_latency, paired_ratio
+
+    m = tiny("deeplabv3_resnet18")
+    setups = {"a": Setup(), "b": Setup(channels_last=True), "c": Setup(fold_bn=True)}
+    out = interleaved_latency(dict.fromkeys(setups, m), (32, 32), runs=20, warmup=1, reference="a", setups=setups)
+    assert all(len(out[k]["times_ms"]) == 20 for k in setups)
+    assert out["a"]["ratio"] == 1.0 and out["a"]["ratio_iqr"] == 0.0
+    assert out["b"]["ratio"] == paired_ratio(out["b"]["times_ms"], out["a"]["times_ms"])["ratio"]
+    assert m.backbone.conv1.weight.is_contiguous()  # the channels_last entry ran on its own copy
+    assert paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["ratio"] == 2.0
+    with pytest.raises(UsageError, match="reference 'dense' is not one of the nets"):
+        interleaved_latency({"a": m}, (32, 32), runs=20, reference="dense")

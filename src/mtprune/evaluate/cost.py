@@ -7,6 +7,7 @@ pooling or interpolation), the convention of the paper's tables.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +68,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         raise UsageError(f"cannot fold BatchNorm into convolutions: torch.fx failed to trace the model ({e})") from None
 
 
+def _check_latency_args(device: str, dtype: str, runs: int) -> None:
+    if runs < 20:
+        raise UsageError(f"latency needs at least 20 timed runs (got {runs})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but CUDA is not available on this machine")
+    if dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"unknown dtype '{dtype}'; choose from float32, bfloat16")
+
+
+def _inference_net(model: nn.Module, device: str, channels_last: bool, fold_bn: bool, compile: bool) -> nn.Module:
+    """The net as it will be timed: eval mode, BN folded if asked, on ``device``, in the memory format."""
+    model = model.eval()
+    if fold_bn:
+        model = fold_batchnorm(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).to(memory_format=fmt)
+    return torch.compile(model) if compile else model
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 @torch.no_grad()
 def measure_latency(
     model: nn.Module,
@@ -85,41 +111,105 @@ def measure_latency(
     autocast. The model is moved to ``device`` (and ``channels_last`` memory format if asked).
     ``fold_bn`` times an inference copy with BatchNorm folded into the convolutions
     (:func:`fold_batchnorm`); ``compile`` times ``torch.compile(model)`` (the compilation happens in
-    the warm-up runs and is not timed).
+    the warm-up runs and is not timed). To compare nets with each other, use
+    :func:`interleaved_latency`, which cancels the machine's drift between measurements.
     """
-    if runs < 20:
-        raise UsageError(f"latency needs at least 20 timed runs (got {runs})")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but CUDA is not available on this machine")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise UsageError(f"unknown dtype '{dtype}'; choose from float32, bfloat16")
-    model = model.eval()
-    if fold_bn:
-        model = fold_batchnorm(model)
-    model = model.to(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    if compile:
-        model = torch.compile(model)
-        warmup = max(warmup, 2)
-    x = torch.randn(1, 3, *size, device=device).to(memory_format=fmt)
+    r = interleaved_latency({"model": model}, size, device, dtype, channels_last, fold_bn, compile, warmup, runs)[
+        "model"
+    ]
+    return Latency(r["latency_ms"], r["latency_iqr_ms"], r["device"], runs)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a net is run for timing: memory layout, BatchNorm folded, ``torch.compile``."""
+
+    channels_last: bool = False
+    fold_bn: bool = False
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = ["channels_last" if self.channels_last else "contiguous"]
+        parts += ["foldbn"] if self.fold_bn and not self.compile else []
+        parts += ["compile"] if self.compile else []
+        return "/".join(parts)
+
+
+@torch.no_grad()
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    size: tuple[int, int],
+    device: str = "cpu",
+    dtype: str = "float32",
+    channels_last: bool = False,
+    fold_bn: bool = False,
+    compile: bool = False,
+    warmup: int = 5,
+    runs: int = 20,
+    reference: str | None = None,
+    setups: dict[str, Setup] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Latency of several nets measured round-robin: each of the ``runs`` rounds times one batch-1 forward
+    of every net (in alternating order), so that slow drifts of the machine — other tenants, clock
+    frequency, memory state — hit every net alike. Separate measurements minutes apart differed by 12 %
+    for the same net on the development box (bench/README.md); paired rounds cancel that.
+
+    Every net runs with ``channels_last`` / ``fold_bn`` / ``compile``, or with its own :class:`Setup`
+    from ``setups`` (same keys as ``models``; the same model object may appear under several keys, each
+    gets its own copy). Returns ``{name: {"latency_ms", "latency_iqr_ms", "device", "runs"}}`` and, with
+    ``reference`` (a key of ``models``), ``"ratio"`` and ``"ratio_iqr"``: the median and IQR over rounds
+    of the net's time divided by the reference's time in the same round.
+    """
+    _check_latency_args(device, dtype, runs)
+    if reference is not None and reference not in models:
+        raise UsageError(f"reference '{reference}' is not one of the nets timed ({', '.join(models)})")
+    default = Setup(channels_last, fold_bn, compile)
+    nets, inputs, seen = {}, {}, set()
+    for n, m in models.items():
+        st = (setups or {}).get(n, default)
+        if id(m) in seen and not st.fold_bn:  # layout changes are in place: give each entry its own module
+            m = copy.deepcopy(m)
+        seen.add(id(m))
+        nets[n] = _inference_net(m, device, st.channels_last, st.fold_bn, st.compile)
+        fmt = torch.channels_last if st.channels_last else torch.contiguous_format
+        inputs[n] = torch.randn(1, 3, *size, device=device, generator=torch.Generator(device).manual_seed(0)).to(
+            memory_format=fmt
+        )
+        warmup = max(warmup, 2) if st.compile else warmup
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
+    names = list(nets)
+    times: dict[str, list[float]] = {n: [] for n in names}
     with autocast:
-        for i in range(warmup + runs):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    q = statistics.quantiles(times, n=4, method="inclusive")
-    name = (
-        torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    )
-    return Latency(statistics.median(times), q[2] - q[0], name, runs)
+        for n in names:
+            for _ in range(warmup):
+                nets[n](inputs[n])
+        for r in range(runs):
+            for n in names if r % 2 == 0 else reversed(names):
+                sync()
+                t0 = time.perf_counter()
+                nets[n](inputs[n])
+                sync()
+                times[n].append((time.perf_counter() - t0) * 1000.0)
+    out: dict[str, dict[str, object]] = {}
+    for n in names:
+        out[n] = {"latency_ms": statistics.median(times[n]), "latency_iqr_ms": _iqr(times[n])}
+        out[n].update({"device": _device_name(device), "runs": runs, "times_ms": times[n]})
+        if reference is not None:
+            out[n].update(paired_ratio(times[n], times[reference]))
+    return out
+
+
+def _iqr(v: list[float]) -> float:
+    q = statistics.quantiles(v, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> dict[str, float]:
+    """``{"ratio", "ratio_iqr"}``: median and IQR over rounds of ``times[i] / reference[i]``."""
+    ratios = [a / b for a, b in zip(times, reference, strict=True)]
+    return {"ratio": statistics.median(ratios), "ratio_iqr": _iqr(ratios)}
 
 
 @dataclass
@@ -167,10 +257,8 @@ def layer_latency(
     :func:`measure_latency`. Module names are those of ``model`` (the same in a pruned net and its dense
     original), so two nets can be compared layer by layer.
     """
-    model = model.eval()
-    net = fold_batchnorm(model) if fold_bn else model
+    net = _inference_net(model, device, channels_last, fold_bn, compile=False)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(device).to(memory_format=fmt)
     x = torch.randn(1, 3, *size, device=device).to(memory_format=fmt)
     leaves = {n: m for n, m in net.named_modules() if n and not any(True for _ in m.children())}
 
@@ -246,38 +334,32 @@ def best_latency(
     warmup: int = 5,
     compile: bool = False,
 ) -> dict[str, object]:
-    """The net in its fastest configuration — the figure a deployment engineer ships: the latency of every
-    memory layout (contiguous, channels_last) with and without BatchNorm folded into the convolutions (and
-    with ``torch.compile`` too if asked), and which was fastest.
+    """The net in its fastest configuration — the figure a deployment engineer ships: every memory layout
+    (contiguous, channels_last) with and without BatchNorm folded into the convolutions (and with
+    ``torch.compile`` too if asked), timed round-robin (:func:`interleaved_latency`), and which was fastest.
 
-    Returns ``{"best": {"layout", "fold_bn", "compile", "latency_ms", "latency_iqr_ms"}, "configs": [...]}``.
+    Returns ``{"best": {"layout", "fold_bn", "compile", "latency_ms", "latency_iqr_ms", "device"},
+    "configs": [...]}``.
     """
-    configs = []
     variants = [(False, False), (True, False)] + ([(True, True)] if compile else [])
-    for layout in LAYOUTS:
-        for fold, comp in variants:
-            lat = measure_latency(
-                model,
-                size,
-                device=device,
-                dtype=dtype,
-                channels_last=layout == "channels_last",
-                warmup=warmup,
-                runs=runs,
-                fold_bn=fold,
-                compile=comp,
-            )
-            model.to(memory_format=torch.contiguous_format)
-            configs.append(
-                {
-                    "layout": layout,
-                    "fold_bn": fold,
-                    "compile": comp,
-                    "latency_ms": lat.latency_ms,
-                    "latency_iqr_ms": lat.latency_iqr_ms,
-                    "device": lat.device,
-                }
-            )
+    setups = {
+        Setup(layout == "channels_last", f, c).label: Setup(layout == "channels_last", f, c)
+        for layout in LAYOUTS
+        for f, c in variants
+    }
+    timed = interleaved_latency(
+        dict.fromkeys(setups, model), size, device, dtype, warmup=warmup, runs=runs, setups=setups
+    )
+    model.to(memory_format=torch.contiguous_format)
+    configs = [
+        {
+            "layout": "channels_last" if st.channels_last else "contiguous",
+            "fold_bn": st.fold_bn,
+            "compile": st.compile,
+            **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device")},
+        }
+        for name, st in setups.items()
+    ]
     best = min(configs, key=lambda c: c["latency_ms"])
     return {"best": best, "configs": configs}
 
