@@ -155,6 +155,31 @@ def print_layer_comparison(dense: dict, pruned: dict, label: str, top: int = 10)
     print(f"    by kind: {summary}; outside modules {out_d:.0f} → {out_p:.0f} ms")
 
 
+def markdown(results: dict) -> str:
+    """The rows of one or more runs as a markdown table (``--render`` re-renders saved JSON files)."""
+    rows = [r for r in results["rows"] if "best_ratio" in r]
+    if not rows:
+        return ""
+    sts = list(rows[0]["latency"])
+    head = ["net", "MACs ×"] + [f"{st} ms (× dense)" for st in sts] + ["fastest", "best × ± IQR", "gap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        net = "dense" if r["plan"] == "dense" else f"{r['plan']} {1 - r['ratio']:.2f}×, round-to {r['round_to']}"
+        cells = [f"{r['model']} {net}", f"{r['macs_ratio']:.3f}"]
+        cells += [
+            f"{r['latency'][st]['ms']:.0f} ± {r['latency'][st]['iqr']:.0f} ({r['same_setup_ratio'][st]:.3f})"
+            for st in sts
+        ]
+        gap = r["best_ratio"] - r["macs_ratio"]
+        cells += [
+            r["best_setup"],
+            f"{r['best_ratio']:.3f} ± {r['best_ratio_iqr']:.3f}",
+            f"{gap:+.3f}" if r["plan"] != "dense" else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SIZES))
@@ -174,7 +199,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--render", nargs="+", metavar="JSON", help="print the markdown table of saved --json files and exit"
+    )
     a = ap.parse_args()
+    if a.render:
+        for f in a.render:
+            with open(f) as fh:
+                print(markdown(json.load(fh)) + "\n")
+        return
     torch.set_num_threads(a.threads)
     results = {
         "date": datetime.date.today().isoformat(),
@@ -265,6 +298,7 @@ def main() -> None:
                     r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
                     print_layer_comparison(dlayers, r["layers"]["pruned"], label)
         del nets
+    print("\n" + markdown(results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

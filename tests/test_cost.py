@@ -133,3 +133,18 @@ def test_interleaved_latency_pairs_rounds_and_copies_shared_models():
     assert paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])["ratio"] == 2.0
     with pytest.raises(UsageError, match="reference 'dense' is not one of the nets"):
         interleaved_latency({"a": m}, (32, 32), runs=20, reference="dense")
+
+
+@pytest.mark.slow
+def test_compiled_nets_are_timed_compiled_side_by_side():
+    """Two nets of the same class compiled in one round-robin: each gets its own frozen graph (a recompile
+    limit hit would raise instead of silently timing eager code)."""
+    from mtprune.evaluate.cost import Setup, interleaved_latency
+    from mtprune.pruning import prune
+
+    a = tiny("deeplabv3_resnet18", width=0.125)
+    b = tiny("deeplabv3_resnet18", width=0.125)
+    prune(b, "bn", 0.5)
+    st = Setup(channels_last=True, fold_bn=True, compile=True)
+    out = interleaved_latency({"a": a, "b": b}, (32, 32), runs=20, warmup=1, setups={"a": st, "b": st}, reference="a")
+    assert out["b"]["ratio"] > 0 and len(out["b"]["times_ms"]) == 20

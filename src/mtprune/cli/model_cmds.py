@@ -272,7 +272,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="latency dtype")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for latency")
     p.add_argument("--fold-bn", action="store_true", help="time an inference copy with BatchNorm folded into the convs")
-    p.add_argument("--compile", action="store_true", help="time torch.compile(model) (compiled during warm-up)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time torch.compile(model) with inductor freezing (weights pre-packed; compiled during warm-up)",
+    )
     p.add_argument(
         "--best",
         action="store_true",
