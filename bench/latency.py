@@ -4,15 +4,17 @@
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
                             [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
-                            [--per-layer] [--skip-timing] [--json FILE]
+                            [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
-``--round-to``, the pruned net; each timed in every layout (and dtype): median and IQR of batch-1
-forwards after warm-up (``mtprune.evaluate.cost.measure_latency``, CUDA synchronised). "Best against
-best" compares each net in its fastest configuration — the figure a deployment engineer ships.
+``--round-to``, the pruned net. All nets of a model, in every layout and variant, are timed round-robin
+(``mtprune.evaluate.cost.interleaved_latency``: one batch-1 forward of each per round, CUDA synchronised),
+so the machine's drift hits them alike; each cell is the median and IQR over rounds, and ratios are paired
+per round. "Best against best" compares each net in its fastest setup with dense in its fastest — the
+figure a deployment engineer ships. ``--render FILE…`` prints saved ``--json`` files as markdown.
 Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
-deployment runtime does), ``compile`` (BN folded, then ``torch.compile``). ``--profile`` prints the
+deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing). ``--profile`` prints the
 self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
 ``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks least against
 their work (MACs, or channels for BN/ReLU), in the first layout and variant given.
