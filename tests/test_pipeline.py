@@ -190,3 +190,40 @@ def test_without_cls_finetune_for_some_methods_only():
     assert len(variants(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=true"))) == 4
     with pytest.raises(UsageError, match="'slimming' is not one of run.methods"):
         check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))
+
+
+def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):
+    from tests.conftest import tiny
+
+    import mtprune.pipeline as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.pruning import prune
+
+    dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
+    prune(pruned, "uniform", 0.5)
+    save_model(dense, tmp_path / "d")
+    save_model(pruned, tmp_path / "p")
+    cfg = tiny_cfg("run.latency=true", "run.latency_threads=1")
+    lat = pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency")
+    assert lat["dense"]["ratio"] == 1.0 and lat["uniform-0.5"]["ratio"] > 0
+    assert lat["uniform-0.5"]["latency_ms"] > 0 and lat["dense"]["latency_device"] == "cpu (1 threads)"
+    calls = []
+    monkeypatch.setattr(pl, "interleaved_latency", lambda *a, **k: calls.append(a) or {})
+    again = pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency")
+    assert again == lat and not calls  # the same models: reused
+    # another set of models: timed again (here by the stub, which returns nothing)
+    assert pl.latency_stage({"dense": tmp_path / "d"}, cfg, tmp_path / "latency") == {}
+    assert len(calls) == 1
+
+
+def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
+    cfg = tiny_cfg(
+        "run.methods=[uniform]", "run.pretrain=false", "run.latency=true", "run.latency_threads=1", "run.qualitative=0"
+    )
+    rows = run_pipeline(cfg, tmp_path / "r", progress=lambda m: None)
+    lat = json.loads((tmp_path / "r" / "latency" / "done.json").read_text())["latency"]
+    assert sorted(lat) == ["dense", "uniform-0.5"]
+    for r in rows:
+        assert r["latency_ratio"] == lat[r["tag"]]["ratio"] and r["latency_ms"] == lat[r["tag"]]["latency_ms"]
+    assert rows[0]["latency_ratio"] == 1.0
+    assert json.loads((tmp_path / "r" / "results.json").read_text())[1]["latency_ratio"] == rows[1]["latency_ratio"]

@@ -26,7 +26,7 @@ import torch
 from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
 from mtprune.config import Config, save_config
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import count_macs, count_params, measure_latency
+from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
 from mtprune.io import read_json, write_json
 from mtprune.pruning import SCORERS, THRESHOLDS, prune
 from mtprune.train import run_stage, seed_everything
@@ -119,7 +119,8 @@ def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Conf
 
 
 def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
-    """Validation mIoU (+ per class), top-1/top-5, params, MACs and latency of ``src``'s model."""
+    """Validation mIoU (+ per class), top-1/top-5, params and MACs of ``src``'s model (latency: the run's
+    ``latency`` stage times every model together)."""
     if (out / DONE_FILE).is_file():
         return dict(read_json(out / DONE_FILE)["metrics"])
     model = load_model(src).to(env.device)
@@ -127,19 +128,42 @@ def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any
     size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
     model = model.cpu()
     metrics.update(params=count_params(model), macs=count_macs(model, size), cost_size=list(size))
-    if cfg.run.latency and env.is_main:
-        threads = torch.get_num_threads()
-        if cfg.run.latency_threads:
-            torch.set_num_threads(cfg.run.latency_threads)
-        try:
-            lat = measure_latency(model, size, device="cpu", runs=cfg.run.latency_runs)
-        finally:
-            torch.set_num_threads(threads)
-        metrics.update(latency_ms=lat.latency_ms, latency_iqr_ms=lat.latency_iqr_ms, latency_device=lat.device)
     if env.is_main:
         write_json(out / DONE_FILE, {"stage": "eval", "source": str(src), "metrics": metrics})
     barrier(env)
     return metrics
+
+
+def latency_stage(sources: dict[str, Path], cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
+    """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
+    (:func:`~mtprune.evaluate.cost.interleaved_latency`: one forward of each per round, so the machine's
+    drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio",
+    "ratio_iqr"}}``, the ratio paired per round. Redone when the run's set of models changed."""
+    if (out / DONE_FILE).is_file():
+        done = read_json(out / DONE_FILE)
+        if sorted(done.get("latency", {})) == sorted(sources):
+            return dict(done["latency"])
+    size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+    models = {tag: load_model(src).cpu() for tag, src in sources.items()}
+    threads = torch.get_num_threads()
+    if cfg.run.latency_threads:
+        torch.set_num_threads(cfg.run.latency_threads)
+    try:
+        timed = interleaved_latency(models, size, device="cpu", runs=cfg.run.latency_runs, reference="dense")
+    finally:
+        torch.set_num_threads(threads)
+    lat = {
+        tag: {
+            "latency_ms": t["latency_ms"],
+            "latency_iqr_ms": t["latency_iqr_ms"],
+            "latency_device": t["device"],
+            "ratio": t["ratio"],
+            "ratio_iqr": t["ratio_iqr"],
+        }
+        for tag, t in timed.items()
+    }
+    write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat})
+    return lat
 
 
 def run_pipeline(
@@ -207,6 +231,12 @@ def run_pipeline(
             f"eval-{v['tag']}", lambda v=v: eval_stage(out / f"finetune-{v['tag']}", cfg, env, out / f"eval-{v['tag']}")
         )
         rows.append(_row(v, m, dense))
+    if env.is_main and cfg.run.latency:
+        sources = {"dense": out / "train-seg"} | {r["tag"]: out / f"finetune-{r['tag']}" for r in rows[1:]}
+        lat = stage("latency", lambda: latency_stage(sources, cfg, out / "latency"))
+        for r in rows:
+            t = lat[r["tag"]]
+            r.update(latency_ms=t["latency_ms"], latency_iqr_ms=t["latency_iqr_ms"], latency_ratio=t["ratio"])
     if env.is_main:
         write_json(out / "results.json", rows)
         from mtprune.report import write_report

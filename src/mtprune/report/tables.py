@@ -128,7 +128,7 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
         f"# {title}\n",
         "mIoU, top-1 and top-5 in %, on the validation splits; Δ against the dense model; ×: ratio to the "
         "dense model. Params of the deployed segmentation net; MACs = FLOPs / 2 at the cost size; latency: "
-        "median of batch-1 CPU runs.\n",
+        "median of batch-1 CPU runs, all models timed round-robin; × is the ratio to dense paired per round.\n",
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]
