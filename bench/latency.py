@@ -210,6 +210,8 @@ def main() -> None:
             with open(f) as fh:
                 print(markdown(json.load(fh)) + "\n")
         return
+    if a.runs < 20 and not a.skip_timing:
+        ap.error(f"--runs must be at least 20 (got {a.runs}): medians and IQRs of fewer rounds are noise")
     torch.set_num_threads(a.threads)
     results = {
         "date": datetime.date.today().isoformat(),

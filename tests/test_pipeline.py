@@ -192,6 +192,18 @@ def test_without_cls_finetune_for_some_methods_only():
         check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))
 
 
+def test_run_config_rejects_too_few_latency_rounds_before_training():
+    from mtprune.errors import UsageError
+    from mtprune.pipeline import check_run_config
+
+    check_run_config(tiny_cfg("run.latency=true", "run.latency_runs=20"))
+    check_run_config(tiny_cfg("run.latency=false", "run.latency_runs=5"))  # not timed: not checked
+    with pytest.raises(UsageError, match="run.latency_runs: 5 is below 20"):
+        check_run_config(tiny_cfg("run.latency=true", "run.latency_runs=5"))
+    with pytest.raises(UsageError, match="run.latency_threads: 0 is below 1"):
+        check_run_config(tiny_cfg("run.latency=true", "run.latency_threads=0"))
+
+
 def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):
     from tests.conftest import tiny
 

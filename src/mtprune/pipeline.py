@@ -67,6 +67,10 @@ def check_run_config(cfg: Config) -> None:
     for t in r.thresholds:
         if t not in THRESHOLDS:
             raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
+    if r.latency and r.latency_runs < 20:  # checked here, not after hours of training in the latency stage
+        raise UsageError(f"run.latency_runs: {r.latency_runs} is below 20 (latency medians need at least 20 rounds)")
+    if r.latency and r.latency_threads is not None and r.latency_threads < 1:
+        raise UsageError(f"run.latency_threads: {r.latency_threads} is below 1")
 
 
 def variant_tag(method: str, ratio: float, thresholds: str, cls_finetune: bool = True) -> str:
