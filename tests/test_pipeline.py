@@ -239,3 +239,17 @@ def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
         assert r["latency_ratio"] == lat[r["tag"]]["ratio"] and r["latency_ms"] == lat[r["tag"]]["latency_ms"]
     assert rows[0]["latency_ratio"] == 1.0
     assert json.loads((tmp_path / "r" / "results.json").read_text())[1]["latency_ratio"] == rows[1]["latency_ratio"]
+    # a rerun with one more model re-times them all and says so; a rerun with the same models reuses
+    said: list[str] = []
+    more = tiny_cfg(
+        "run.methods=[uniform, fpgm]",
+        "run.pretrain=false",
+        "run.latency=true",
+        "run.latency_threads=1",
+        "run.qualitative=0",
+    )
+    run_pipeline(more, tmp_path / "r", progress=said.append)
+    assert "[latency] running" in said and "[train-seg] reused" in said
+    said.clear()
+    run_pipeline(more, tmp_path / "r", progress=said.append)
+    assert "[latency] reused" in said

@@ -138,15 +138,22 @@ def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any
     return metrics
 
 
+def _latency_done(sources: dict[str, Path], out: Path) -> dict[str, dict[str, Any]] | None:
+    """The finished latency stage in ``out`` if it timed exactly the models of ``sources``, else None."""
+    if not (out / DONE_FILE).is_file():
+        return None
+    done = read_json(out / DONE_FILE).get("latency", {})
+    return dict(done) if sorted(done) == sorted(sources) else None
+
+
 def latency_stage(sources: dict[str, Path], cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
     """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
     (:func:`~mtprune.evaluate.cost.interleaved_latency`: one forward of each per round, so the machine's
     drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio",
     "ratio_iqr"}}``, the ratio paired per round. Redone when the run's set of models changed."""
-    if (out / DONE_FILE).is_file():
-        done = read_json(out / DONE_FILE)
-        if sorted(done.get("latency", {})) == sorted(sources):
-            return dict(done["latency"])
+    done = _latency_done(sources, out)
+    if done is not None:
+        return done
     size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
     models = {tag: load_model(src).cpu() for tag, src in sources.items()}
     threads = torch.get_num_threads()
@@ -190,8 +197,10 @@ def run_pipeline(
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
-    def stage(name: str, fn: Callable[[], Any]) -> Any:
-        state = "reused" if (out / name / DONE_FILE).is_file() else "running"
+    def stage(name: str, fn: Callable[[], Any], reused: bool | None = None) -> Any:
+        if reused is None:
+            reused = (out / name / DONE_FILE).is_file()
+        state = "reused" if reused else "running"
         say(f"[{name}] {state}")
         return fn()
 
@@ -237,7 +246,11 @@ def run_pipeline(
         rows.append(_row(v, m, dense))
     if env.is_main and cfg.run.latency:
         sources = {"dense": out / "train-seg"} | {r["tag"]: out / f"finetune-{r['tag']}" for r in rows[1:]}
-        lat = stage("latency", lambda: latency_stage(sources, cfg, out / "latency"))
+        lat = stage(
+            "latency",
+            lambda: latency_stage(sources, cfg, out / "latency"),
+            reused=_latency_done(sources, out / "latency") is not None,
+        )
         for r in rows:
             t = lat[r["tag"]]
             r.update(latency_ms=t["latency_ms"], latency_iqr_ms=t["latency_iqr_ms"], latency_ratio=t["ratio"])
