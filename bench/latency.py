@@ -3,7 +3,7 @@
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
-                            [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
+                            [--size H W] [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
                             [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from dataclasses import asdict
 
 import torch
@@ -53,7 +54,7 @@ def setups(a) -> dict[str, Setup]:
 def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
     """``{label: (row, model)}``: the dense net, then one pruned net per plan kind, ratio and round-to (a plan
     with the same channel counts as an earlier one is not timed twice)."""
-    size = SIZES[name]
+    size = tuple(a.size) if a.size else SIZES[name]
     torch.manual_seed(0)
     dense = build_model(name, CLASSES[name])
     dmacs = count_macs(dense, size)
@@ -167,7 +168,8 @@ def markdown(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         net = "dense" if r["plan"] == "dense" else f"{r['plan']} {1 - r['ratio']:.2f}×, round-to {r['round_to']}"
-        cells = [f"{r['model']} {net}", f"{r['macs_ratio']:.3f}"]
+        dtype = f" {r['dtype']}" if len({x.get("dtype") for x in rows}) > 1 else ""
+        cells = [f"{r['model']}{dtype} {net}", f"{r['macs_ratio']:.3f}"]
         cells += [
             f"{r['latency'][st]['ms']:.0f} ± {r['latency'][st]['iqr']:.0f} ({r['same_setup_ratio'][st]:.3f})"
             for st in sts
@@ -197,6 +199,9 @@ def main() -> None:
     )
     ap.add_argument("--skip-timing", action="store_true", help="only --profile / --per-layer, no latency table")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--size", nargs=2, type=int, metavar=("H", "W"), help="input size for every model (default: the paper's)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -218,6 +223,9 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor()}",
         "device": a.device,
         "threads": a.threads,
+        "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else platform.processor(),
+        "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
+        "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "rows": [],
     }
@@ -228,7 +236,7 @@ def main() -> None:
         + f"  {'fastest setup':28s} best× (paired) ± IQR"
     )
     for name in a.models:
-        size = SIZES[name]
+        size = tuple(a.size) if a.size else SIZES[name]
         nets = build_nets(name, a)
         sts = setups(a)
         dmacs = nets["dense"][0]["macs"]

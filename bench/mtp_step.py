@@ -1,13 +1,15 @@
 """The cost of MTP training: one MTP round against the same number of plain steps (issue 7).
 
     python bench/mtp_step.py [--model deeplabv3_resnet18] [--width 0.5] [--seg-size 128] [--cls-size 64]
-                             [--steps 5] [--rounds 3] [--device cpu]
+                             [--steps 5] [--rounds 3] [--device cpu] [--amp] [--channels-last]
 
 A round is ``steps`` classification steps (Eq. 7) and ``steps`` segmentation steps (joint: Eq. 8 + 9
 from one pass; alternating: ``steps`` Eq. 8 and ``steps`` Eq. 9 passes) and Eq. 10. "plain" is the same
 number of ordinary classification and segmentation SGD steps (cross-entropy only, one backbone). Data are
 fixed random tensors, so the figures are compute only. Each mode runs in its own process (peak memory =
 that process's max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA); the first round is warm-up.
+``--amp`` runs the forwards under bf16 autocast on CUDA (as the training stages do by default there);
+``--channels-last`` puts the model and the inputs in NHWC memory format (``optim.channels_last``).
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from mtprune.models.base import BACKBONE, DECODER
 def run_mode(mode: str, a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     dev = torch.device(a.device)
-    model = build_model(a.model, 21, 100, a.width).to(dev).train()
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    model = build_model(a.model, 21, 100, a.width).to(dev, memory_format=fmt).train()
     xs, ys = (
-        torch.randn(a.seg_batch, 3, a.seg_size, a.seg_size, device=dev),
+        torch.randn(a.seg_batch, 3, a.seg_size, a.seg_size, device=dev).to(memory_format=fmt),
         torch.randint(0, 21, (a.seg_batch, a.seg_size, a.seg_size), device=dev),
     )
     xc, yc = (
-        torch.randn(a.cls_batch, 3, a.cls_size, a.cls_size, device=dev),
+        torch.randn(a.cls_batch, 3, a.cls_size, a.cls_size, device=dev).to(memory_format=fmt),
         torch.randint(0, 100, (a.cls_batch,), device=dev),
     )
+    amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp and dev.type == "cuda")  # noqa: E731
     sgd = lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, weight_decay=1e-4)  # noqa: E731
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     layers = model.prunable_layers()
@@ -52,11 +56,15 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
         def one_round() -> None:
             for _ in range(a.steps):
                 opt_c.zero_grad()
-                F.cross_entropy(model.forward_cls(xc), yc).backward()
+                with amp():
+                    logits = model.forward_cls(xc)
+                F.cross_entropy(logits.float(), yc).backward()
                 opt_c.step()
             for _ in range(a.steps):
                 opt_s.zero_grad()
-                F.cross_entropy(model.seg_outputs(xs, aux=True)["out"], ys).backward()
+                with amp():
+                    out = model.seg_outputs(xs, aux=True)["out"]
+                F.cross_entropy(out.float(), ys).backward()
                 opt_s.step()
     else:
         b1 = copy.deepcopy(model.backbone)
@@ -73,13 +81,16 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
             mu = state["mu"]
             for _ in range(a.steps):
                 opt1.zero_grad()
-                loss = F.cross_entropy(model.cls_head(b1(xc)["c5"]), yc)
+                with amp():
+                    logits = model.cls_head(b1(xc)["c5"])
+                loss = F.cross_entropy(logits.float(), yc)
                 eq7_objective(loss, w1, w3, E, mu, g1, 1e-3, coupling=False).backward()
                 add_alm_grad_(w1, w3, E, mu, +1.0)
                 opt1.step()
             for _ in range(a.steps):
-                out = model.seg_outputs(xs, aux=True)["out"]
-                loss = F.cross_entropy(out, ys)
+                with amp():
+                    out = model.seg_outputs(xs, aux=True)["out"]
+                loss = F.cross_entropy(out.float(), ys)
                 opt2.zero_grad()
                 opt3.zero_grad()
                 if mode == "joint":
@@ -94,7 +105,9 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
                 for _ in range(a.steps):
                     opt2.zero_grad()
                     opt3.zero_grad()
-                    loss = F.cross_entropy(model.seg_outputs(xs, aux=True)["out"], ys)
+                    with amp():
+                        out = model.seg_outputs(xs, aux=True)["out"]
+                    loss = F.cross_entropy(out.float(), ys)
                     eq9_objective(loss, w1, w3, E, mu, g3, 1e-3, 1.0, coupling=False).backward()
                     add_alm_grad_(w3, w1, E, mu, -1.0)
                     opt3.step()
@@ -127,6 +140,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.mode:
@@ -140,7 +155,8 @@ def main() -> None:
         rows[mode] = json.loads(out.strip().splitlines()[-1])
     print(
         f"{a.model} width {a.width}, seg {a.seg_batch}×{a.seg_size}², cls {a.cls_batch}×{a.cls_size}², "
-        f"{a.steps}+{a.steps} steps a round, {a.device}, torch {torch.__version__}, "
+        f"{a.steps}+{a.steps} steps a round, {a.device}{' bf16' if a.amp and a.device.startswith('cuda') else ''}"
+        f"{', channels_last' if a.channels_last else ''}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}"
     )
     base = rows["plain"]["round_s"]

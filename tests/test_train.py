@@ -101,8 +101,19 @@ def test_interrupted_sparse_mtp_resumes_bit_identical(tmp_path, monkeypatch):
         assert_same(a, b, prefix)
     full_log = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cut_log = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in full_log]
-    assert strip == [{k: v for k, v in json.loads(x).items() if k != "time"} for x in cut_log]
+    timing = ("time", "data_s")  # wall clock and data-loader wait of the step
+    strip = [{k: v for k, v in json.loads(x).items() if k not in timing} for x in full_log]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k not in timing} for x in cut_log]
+    # the training speed counts the steps this process ran: all 12 of the full run (2 rounds × (2 cls +
+    # 2 × 2 seg)), the 9 after the resume from step 3 (3 seg steps of round 1, then round 2)
+    full = json.loads((tmp_path / "full" / "done.json").read_text())["throughput"]
+    cut = json.loads((tmp_path / "cut" / "done.json").read_text())["throughput"]
+    assert full["steps"] == 12 and cut["steps"] == 9
+    for speed, images in ((full, {"cls": 2 * 2 * 8, "seg": 2 * 4 * 4}), (cut, {"cls": 2 * 8, "seg": 7 * 4})):
+        assert speed["steps_per_s"] * speed["train_s"] == pytest.approx(speed["steps"], rel=1e-3)
+        for name, n in images.items():
+            assert speed["images_per_s"][name] * speed["train_s"] == pytest.approx(n, rel=1e-3)
+        assert 0 < speed["data_wait_frac"] < 1
 
 
 def test_finished_stage_is_reused(tmp_path):
@@ -269,3 +280,39 @@ def test_train_seg_on_a_subset_counts_epochs_over_the_subset(tmp_path):
 
     run_stage("train-seg", cfg("data.seg.train_subset=4", "train_seg.epochs=2", "train_seg.batch_size=2"), tmp_path)
     assert json.loads((tmp_path / DONE_FILE).read_text())["steps"] == 4  # 2 epochs × 4 images / batch 2
+
+
+def test_channels_last_training_matches_contiguous_and_reports_its_speed(tmp_path, capsys, monkeypatch):
+    from mtprune.models import build_model
+
+    # dropout draws its mask in memory order, so the two layouts would drop different activations:
+    # without it, the layouts differ by summation order only
+    monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: x)
+    layouts = []
+    original = StageRun.after_step
+
+    def spy(self, record):
+        w = self.modules["model"].backbone.layer1[0].conv1.weight
+        layouts.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+        original(self, record)
+
+    monkeypatch.setattr(StageRun, "after_step", spy)
+    base = ("train_seg.epochs=0.5", "train_seg.batch_size=4")  # 2 steps (16 images)
+    run_stage("train-seg", cfg(*base), tmp_path / "nchw")
+    assert layouts == [False] * 2
+    capsys.readouterr()
+    run_stage("train-seg", cfg(*base, "optim.channels_last=true"), tmp_path / "nhwc")
+    assert layouts[2:] == [True] * 2
+    err = capsys.readouterr().err
+    a, b = load_model(tmp_path / "nchw"), load_model(tmp_path / "nhwc")
+    assert all(p.is_contiguous() for p in b.parameters())  # saved and loaded in the standard layout
+    torch.manual_seed(0)  # the stage's seed: its starting model
+    start = build_model("deeplabv3_resnet18", a.num_classes, a.cls_classes, 0.125).state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    moved = [k for k, v in sa.items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert len(moved) > 100  # the 2 SGD steps moved (nearly) every tensor…
+    for k in moved:  # …and both layouts moved them alike, to 0.1 % of the move (summation order)
+        assert float((sb[k] - sa[k]).abs().max()) <= 1e-3 * float((sa[k] - start[k]).abs().max()) + 1e-7, k
+    done = json.loads((tmp_path / "nhwc" / "done.json").read_text())
+    assert done["throughput"]["steps"] == 2 and done["throughput"]["images_per_s"]["seg"] > 0
+    assert "train-seg: 2 steps in" in err and "seg" in err and "images/s" in err

@@ -76,6 +76,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float | None = None  # max global grad norm, None: no clipping
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = False  # train in channels_last (NHWC) memory format: model and batches
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest kernels per shape (CUDA; not bit-reproducible)
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     freeze_bn_stats: bool = False  # BN uses (and keeps) its running statistics; γ and β still train
 

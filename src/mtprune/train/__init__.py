@@ -44,6 +44,8 @@ def run_stage(
     import torch
 
     torch.use_deterministic_algorithms(env.device.type == "cpu", warn_only=True)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.optim.cudnn_benchmark
     seed_everything(cfg.seed)
     if stage == "sparse-mtp":
         from mtprune.train.mtp import run_sparse_mtp

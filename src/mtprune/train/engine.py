@@ -243,6 +243,10 @@ class StageRun:
     step: int = 0
     total: int = 0
     _pbar: Any = None
+    train_s: float = 0.0  # wall time of the steps run by this process (evaluation and checkpoints excluded)
+    timed_steps: int = 0
+    _mark: float | None = None
+    _waited: float = 0.0
 
     @property
     def state_path(self) -> Path:
@@ -329,6 +333,29 @@ class StageRun:
             kept = f"; the last good checkpoint {self.state_path} is kept" if self.state_path.exists() else ""
             raise MtpruneError(f"{self.stage}: {what} loss is {loss.item()} at step {self.step}{kept}")
 
+    def restart_clock(self) -> None:
+        """Start timing the next step here (after a pause the step time must not count: evaluation)."""
+        self._mark = time.perf_counter()
+
+    def throughput(self) -> dict[str, Any] | None:
+        """Training speed of the steps this process ran (a resumed stage: those after the resume).
+
+        ``images_per_s`` per data stream (all processes together under DDP), ``steps_per_s``,
+        ``train_s`` (evaluation and checkpoint writing excluded) and ``data_wait_frac``, the share of
+        ``train_s`` spent waiting for the data loader — near 0 when the loader keeps up.
+        """
+        if self.timed_steps == 0 or self.train_s <= 0:
+            return None
+        world = self.env.world_size
+        return {
+            "steps": self.timed_steps,
+            "train_s": self.train_s,
+            "steps_per_s": self.timed_steps / self.train_s,
+            "images_per_s": {n: s.served * world / self.train_s for n, s in self.streams.items() if s.served},
+            "data_wait_frac": sum(s.wait_s for s in self.streams.values()) / self.train_s,
+            "world_size": world,
+        }
+
     def progress(self) -> tqdm:
         self._pbar = tqdm(
             total=self.total,
@@ -339,6 +366,7 @@ class StageRun:
             disable=not self.env.is_main or os.environ.get("MTPRUNE_NO_PROGRESS") == "1",
             file=sys.stderr,
         )
+        self.restart_clock()
         return self._pbar
 
     def close_progress(self) -> None:
@@ -349,6 +377,11 @@ class StageRun:
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
+        if self._mark is not None:
+            self.train_s += time.perf_counter() - self._mark
+            self.timed_steps += 1
+        waited = sum(s.wait_s for s in self.streams.values())
+        data_s, self._waited = waited - self._waited, waited
         self.step += 1
         if self._pbar is not None:
             self._pbar.update(1)
@@ -361,9 +394,10 @@ class StageRun:
                 refresh=False,
             )
         if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total:
-            self.log({"step": self.step, "time": time.time(), **record})
+            self.log({"step": self.step, "time": time.time(), "data_s": round(data_s, 6), **record})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
             self.save()
+        self.restart_clock()
 
     def finish(
         self,
@@ -388,13 +422,42 @@ class StageRun:
             save_model(model, self.out / "model", meta={"stage": self.stage, **(meta or {})})
             if extra_files:
                 extra_files(self.out / "model")
-            write_json(self.out / DONE_FILE, {"stage": self.stage, "steps": self.step, "metrics": metrics})
+            done: dict[str, Any] = {"stage": self.stage, "steps": self.step, "metrics": metrics}
+            speed = self.throughput()
+            if speed is not None:
+                done["throughput"] = speed
+                rates = ", ".join(f"{n} {v:.3g} images/s" for n, v in speed["images_per_s"].items())
+                print(
+                    f"{self.stage}: {speed['steps']} steps in {speed['train_s']:.1f} s ({rates}; "
+                    f"waiting for data {100 * speed['data_wait_frac']:.0f} % of it)",
+                    file=sys.stderr,
+                )
+            write_json(self.out / DONE_FILE, done)
         barrier(self.env)
         return metrics
 
 
 def steps_for(epochs: float, stream: BatchStream) -> int:
     return max(1, math.ceil(epochs * stream.steps_per_epoch))
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    """The training memory format: ``channels_last`` (NHWC) with ``optim.channels_last``, else contiguous."""
+    return torch.channels_last if cfg.optim.channels_last else torch.contiguous_format
+
+
+def place_model(model: SegmentationModel, cfg: Config, env: DistEnv) -> SegmentationModel:
+    """Move a stage's model to its device, in the training memory format (:func:`memory_format`)."""
+    return model.to(env.device, memory_format=memory_format(cfg))
+
+
+def to_device(batch: Any, cfg: Config, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch ``(images, targets)`` on the device, images in the training memory format."""
+    x, y = batch
+    return (
+        x.to(env.device, non_blocking=True, memory_format=memory_format(cfg)),
+        y.to(env.device, non_blocking=True),
+    )
 
 
 def autocast(cfg: Config, env: DistEnv) -> torch.autocast:

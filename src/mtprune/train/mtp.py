@@ -59,12 +59,14 @@ from mtprune.train.engine import (
     initial_model,
     lr_at,
     make_dataset,
+    place_model,
     prunable_gammas,
     revert_sync_bn,
     seg_loss,
     set_train_mode,
     sgd,
     sync_buffers,
+    to_device,
     wrap_ddp,
 )
 from mtprune.train.stages import final_metrics
@@ -96,7 +98,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
             "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)"
         )
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
-    model = initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes).to(env.device)
+    model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     backbone1 = copy.deepcopy(model.backbone)  # W1; model.backbone is W3, model.decoder W2
     cls_net, seg_net = ClsNet(backbone1, model.cls_head), SegNet(model)
@@ -145,7 +147,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
                 lr = lr_at("linear", c.lr_cls, rnd * c.steps_cls + k, total_cls)
                 for g in opt1.param_groups:
                     g["lr"] = lr
-                x, y = (t.to(env.device, non_blocking=True) for t in next(cls_stream))
+                x, y = to_device(next(cls_stream), cfg, env)
                 with autocast(cfg, env):
                     logits = ddp_cls(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -168,7 +170,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
                 for opt in (opt2, opt3):
                     for g in opt.param_groups:
                         g["lr"] = lr
-                x, y = (t.to(env.device, non_blocking=True) for t in next(seg_stream))
+                x, y = to_device(next(seg_stream), cfg, env)
                 with autocast(cfg, env):
                     outputs = ddp_seg(x)
                 loss = seg_loss(outputs, y, c.aux_weight)

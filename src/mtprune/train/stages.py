@@ -27,12 +27,14 @@ from mtprune.train.engine import (
     initial_model,
     lr_at,
     make_dataset,
+    place_model,
     prunable_gammas,
     seg_loss,
     set_train_mode,
     sgd,
     steps_for,
     sync_buffers,
+    to_device,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -70,8 +72,7 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) ->
                 lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
                 for g in ph.opt.param_groups:
                     g["lr"] = lr
-                x, y = next(ph.stream)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                x, y = to_device(next(ph.stream), cfg, env)
                 with autocast(cfg, env):
                     out = ph.net(x)
                 loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
@@ -100,6 +101,7 @@ def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, epoch: float
     r = final_metrics(model, cfg, env, ("seg",), force=True)
     run.log({"step": run.step, "epoch": epoch, "phase": ph.name, "val_miou": r["miou"]})
     set_train_mode(ph.net, cfg)
+    run.restart_clock()  # the evaluation is not training time
 
 
 def _first(ds: Any, n: int | None) -> Any:
@@ -183,7 +185,7 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
     if stage == "finetune" and not init:
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
-    model = initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes).to(env.device)
+    model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
     if stage == "pretrain-cls":
