@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -253,3 +254,35 @@ def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
     said.clear()
     run_pipeline(more, tmp_path / "r", progress=said.append)
     assert "[latency] reused" in said
+
+
+def test_equal_seg_steps_extends_the_fine_tuning_of_shorter_sparse_stages(tmp_path):
+    from mtprune.pipeline import extended_seg_epochs, extra_seg_steps
+    from mtprune.train.engine import DONE_FILE
+
+    # 16 images, batch 4: 4 steps an epoch. Sparse stages: mtp 3 rounds × 1 seg step = 3, slimming 0.5
+    # epoch = 2, uniform none; fine-tuning 1 cls step (0.5 × 32/16) + 4 seg steps (1 epoch)
+    c = tiny_cfg(
+        "run.methods=[mtp, slimming, uniform]",
+        "run.equal_seg_steps=true",
+        "sparse_mtp.rounds=3",
+        "eval.every_epoch=false",
+        "run.qualitative=0",
+    )
+    assert extra_seg_steps(c) == {"mtp": 0, "slimming": 1, "uniform": 3}
+    assert extra_seg_steps(tiny_cfg("run.methods=[mtp, uniform]")) == {"mtp": 0, "uniform": 0}  # off by default
+    alt = tiny_cfg("run.methods=[mtp, uniform]", "run.equal_seg_steps=true", "sparse_mtp.mode=alternating")
+    assert extra_seg_steps(alt) == {"mtp": 0, "uniform": 4}  # alternating: an Eq. 8 and an Eq. 9 pass a step
+    rows = run_pipeline(c, tmp_path / "run")
+    steps = {}
+    for r in rows[1:]:
+        steps[r["method"]] = json.loads((tmp_path / "run" / f"finetune-{r['tag']}" / DONE_FILE).read_text())["steps"]
+        assert r["extra_seg_steps"] == {"mtp": 0, "slimming": 1, "uniform": 3}[r["method"]]
+    assert steps == {"mtp": 1 + 4, "slimming": 1 + 4 + 1, "uniform": 1 + 4 + 3}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "fine-tuning extended by 1 steps for slimming 0.5× (independent), 3 steps for uniform" in report
+    # the epochs that give exactly the steps, whatever the rounding (3 steps an epoch: ceil(1.7 × 3) = 6)
+    odd = tiny_cfg("finetune.seg_epochs=1.7", "finetune.seg_batch_size=5")
+    for extra in (1, 2, 7, 100):
+        e = extended_seg_epochs(odd, extra)
+        assert math.ceil(e * 3) == 6 + extra

@@ -169,6 +169,9 @@ class RunConfig:
     ratios: list[float] = field(default_factory=lambda: [0.5])
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
     without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
+    # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
+    # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
+    equal_seg_steps: bool = False
     pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
     round_to: int = 1
     min_channels: int = 1

@@ -15,9 +15,11 @@ classification fine-tuning.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from mtprune.io import read_json, write_json
 from mtprune.pruning import SCORERS, THRESHOLDS, prune
 from mtprune.train import run_stage, seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
-from mtprune.train.engine import DONE_FILE, sample_images
+from mtprune.train.engine import DONE_FILE, make_dataset, sample_images
 from mtprune.train.stages import final_metrics
 
 #: method → (sparse-training stage or None, channel scores)
@@ -217,6 +219,10 @@ def run_pipeline(
     ]
     for sparse in sorted({METHODS[m][0] for m in cfg.run.methods if METHODS[m][0]}):
         stage(sparse, lambda s=sparse: run_stage(s, cfg, out / s, init=str(out / "train-seg"), env=env))
+    extra = extra_seg_steps(cfg, env.world_size)
+    if any(extra.values()):
+        steps = ", ".join(f"{m} +{n}" for m, n in extra.items())
+        say(f"[budget] equal segmentation steps: fine-tuning steps {steps}")
     for v in variants(cfg):
         src = out / (METHODS[v["method"]][0] or "train-seg")
         ptag = v["tag"].removesuffix("-nocls")
@@ -228,12 +234,12 @@ def run_pipeline(
                 ),
             )
         barrier(env)
-        ft_cfg = cfg
+        ft_cfg = deepcopy(cfg)
         if not v["cls_finetune"]:
-            from copy import deepcopy
-
-            ft_cfg = deepcopy(cfg)
             ft_cfg.finetune.cls_epochs = 0
+        v["extra_seg_steps"] = extra[v["method"]]
+        if v["extra_seg_steps"]:
+            ft_cfg.finetune.seg_epochs = extended_seg_epochs(cfg, v["extra_seg_steps"], env.world_size)
         stage(
             f"finetune-{v['tag']}",
             lambda v=v, c=ft_cfg, ptag=ptag: run_stage(
@@ -264,6 +270,48 @@ def run_pipeline(
     return rows
 
 
+def sparse_seg_steps(cfg: Config, method: str, world_size: int = 1) -> int:
+    """Segmentation forward/backward passes of ``method``'s sparse stage (0 for the data-free methods):
+    ``sparse-mtp`` ``rounds × steps_seg`` (twice that in ``alternating`` mode, one Eq. 8 and one Eq. 9
+    pass a step), ``sparse-slimming`` its epochs over the segmentation set."""
+    stage = METHODS[method][0]
+    if stage == "sparse-mtp":
+        c = cfg.sparse_mtp
+        return c.rounds * c.steps_seg * (2 if c.mode == "alternating" else 1)
+    if stage == "sparse-slimming":
+        per_epoch = _seg_steps_per_epoch(cfg, cfg.sparse_slimming.batch_size, world_size)
+        return max(1, math.ceil(cfg.sparse_slimming.epochs * per_epoch))
+    return 0
+
+
+def extra_seg_steps(cfg: Config, world_size: int = 1) -> dict[str, int]:
+    """With ``run.equal_seg_steps``: the segmentation steps added to each method's fine-tuning so that
+    every method gets as many after ``train-seg`` as the method with the longest sparse stage
+    (:func:`sparse_seg_steps`); without it, 0 for every method (the same fine-tuning budget)."""
+    steps = {m: sparse_seg_steps(cfg, m, world_size) for m in cfg.run.methods}
+    if not cfg.run.equal_seg_steps:
+        return dict.fromkeys(steps, 0)
+    top = max(steps.values(), default=0)
+    return {m: top - n for m, n in steps.items()}
+
+
+def extended_seg_epochs(cfg: Config, extra: int, world_size: int = 1) -> float:
+    """``finetune.seg_epochs`` that gives ``extra`` more segmentation steps than the configured ones."""
+    per_epoch = _seg_steps_per_epoch(cfg, cfg.finetune.seg_batch_size, world_size)
+    steps = max(1, math.ceil(cfg.finetune.seg_epochs * per_epoch)) if cfg.finetune.seg_epochs > 0 else 0
+    return (steps + extra - 0.5) / per_epoch  # the stage takes ceil(epochs × steps per epoch) = steps + extra
+
+
+def _seg_steps_per_epoch(cfg: Config, batch_size: int, world_size: int) -> int:
+    n = len(make_dataset(cfg, "seg", train=True))
+    per_epoch = n // world_size // batch_size
+    if per_epoch < 1:
+        raise UsageError(
+            f"{n} segmentation samples are too few for batches of {batch_size} on {world_size} process(es)"
+        )
+    return per_epoch
+
+
 def _row(v: dict[str, Any], m: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:
     def ratio(key: str) -> float | None:
         a, b = m.get(key), dense.get(key)
@@ -275,6 +323,7 @@ def _row(v: dict[str, Any], m: dict[str, Any], dense: dict[str, Any]) -> dict[st
         "thresholds": v["thresholds"],
         "cls_finetune": v["cls_finetune"],
         "tag": v["tag"],
+        "extra_seg_steps": v.get("extra_seg_steps", 0),
         "miou": m.get("miou"),
         "delta_miou": (m["miou"] - dense["miou"]) if m.get("miou") is not None else None,
         "params": m.get("params"),
@@ -303,7 +352,6 @@ def run_seeds(
     With ``run.pretrain`` and ``run.shared_pretrain`` (the default), ``pretrain-cls`` runs once, in
     ``out/pretrain-cls/`` with the first seed, and every seed starts from it; the seeds then differ in
     everything after it. Finished seeds and stages are reused, so the command resumes like ``run``."""
-    from copy import deepcopy
 
     from mtprune.report.seeds import write_seeds_summary
 

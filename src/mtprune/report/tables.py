@@ -132,6 +132,13 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]
+    extended = {_name(r): r["extra_seg_steps"] for r in rows if r.get("extra_seg_steps")}
+    if extended:
+        parts.append(
+            "\nBudget: equal segmentation steps after `train-seg` (`run.equal_seg_steps`); fine-tuning extended by "
+            + ", ".join(f"{n} steps for {m}" for m, n in extended.items())
+            + ".\n"
+        )
     for title_, table in (
         ("Unified vs independent thresholds (Table 4)", thresholds_table(rows)),
         ("With vs without classification fine-tuning (Table 1)", cls_finetune_table(rows)),
