@@ -247,6 +247,8 @@ class StageRun:
     timed_steps: int = 0
     _mark: float | None = None
     _waited: float = 0.0
+    stream_s: dict[str, float] = field(default_factory=dict)  # step time by the data stream the step drew from
+    _served: dict[str, int] = field(default_factory=dict)
 
     @property
     def state_path(self) -> Path:
@@ -340,9 +342,11 @@ class StageRun:
     def throughput(self) -> dict[str, Any] | None:
         """Training speed of the steps this process ran (a resumed stage: those after the resume).
 
-        ``images_per_s`` per data stream (all processes together under DDP), ``steps_per_s``,
-        ``train_s`` (evaluation and checkpoint writing excluded) and ``data_wait_frac``, the share of
-        ``train_s`` spent waiting for the data loader — near 0 when the loader keeps up.
+        ``images_per_s`` per data stream: the images of that stream (all processes together under DDP)
+        over the time of the steps that drew from it (``stream_s``: a fine-tuning's classification
+        phase, an MTP stage's Eq. 7 steps…); ``steps_per_s`` and ``train_s`` over all steps (evaluation
+        and checkpoint writing excluded); ``data_wait_frac``, the share of ``train_s`` spent waiting for
+        the data loader — near 0 when the loader keeps up.
         """
         if self.timed_steps == 0 or self.train_s <= 0:
             return None
@@ -351,7 +355,12 @@ class StageRun:
             "steps": self.timed_steps,
             "train_s": self.train_s,
             "steps_per_s": self.timed_steps / self.train_s,
-            "images_per_s": {n: s.served * world / self.train_s for n, s in self.streams.items() if s.served},
+            "images_per_s": {
+                n: s.served * world / self.stream_s[n]
+                for n, s in self.streams.items()
+                if s.served and self.stream_s.get(n)
+            },
+            "stream_s": dict(self.stream_s),
             "data_wait_frac": sum(s.wait_s for s in self.streams.values()) / self.train_s,
             "world_size": world,
         }
@@ -378,8 +387,13 @@ class StageRun:
     def after_step(self, record: dict[str, Any]) -> None:
         """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
         if self._mark is not None:
-            self.train_s += time.perf_counter() - self._mark
+            dt = time.perf_counter() - self._mark
+            self.train_s += dt
             self.timed_steps += 1
+            drawn = [n for n, s in self.streams.items() if s.served != self._served.get(n, 0)]
+            for n in drawn:
+                self.stream_s[n] = self.stream_s.get(n, 0.0) + dt / len(drawn)
+        self._served = {n: s.served for n, s in self.streams.items()}
         waited = sum(s.wait_s for s in self.streams.values())
         data_s, self._waited = waited - self._waited, waited
         self.step += 1
