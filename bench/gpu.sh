@@ -35,7 +35,7 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 else
     dev=cuda
     "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt" || true
     lat_size=() runs=30 models=(deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18) ratios=(0.25 0.5) rts=(1 8 16)
     tp=(--model deeplabv3_resnet101 --crop 513 --cls-size 224 --seg-batch 8 --cls-batch 32 --steps 30 --warmup 5
         --round-steps 5 --workers 12 --cudnn-benchmark)
