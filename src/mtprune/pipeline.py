@@ -15,7 +15,6 @@ classification fine-tuning.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -33,8 +32,9 @@ from mtprune.io import read_json, write_json
 from mtprune.pruning import SCORERS, THRESHOLDS, prune
 from mtprune.train import run_stage, seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
-from mtprune.train.engine import DONE_FILE, make_dataset, sample_images
+from mtprune.train.engine import DONE_FILE, make_dataset, sample_images, stage_steps
 from mtprune.train.stages import final_metrics
+from mtprune.train.streams import epoch_steps
 
 #: method → (sparse-training stage or None, channel scores)
 METHODS: dict[str, tuple[str | None, str]] = {
@@ -219,10 +219,15 @@ def run_pipeline(
     ]
     for sparse in sorted({METHODS[m][0] for m in cfg.run.methods if METHODS[m][0]}):
         stage(sparse, lambda s=sparse: run_stage(s, cfg, out / s, init=str(out / "train-seg"), env=env))
-    extra = extra_seg_steps(cfg, env.world_size)
-    if any(extra.values()):
-        steps = ", ".join(f"{m} +{n}" for m, n in extra.items())
+    seg_epochs: dict[str, float] = {}  # fine-tuning segmentation epochs of the methods run.equal_seg_steps extends
+    if cfg.run.equal_seg_steps:
+        n = len(make_dataset(cfg, "seg", train=True))  # the one dataset build the budget needs
+        extra = extra_seg_steps(cfg, env.world_size, n)
+        seg_epochs = {m: extended_seg_epochs(cfg, k, env.world_size, n) for m, k in extra.items() if k}
+        steps = ", ".join(f"{m} +{k}" for m, k in extra.items())
         say(f"[budget] equal segmentation steps: fine-tuning steps {steps}")
+    else:
+        extra = extra_seg_steps(cfg)
     for v in variants(cfg):
         src = out / (METHODS[v["method"]][0] or "train-seg")
         ptag = v["tag"].removesuffix("-nocls")
@@ -238,8 +243,8 @@ def run_pipeline(
         if not v["cls_finetune"]:
             ft_cfg.finetune.cls_epochs = 0
         v["extra_seg_steps"] = extra[v["method"]]
-        if v["extra_seg_steps"]:
-            ft_cfg.finetune.seg_epochs = extended_seg_epochs(cfg, v["extra_seg_steps"], env.world_size)
+        if v["method"] in seg_epochs:
+            ft_cfg.finetune.seg_epochs = seg_epochs[v["method"]]
         stage(
             f"finetune-{v['tag']}",
             lambda v=v, c=ft_cfg, ptag=ptag: run_stage(
@@ -270,46 +275,45 @@ def run_pipeline(
     return rows
 
 
-def sparse_seg_steps(cfg: Config, method: str, world_size: int = 1) -> int:
+def sparse_seg_steps(cfg: Config, method: str, world_size: int = 1, seg_samples: int | None = None) -> int:
     """Segmentation forward/backward passes of ``method``'s sparse stage (0 for the data-free methods):
     ``sparse-mtp`` ``rounds × steps_seg`` (twice that in ``alternating`` mode, one Eq. 8 and one Eq. 9
-    pass a step), ``sparse-slimming`` its epochs over the segmentation set."""
+    pass a step), ``sparse-slimming`` its epochs over the segmentation set (``seg_samples`` images; by
+    default the configured training set's size)."""
     stage = METHODS[method][0]
     if stage == "sparse-mtp":
         c = cfg.sparse_mtp
         return c.rounds * c.steps_seg * (2 if c.mode == "alternating" else 1)
     if stage == "sparse-slimming":
-        per_epoch = _seg_steps_per_epoch(cfg, cfg.sparse_slimming.batch_size, world_size)
-        return max(1, math.ceil(cfg.sparse_slimming.epochs * per_epoch))
+        c2 = cfg.sparse_slimming
+        return stage_steps(c2.epochs, _seg_epoch_steps(cfg, c2.batch_size, world_size, seg_samples))
     return 0
 
 
-def extra_seg_steps(cfg: Config, world_size: int = 1) -> dict[str, int]:
+def extra_seg_steps(cfg: Config, world_size: int = 1, seg_samples: int | None = None) -> dict[str, int]:
     """With ``run.equal_seg_steps``: the segmentation steps added to each method's fine-tuning so that
     every method gets as many after ``train-seg`` as the method with the longest sparse stage
     (:func:`sparse_seg_steps`); without it, 0 for every method (the same fine-tuning budget)."""
-    steps = {m: sparse_seg_steps(cfg, m, world_size) for m in cfg.run.methods}
     if not cfg.run.equal_seg_steps:
-        return dict.fromkeys(steps, 0)
+        return dict.fromkeys(cfg.run.methods, 0)
+    steps = {m: sparse_seg_steps(cfg, m, world_size, seg_samples) for m in cfg.run.methods}
     top = max(steps.values(), default=0)
     return {m: top - n for m, n in steps.items()}
 
 
-def extended_seg_epochs(cfg: Config, extra: int, world_size: int = 1) -> float:
+def extended_seg_epochs(cfg: Config, extra: int, world_size: int = 1, seg_samples: int | None = None) -> float:
     """``finetune.seg_epochs`` that gives ``extra`` more segmentation steps than the configured ones."""
-    per_epoch = _seg_steps_per_epoch(cfg, cfg.finetune.seg_batch_size, world_size)
-    steps = max(1, math.ceil(cfg.finetune.seg_epochs * per_epoch)) if cfg.finetune.seg_epochs > 0 else 0
+    per_epoch = _seg_epoch_steps(cfg, cfg.finetune.seg_batch_size, world_size, seg_samples)
+    steps = stage_steps(cfg.finetune.seg_epochs, per_epoch) if cfg.finetune.seg_epochs > 0 else 0
     return (steps + extra - 0.5) / per_epoch  # the stage takes ceil(epochs × steps per epoch) = steps + extra
 
 
-def _seg_steps_per_epoch(cfg: Config, batch_size: int, world_size: int) -> int:
-    n = len(make_dataset(cfg, "seg", train=True))
-    per_epoch = n // world_size // batch_size
-    if per_epoch < 1:
-        raise UsageError(
-            f"{n} segmentation samples are too few for batches of {batch_size} on {world_size} process(es)"
-        )
-    return per_epoch
+def _seg_epoch_steps(cfg: Config, batch_size: int, world_size: int, seg_samples: int | None) -> int:
+    n = len(make_dataset(cfg, "seg", train=True)) if seg_samples is None else seg_samples
+    try:
+        return epoch_steps(n, batch_size, world_size)
+    except ValueError as e:
+        raise UsageError(f"segmentation training set: {e}") from None
 
 
 def _row(v: dict[str, Any], m: dict[str, Any], dense: dict[str, Any]) -> dict[str, Any]:

@@ -452,7 +452,12 @@ class StageRun:
 
 
 def steps_for(epochs: float, stream: BatchStream) -> int:
-    return max(1, math.ceil(epochs * stream.steps_per_epoch))
+    return stage_steps(epochs, stream.steps_per_epoch)
+
+
+def stage_steps(epochs: float, per_epoch: int) -> int:
+    """The steps a phase of ``epochs`` (fractions allowed) takes: at least one."""
+    return max(1, math.ceil(epochs * per_epoch))
 
 
 def memory_format(cfg: Config) -> torch.memory_format:

@@ -63,6 +63,14 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def epoch_steps(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Steps in an epoch of ``n`` samples: each process's shard (the tail dropped) in full batches."""
+    steps = n // world_size // batch_size
+    if steps < 1:
+        raise ValueError(f"{n} samples are too few for batches of {batch_size} on {world_size} process(es)")
+    return steps
+
+
 class BatchStream:
     """An endless, resumable stream of training batches over epochs (``next(stream)``)."""
 
@@ -72,12 +80,7 @@ class BatchStream:
         self.dataset = dataset
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size, self.seed, self.env, self.workers, self.shuffle = batch_size, seed, env, workers, shuffle
-        per_rank = self.n // env.world_size
-        self.steps_per_epoch = per_rank // batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{self.n} samples are too few for batches of {batch_size} on {env.world_size} process(es)"
-            )
+        self.steps_per_epoch = epoch_steps(self.n, batch_size, env.world_size)
         self.epoch, self.pos = 0, 0
         self._it: Iterator[Any] | None = None
         self.served = 0  # samples served by this process (not part of the state: a speed count)
