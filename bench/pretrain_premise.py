@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from mtprune.config import load_config
-    from mtprune.io import write_json
+    from mtprune.io import read_json, write_json
     from mtprune.train import run_stage
 
     out = Path(args.out)
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, Any] = {"seed": seed}
         base = out / f"seed{seed}"
         if "pretrained" in args.arms and args.pretrained:
-            row["cls_top1"] = run_stage("pretrain-cls", cfg, args.pretrained).get("top1")
+            # a finished pretrain-cls folder shared by every seed (made with its own seed): read, not rerun
+            row["cls_top1"] = read_json(Path(args.pretrained) / "done.json")["metrics"].get("top1")
         elif "pretrained" in args.arms:
             t = time.perf_counter()
             m = run_stage("pretrain-cls", cfg, base / "pretrain-cls")

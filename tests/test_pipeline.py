@@ -224,9 +224,15 @@ def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, mon
     monkeypatch.setattr(pl, "interleaved_latency", lambda *a, **k: calls.append(a) or {})
     again = pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency")
     assert again == lat and not calls  # the same models: reused
-    # another set of models: timed again (here by the stub, which returns nothing)
-    assert pl.latency_stage({"dense": tmp_path / "d"}, cfg, tmp_path / "latency") == {}
+    # the same tags but another model behind one of them: timed again (here by the stub, which returns {})
+    other = tiny("deeplabv3_resnet18", seed=5)
+    prune(other, "uniform", 0.5)
+    save_model(other, tmp_path / "p")
+    assert pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency") == {}
     assert len(calls) == 1
+    # another set of models: timed again
+    assert pl.latency_stage({"dense": tmp_path / "d"}, cfg, tmp_path / "latency") == {}
+    assert len(calls) == 2
 
 
 def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
@@ -286,3 +292,31 @@ def test_equal_seg_steps_extends_the_fine_tuning_of_shorter_sparse_stages(tmp_pa
     for extra in (1, 2, 7, 100):
         e = extended_seg_epochs(odd, extra)
         assert math.ceil(e * 3) == 6 + extra
+
+
+def test_a_rerun_with_a_changed_recipe_stops_at_the_first_changed_stage(tmp_path):
+    from mtprune.errors import MtpruneError
+
+    base = ("run.methods=[uniform]", "run.pretrain=false", "run.qualitative=0", "eval.every_epoch=false")
+    run = tmp_path / "r"
+    run_pipeline(tiny_cfg(*base), run, progress=lambda m: None)
+    results = (run / "results.json").read_bytes()
+    # more ratios in the same folder: the finished stages are reused, the new ones run
+    said: list[str] = []
+    rows = run_pipeline(tiny_cfg(*base, "run.ratios=[0.25, 0.5]"), run, progress=said.append)
+    assert [r["tag"] for r in rows] == ["dense", "uniform-0.25", "uniform-0.5"]
+    assert "[finetune-uniform-0.5] reused" in said and "[finetune-uniform-0.25] running" in said
+    results = (run / "results.json").read_bytes()
+    # a changed fine-tuning budget, pruning rule or evaluation: stopped at the first stage it changes
+    for key, stage, shown in (
+        ("finetune.seg_epochs=2", "finetune-uniform-0.25", "finetune.seg_epochs: 1.0 → 2.0"),
+        ("run.round_to=8", "prune-uniform-0.25", "run.round_to: 1 → 8"),
+        ("eval.max_images=2", "eval-dense", "eval.max_images: null → 2"),
+    ):
+        with pytest.raises(MtpruneError) as e:
+            run_pipeline(tiny_cfg(*base, "run.ratios=[0.25, 0.5]", key), run, progress=lambda m: None)
+        assert str(run / stage) in str(e.value) and shown in str(e.value)
+        assert (run / "results.json").read_bytes() == results
+    # keys outside every recipe (the latency settings, workers) change nothing
+    run_pipeline(tiny_cfg(*base, "run.ratios=[0.25, 0.5]", "run.latency_runs=30"), run, progress=said.append)
+    assert (run / "results.json").read_bytes() == results

@@ -126,6 +126,69 @@ def test_finished_stage_is_reused(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_stage_is_reused_or_resumed_only_with_the_same_recipe(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mtprune.cli import main
+
+    base = ["train_seg.epochs=1", "train_seg.batch_size=4", "finetune.cls_epochs=0", "finetune.seg_batch_size=4"]
+    seg = tmp_path / "seg"
+    run_stage("train-seg", cfg(*base), seg)
+    recipe = json.loads((seg / "recipe.json").read_text())
+    assert recipe["stage"] == "train-seg" and recipe["input"] is None
+    assert recipe["config"]["train_seg.epochs"] == 1.0 and "data.workers" not in recipe["config"]
+    kept = {f: (seg / f).read_bytes() for f in ("done.json", "recipe.json", "model/model.safetensors")}
+    # what changes only speed, logging or the data's location: reused
+    fast = ("log_every=5", "data.workers=1", "optim.channels_last=true", "checkpoint_every=7", "data.seg.root=/x")
+    run_stage("train-seg", cfg(*base, *fast), seg)
+    # a key of the recipe: refused with one line naming the folder and the key, nothing written
+    with pytest.raises(MtpruneError) as e:
+        run_stage("train-seg", cfg(*base, "train_seg.epochs=2", "train_seg.lr=0.02"), seg)
+    msg = str(e.value)
+    assert str(seg) in msg and "train_seg.epochs: 1.0 → 2.0" in msg and "train_seg.lr: 0.01 → 0.02" in msg
+    assert "\n" not in msg and "new --out" in msg
+    assert {f: (seg / f).read_bytes() for f in kept} == kept
+    # the same through the CLI: exit 2, the one line on stderr
+    (tmp_path / "c.yaml").write_text("")
+    argv = ["train", "train-seg", "--config", str(tmp_path / "c.yaml"), "--out", str(seg)]
+    assert main([*argv, *sum((["--set", s] for s in [*TINY, *base, "seed=3"]), [])]) == 2
+    assert "seed: 0 → 3" in capsys.readouterr().err
+    # a stage downstream knows its input: once the source is redone another way, it is refused too
+    ft = tmp_path / "ft"
+    run_stage("finetune", cfg(*base), ft, init=str(seg))
+    assert json.loads((ft / "recipe.json").read_text())["input"].startswith("recipe:")
+    run_stage("finetune", cfg(*base), ft, init=str(seg))  # unchanged: reused
+    shutil.rmtree(seg)
+    run_stage("train-seg", cfg(*base, "train_seg.lr=0.02"), seg)
+    with pytest.raises(MtpruneError, match="its input model"):
+        run_stage("finetune", cfg(*base), ft, init=str(seg))
+    # an interrupted stage resumes only with its recipe; with nothing saved yet it takes the new one
+    original = StageRun.after_step
+
+    def crash_after_3(self, record):
+        original(self, record)
+        if self.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRun, "after_step", crash_after_3)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train-seg", cfg(*base, "checkpoint_every=2"), cut)
+    monkeypatch.setattr(StageRun, "after_step", original)
+    state = (cut / "state.safetensors").read_bytes()
+    with pytest.raises(MtpruneError, match="train_seg.batch_size: 4 → 2"):
+        run_stage("train-seg", cfg(*base, "checkpoint_every=2", "train_seg.batch_size=2"), cut)
+    assert (cut / "state.safetensors").read_bytes() == state
+    (cut / "state.safetensors").unlink()  # nothing to resume: the folder takes the new recipe
+    run_stage("train-seg", cfg(*base, "train_seg.batch_size=2"), cut)
+    assert json.loads((cut / "recipe.json").read_text())["config"]["train_seg.batch_size"] == 2
+    assert json.loads((cut / "done.json").read_text())["steps"] == 8  # 16 images, batch 2, 1 epoch
+    # a folder from before recipes existed is reused as it is
+    (cut / "recipe.json").unlink()
+    assert run_stage("train-seg", cfg(*base, "train_seg.epochs=3"), cut) is not None
+    assert not (cut / "recipe.json").exists()
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     import mtprune.train.stages as stages
 

@@ -10,7 +10,9 @@ reuses finished stages and resumes the interrupted one:
 
 ``<tag>`` is ``<method>-<ratio>[-<thresholds>][-nocls]``. Every method gets the same fine-tuning
 budget (the ``finetune`` section); ``run.without_cls_finetune`` adds the Table 1 variant with no
-classification fine-tuning.
+classification fine-tuning. A stage is reused (or resumed) only if its ``recipe.json`` matches what the
+configuration asks of it now (:mod:`mtprune.recipe`); otherwise the run stops, naming the stage and
+the keys that changed, so results of two configurations never mix in one folder.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mtprune.errors import UsageError
 from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
 from mtprune.io import read_json, write_json
 from mtprune.pruning import SCORERS, THRESHOLDS, prune
+from mtprune.recipe import claim, config_keys, input_id
 from mtprune.train import run_stage, seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
 from mtprune.train.engine import DONE_FILE, make_dataset, sample_images, stage_steps
@@ -99,7 +102,9 @@ def variants(cfg: Config) -> list[dict[str, Any]]:
 
 def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Config, out: Path) -> None:
     """Prune the model of stage folder ``src`` into ``out`` (plan.json + model/ + done.json)."""
-    if (out / DONE_FILE).is_file():
+    done = (out / DONE_FILE).is_file()
+    claim(out, prune_recipe(src, method, ratio, thresholds, cfg), has_work=done)
+    if done:
         return
     model = load_model(src)
     score = METHODS[method][1]
@@ -124,10 +129,38 @@ def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Conf
     write_json(out / DONE_FILE, {"stage": "prune", "method": method, "ratio": ratio, "thresholds": thresholds})
 
 
+def prune_recipe(src: Path, method: str, ratio: float, thresholds: str, cfg: Config) -> dict[str, Any]:
+    """What :func:`prune_stage` computes from: the source model, the method, ratio, thresholds and the
+    ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data)."""
+    keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
+    if METHODS[method][1] == "thinet":
+        keys += ("seed", "run.thinet_samples", "data.seg")
+    return {
+        "stage": "prune",
+        "input": input_id(src),
+        "method": method,
+        "ratio": ratio,
+        "thresholds": thresholds,
+        "config": config_keys(cfg, keys),
+    }
+
+
+def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
+    """What :func:`eval_stage` measures: the model, the evaluation settings, the validation data and the
+    input size of the MACs count."""
+    return {
+        "stage": "eval",
+        "input": input_id(src),
+        "config": config_keys(cfg, ("eval", "data.seg", "data.cls", "run.latency_size")),
+    }
+
+
 def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     """Validation mIoU (+ per class), top-1/top-5, params and MACs of ``src``'s model (latency: the run's
     ``latency`` stage times every model together)."""
-    if (out / DONE_FILE).is_file():
+    done = (out / DONE_FILE).is_file()
+    claim(out, eval_recipe(src, cfg), has_work=done, write=env.is_main)
+    if done:
         return dict(read_json(out / DONE_FILE)["metrics"])
     model = load_model(src).to(env.device)
     metrics = final_metrics(model, cfg, env, ("seg", "cls"), force=True)
@@ -141,18 +174,25 @@ def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any
 
 
 def _latency_done(sources: dict[str, Path], out: Path) -> dict[str, dict[str, Any]] | None:
-    """The finished latency stage in ``out`` if it timed exactly the models of ``sources``, else None."""
+    """The finished latency stage in ``out`` if it timed exactly the models of ``sources`` (the same
+    tags, each made by the same recipe), else None."""
     if not (out / DONE_FILE).is_file():
         return None
-    done = read_json(out / DONE_FILE).get("latency", {})
-    return dict(done) if sorted(done) == sorted(sources) else None
+    done = read_json(out / DONE_FILE)
+    lat = done.get("latency", {})
+    if sorted(lat) != sorted(sources):
+        return None
+    if "inputs" in done and done["inputs"] != {tag: input_id(src) for tag, src in sources.items()}:
+        return None
+    return dict(lat)
 
 
 def latency_stage(sources: dict[str, Path], cfg: Config, out: Path) -> dict[str, dict[str, Any]]:
     """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
     (:func:`~mtprune.evaluate.cost.interleaved_latency`: one forward of each per round, so the machine's
     drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio",
-    "ratio_iqr"}}``, the ratio paired per round. Redone when the run's set of models changed."""
+    "ratio_iqr"}}``, the ratio paired per round. Redone when the run's set of models (or one of
+    them) changed."""
     done = _latency_done(sources, out)
     if done is not None:
         return done
@@ -175,7 +215,8 @@ def latency_stage(sources: dict[str, Path], cfg: Config, out: Path) -> dict[str,
         }
         for tag, t in timed.items()
     }
-    write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat})
+    inputs = {tag: input_id(src) for tag, src in sources.items()}
+    write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat, "inputs": inputs})
     return lat
 
 
@@ -202,9 +243,12 @@ def run_pipeline(
     def stage(name: str, fn: Callable[[], Any], reused: bool | None = None) -> Any:
         if reused is None:
             reused = (out / name / DONE_FILE).is_file()
-        state = "reused" if reused else "running"
-        say(f"[{name}] {state}")
-        return fn()
+        if not reused:
+            say(f"[{name}] running")
+        result = fn()  # a finished stage is said to be reused once fn has checked its recipe
+        if reused:
+            say(f"[{name}] reused")
+        return result
 
     init = None
     if pretrained is not None:
@@ -374,10 +418,14 @@ def run_seeds(
     if cfg.run.pretrain and cfg.run.shared_pretrain:
         first = deepcopy(cfg)
         first.seed = seeds[0]
-        state = "reused" if (out / "pretrain-cls" / DONE_FILE).is_file() else "running"
-        say(f"[pretrain-cls] {state} (shared by seeds {', '.join(map(str, seeds))})")
+        reused = (out / "pretrain-cls" / DONE_FILE).is_file()
+        shared = f"(shared by seeds {', '.join(map(str, seeds))})"
+        if not reused:
+            say(f"[pretrain-cls] running {shared}")
         seed_everything(first.seed)
         run_stage("pretrain-cls", first, out / "pretrain-cls", env=env)
+        if reused:
+            say(f"[pretrain-cls] reused {shared}")
         pretrained = out / "pretrain-cls"
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for s in seeds:

@@ -2,7 +2,8 @@
 
 ``run_stage(stage, cfg, out, init=None)`` runs ``pretrain-cls``, ``train-seg``, ``sparse-mtp``,
 ``sparse-slimming`` or ``finetune`` in folder ``out``, resuming it if it was interrupted and returning
-the finished stage's metrics at once if it already ran.
+the finished stage's metrics at once if it already ran — both only if the folder's ``recipe.json``
+matches (:mod:`mtprune.recipe`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 from mtprune.config import Config
 from mtprune.errors import UsageError
 from mtprune.io import read_json
+from mtprune.recipe import claim, stage_recipe
 from mtprune.train.distributed import DistEnv, setup
-from mtprune.train.engine import DONE_FILE
+from mtprune.train.engine import DONE_FILE, STATE_FILE
 
 STAGES = ("pretrain-cls", "train-seg", "sparse-mtp", "sparse-slimming", "finetune")
 
@@ -38,9 +40,14 @@ def run_stage(
     if stage not in STAGES:
         raise UsageError(f"unknown stage '{stage}'; choose from {', '.join(STAGES)}")
     out = Path(out)
-    if (out / DONE_FILE).is_file():
+    recipe = stage_recipe(stage, cfg, init)
+    done = (out / DONE_FILE).is_file()
+    has_work = done or (out / STATE_FILE).is_file()
+    claim(out, recipe, has_work, write=False)
+    if done:
         return dict(read_json(out / DONE_FILE).get("metrics", {}))
     env = env or setup(cfg.device)
+    claim(out, recipe, has_work, write=env.is_main)
     import torch
 
     torch.use_deterministic_algorithms(env.device.type == "cpu", warn_only=True)
