@@ -7,8 +7,23 @@ import torch
 
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
+from mtprune.train.engine import StageRun
 
 TINY_FAMILIES = ["deeplabv3_resnet18", "deeplabv3_resnet50", "pspnet_resnet50", "bisenet_resnet18"]
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int, stage: str | None = None):
+    """Make training raise KeyboardInterrupt right after ``step`` (of ``stage``, or of any stage) is logged
+    and checkpointed; returns a function that undoes it."""
+    original = StageRun.after_step
+
+    def crash(self: StageRun, record: dict) -> None:
+        original(self, record)
+        if self.step == step and (stage is None or self.stage == stage):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRun, "after_step", crash)
+    return lambda: monkeypatch.setattr(StageRun, "after_step", original)
 
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -6,12 +6,12 @@ import json
 import math
 
 import pytest
+from tests.conftest import crash_at
 
 from mtprune.cli import main
 from mtprune.config import load_config
 from mtprune.evaluate.cost import count_macs, count_params
 from mtprune.pipeline import run_pipeline
-from mtprune.train.engine import StageRun
 
 TINY = [
     "model.width=0.125",
@@ -115,18 +115,11 @@ def test_interrupted_run_reuses_finished_stages_and_gives_the_same_results(tmp_p
     cfg = tiny_cfg("run.methods=[mtp, uniform]")
     full = run_pipeline(cfg, tmp_path / "full")
 
-    original = StageRun.after_step
-
-    def crash(self, record):
-        original(self, record)
-        if self.stage == "sparse-mtp" and self.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StageRun, "after_step", crash)
+    undo = crash_at(monkeypatch, 3, stage="sparse-mtp")
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, tmp_path / "cut")
     stamp = (tmp_path / "cut" / "train-seg" / "model" / "model.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(StageRun, "after_step", original)
+    undo()
     again = run_pipeline(cfg, tmp_path / "cut")
     assert (tmp_path / "cut" / "train-seg" / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
     assert _strip(again) == _strip(full)

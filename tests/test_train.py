@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import crash_at
 
 from mtprune import load_model
 from mtprune.config import load_config
@@ -83,18 +84,11 @@ def test_interrupted_sparse_mtp_resumes_bit_identical(tmp_path, monkeypatch):
     c = cfg("checkpoint_every=3", "sparse_mtp.mode=alternating")
     run_stage("sparse-mtp", c, tmp_path / "full")
 
-    original = StageRun.after_step
-
-    def crash_after_5(self, record):
-        original(self, record)
-        if self.step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StageRun, "after_step", crash_after_5)
+    undo = crash_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run_stage("sparse-mtp", c, tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
-    monkeypatch.setattr(StageRun, "after_step", original)
+    undo()
     run_stage("sparse-mtp", c, tmp_path / "cut")  # the same command again: resumes from step 3
     a, b = tensors(tmp_path / "full" / "state.safetensors"), tensors(tmp_path / "cut" / "state.safetensors")
     for prefix in ("model.", "backbone1.", "alm.E.", "optim."):
@@ -163,18 +157,11 @@ def test_stage_is_reused_or_resumed_only_with_the_same_recipe(tmp_path, monkeypa
     with pytest.raises(MtpruneError, match="its input model"):
         run_stage("finetune", cfg(*base), ft, init=str(seg))
     # an interrupted stage resumes only with its recipe; with nothing saved yet it takes the new one
-    original = StageRun.after_step
-
-    def crash_after_3(self, record):
-        original(self, record)
-        if self.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StageRun, "after_step", crash_after_3)
+    undo = crash_at(monkeypatch, 3)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         run_stage("train-seg", cfg(*base, "checkpoint_every=2"), cut)
-    monkeypatch.setattr(StageRun, "after_step", original)
+    undo()
     state = (cut / "state.safetensors").read_bytes()
     with pytest.raises(MtpruneError, match="train_seg.batch_size: 4 → 2"):
         run_stage("train-seg", cfg(*base, "checkpoint_every=2", "train_seg.batch_size=2"), cut)

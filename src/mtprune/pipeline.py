@@ -32,7 +32,7 @@ from mtprune.errors import UsageError
 from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
 from mtprune.io import read_json, write_json
 from mtprune.pruning import SCORERS, THRESHOLDS, prune
-from mtprune.recipe import claim, config_keys, input_id
+from mtprune.recipe import check_recipe, config_keys, input_id, write_recipe
 from mtprune.train import run_stage, seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
 from mtprune.train.engine import DONE_FILE, make_dataset, sample_images, stage_steps
@@ -102,10 +102,12 @@ def variants(cfg: Config) -> list[dict[str, Any]]:
 
 def prune_stage(src: Path, method: str, ratio: float, thresholds: str, cfg: Config, out: Path) -> None:
     """Prune the model of stage folder ``src`` into ``out`` (plan.json + model/ + done.json)."""
+    recipe = prune_recipe(src, method, ratio, thresholds, cfg)
     done = (out / DONE_FILE).is_file()
-    claim(out, prune_recipe(src, method, ratio, thresholds, cfg), has_work=done)
+    check_recipe(out, recipe, has_work=done)
     if done:
         return
+    write_recipe(out, recipe)
     model = load_model(src)
     score = METHODS[method][1]
     kw: dict[str, Any] = {}
@@ -158,10 +160,13 @@ def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
 def eval_stage(src: Path, cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     """Validation mIoU (+ per class), top-1/top-5, params and MACs of ``src``'s model (latency: the run's
     ``latency`` stage times every model together)."""
+    recipe = eval_recipe(src, cfg)
     done = (out / DONE_FILE).is_file()
-    claim(out, eval_recipe(src, cfg), has_work=done, write=env.is_main)
+    check_recipe(out, recipe, has_work=done)
     if done:
         return dict(read_json(out / DONE_FILE)["metrics"])
+    if env.is_main:
+        write_recipe(out, recipe)
     model = load_model(src).to(env.device)
     metrics = final_metrics(model, cfg, env, ("seg", "cls"), force=True)
     size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)

@@ -123,29 +123,27 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def claim(out: str | os.PathLike, recipe: dict[str, Any], has_work: bool, write: bool = True) -> None:
-    """Check ``recipe`` against the one in ``out`` before reusing or resuming the stage there.
+def check_recipe(out: str | os.PathLike, recipe: dict[str, Any], has_work: bool) -> None:
+    """Before reusing or resuming the stage in ``out``: refuse it if it was made with another recipe.
 
-    ``has_work``: the folder holds something to reuse (``done.json`` or a resumable state). With work and
-    a different recipe: :class:`~mtprune.errors.UsageError` naming the folder and the differing keys, and
-    nothing is written. Otherwise ``recipe.json`` is written (``write``: only on rank 0) when missing or,
-    with nothing to reuse, when different. A folder with work but no recipe (made before recipes existed)
-    is accepted as it is."""
+    ``has_work``: the folder holds something to reuse (``done.json`` or a resumable state); with nothing
+    to reuse there is nothing to check. A different recipe raises :class:`~mtprune.errors.UsageError`
+    naming the folder and the differing keys; a folder with work but no recipe (made before recipes
+    existed) is accepted as it is."""
     out = Path(out)
     path = out / RECIPE_FILE
-    old = read_json(path) if path.is_file() else None
-    recipe = json.loads(json.dumps(recipe))
-    if has_work:
-        if old is None:
-            return
-        diff = differences(old, recipe)
-        if diff:
-            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
-            raise UsageError(
-                f"{out}: this stage was made with another recipe — {'; '.join(diff[:3])}{more}; "
-                f"rerun with a new --out, or delete {out} to redo it"
-            )
+    if not has_work or not path.is_file():
         return
-    if write and old != recipe:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(path, recipe)
+    diff = differences(read_json(path), json.loads(json.dumps(recipe)))
+    if diff:
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UsageError(
+            f"{out}: this stage was made with another recipe — {'; '.join(diff[:3])}{more}; "
+            f"rerun with a new --out, or delete {out} to redo it"
+        )
+
+
+def write_recipe(out: str | os.PathLike, recipe: dict[str, Any]) -> None:
+    """Write ``out/recipe.json`` (atomically) as a stage starts from nothing (rank 0 only)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / RECIPE_FILE, recipe)

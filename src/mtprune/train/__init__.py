@@ -15,7 +15,7 @@ from typing import Any
 from mtprune.config import Config
 from mtprune.errors import UsageError
 from mtprune.io import read_json
-from mtprune.recipe import claim, stage_recipe
+from mtprune.recipe import check_recipe, stage_recipe, write_recipe
 from mtprune.train.distributed import DistEnv, setup
 from mtprune.train.engine import DONE_FILE, STATE_FILE
 
@@ -43,11 +43,12 @@ def run_stage(
     recipe = stage_recipe(stage, cfg, init)
     done = (out / DONE_FILE).is_file()
     has_work = done or (out / STATE_FILE).is_file()
-    claim(out, recipe, has_work, write=False)
+    check_recipe(out, recipe, has_work)
     if done:
         return dict(read_json(out / DONE_FILE).get("metrics", {}))
     env = env or setup(cfg.device)
-    claim(out, recipe, has_work, write=env.is_main)
+    if env.is_main and not has_work:
+        write_recipe(out, recipe)
     import torch
 
     torch.use_deterministic_algorithms(env.device.type == "cpu", warn_only=True)
