@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from mtprune.config import load_config
     from mtprune.io import read_json, write_json
-    from mtprune.train import run_stage
+    from mtprune.pipeline import run_stage
 
     out = Path(args.out)
     rows: list[dict[str, Any]] = []

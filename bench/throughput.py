@@ -5,7 +5,7 @@
                                [--modes joint alternating] [--steps 30] [--warmup 5] [--device auto]
                                [--workers 8] [--channels-last] [--cudnn-benchmark] [--no-amp] [--json FILE]
 
-Each configuration runs the product's own stage (``mtprune.train.run_stage``, the code ``mtprune train``
+Each configuration runs the product's own stage (``mtprune.pipeline.run_stage``, the code ``mtprune train``
 runs) in its own process, on synthetic data generated at the crop size by ``--workers`` loader
 processes, with ``log_every=1``: every step's end time is in ``metrics.jsonl``. The first ``--warmup``
 steps (cuDNN autotuning, allocator growth, loader start) are dropped; the figures are over the rest:
@@ -83,7 +83,7 @@ def overrides(a: argparse.Namespace, stage: str, mode: str | None) -> list[str]:
 def run_one(a: argparse.Namespace, stage: str, mode: str | None) -> dict:
     """One configuration, in this process (the parent runs each in a child)."""
     from mtprune.config import load_config
-    from mtprune.train import run_stage
+    from mtprune.pipeline import run_stage
 
     cfg = load_config(overrides=overrides(a, stage, mode))
     with tempfile.TemporaryDirectory() as tmp:

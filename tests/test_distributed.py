@@ -20,10 +20,10 @@ import torch
 
 from mtprune import load_model
 from mtprune.config import load_config
+from mtprune.data.from_config import make_dataset
 from mtprune.evaluate.inference import build_eval_loader, evaluate_segmentation
 from mtprune.models import build_model
-from mtprune.train import run_stage
-from mtprune.train.engine import make_dataset
+from mtprune.pipeline import run_stage
 
 SETTINGS = [
     "model.name=bisenet_resnet18",

@@ -176,12 +176,13 @@ def test_seeds_share_the_pretraining_and_summarise_paired_differences(tmp_path, 
 
 def test_without_cls_finetune_for_some_methods_only():
     from mtprune.errors import UsageError
-    from mtprune.pipeline import check_run_config, variants
+    from mtprune.layout import variants
+    from mtprune.pipeline import check_run_config
 
     c = tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[mtp]")
     check_run_config(c)
-    assert [v["tag"] for v in variants(c)] == ["mtp-0.5-independent", "mtp-0.5-independent-nocls", "uniform-0.5"]
-    assert len(variants(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=true"))) == 4
+    assert [v.tag for v in variants(c.run)] == ["mtp-0.5-independent", "mtp-0.5-independent-nocls", "uniform-0.5"]
+    assert len(variants(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=true").run)) == 4
     with pytest.raises(UsageError, match="'slimming' is not one of run.methods"):
         check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))
 
@@ -201,8 +202,9 @@ def test_run_config_rejects_too_few_latency_rounds_before_training():
 def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):
     from tests.conftest import tiny
 
-    import mtprune.pipeline as pl
+    import mtprune.pipeline.stages as pl
     from mtprune.checkpoint import save_model
+    from mtprune.pipeline import execute
     from mtprune.pruning import prune
 
     dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
@@ -210,21 +212,22 @@ def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, mon
     save_model(dense, tmp_path / "d")
     save_model(pruned, tmp_path / "p")
     cfg = tiny_cfg("run.latency=true", "run.latency_threads=1")
-    lat = pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency")
+    lat = execute(pl.latency({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency"))
     assert lat["dense"]["ratio"] == 1.0 and lat["uniform-0.5"]["ratio"] > 0
     assert lat["uniform-0.5"]["latency_ms"] > 0 and lat["dense"]["latency_device"] == "cpu (1 threads)"
     calls = []
     monkeypatch.setattr(pl, "interleaved_latency", lambda *a, **k: calls.append(a) or {})
-    again = pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency")
+    again = execute(pl.latency({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency"))
     assert again == lat and not calls  # the same models: reused
     # the same tags but another model behind one of them: timed again (here by the stub, which returns {})
     other = tiny("deeplabv3_resnet18", seed=5)
     prune(other, "uniform", 0.5)
     save_model(other, tmp_path / "p")
-    assert pl.latency_stage({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency") == {}
+    both = {"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}
+    assert execute(pl.latency(both, cfg, tmp_path / "latency")) == {}
     assert len(calls) == 1
     # another set of models: timed again
-    assert pl.latency_stage({"dense": tmp_path / "d"}, cfg, tmp_path / "latency") == {}
+    assert execute(pl.latency({"dense": tmp_path / "d"}, cfg, tmp_path / "latency")) == {}
     assert len(calls) == 2
 
 

@@ -12,7 +12,7 @@ from tests.conftest import crash_at
 from mtprune import load_model
 from mtprune.config import load_config
 from mtprune.errors import MtpruneError
-from mtprune.train import run_stage
+from mtprune.pipeline import run_stage
 from mtprune.train.engine import StageRun, lr_at
 
 TINY = [
@@ -313,7 +313,7 @@ def test_bad_sample_stops_training_with_one_line_unless_skip_bad(tmp_path, capsy
 
 
 def test_train_subset_is_a_fixed_draw_whatever_the_run_seed():
-    from mtprune.train.engine import make_dataset
+    from mtprune.data.from_config import make_dataset
 
     a = make_dataset(cfg("data.seg.train_subset=5", "seed=0"), "seg", train=True)
     b = make_dataset(cfg("data.seg.train_subset=5", "seed=3"), "seg", train=True)

@@ -19,15 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtprune import __version__
 from mtprune.errors import CheckpointError, MtpruneError
 from mtprune.io import atomic_path, read_json, write_json
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
-from mtprune.pruning.apply import module_shapes, resize_modules
+from mtprune.models.shapes import module_shapes, resize_modules
+from mtprune.version import __version__
 
 ARCH_FILE = "arch.json"
 WEIGHTS_FILE = "model.safetensors"
+#: the γ a sparse-mtp stage stores beside its model for pruning (γ1 of W1, γ2 of W2)
+SCORES_FILE = "scores.safetensors"
 FORMAT = "mtprune-model"
 
 

@@ -161,6 +161,10 @@ class EvalConfig:
     max_images: int | None = None  # evaluate on the first N validation images only
 
 
+#: training images ThiNet's statistics use by default (``run.thinet_samples``, ``mtprune prune --samples``)
+THINET_SAMPLES = 64
+
+
 @dataclass
 class RunConfig:
     """``mtprune run``: Algorithm 1 end to end for several methods on one budget."""
@@ -175,7 +179,7 @@ class RunConfig:
     pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
     round_to: int = 1
     min_channels: int = 1
-    thinet_samples: int = 64
+    thinet_samples: int = THINET_SAMPLES
     latency: bool = True
     latency_size: list[int] | None = None  # default: the segmentation crop size
     latency_runs: int = 20

@@ -11,8 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mtprune import __version__
 from mtprune.errors import MtpruneError
+from mtprune.version import __version__
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

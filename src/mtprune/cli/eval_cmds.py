@@ -43,7 +43,7 @@ def _fmt(v: float | None) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from mtprune.checkpoint import load_model
-    from mtprune.data import DATASET_TRANSFORM_DEFAULTS, DATASETS, build_dataset, build_transforms, seg_eval_transforms
+    from mtprune.data.from_config import DATASETS, eval_dataset
     from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 
     if args.batch_size < 1:
@@ -74,13 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError("--resize applies to segmentation evaluation only")
 
     kw: dict[str, Any] = {k: v for k, v in synth.items() if v is not None}
-    if args.dataset == "synthetic":
-        kw["task"] = task
-    if task == "seg":
-        transforms = seg_eval_transforms(resize=_pair(args.resize, "--resize"))
-    else:
-        transforms = build_transforms("cls", False, DATASET_TRANSFORM_DEFAULTS.get(args.dataset, {"size": 224}))
-    dataset = build_dataset(args.dataset, args.root, split, transforms, **kw)
+    dataset = eval_dataset(args.dataset, args.root, split, task, _pair(args.resize, "--resize"), **kw)
 
     model = load_model(args.checkpoint, device=args.device)
     model_classes = model.num_classes if task == "seg" else model.cls_classes

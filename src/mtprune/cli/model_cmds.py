@@ -8,15 +8,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from mtprune.checkpoint import load_model, resolve_checkpoint, save_model
-from mtprune.errors import DataError, UsageError
+from mtprune.checkpoint import load_model, save_model
+from mtprune.config import THINET_SAMPLES, Config, load_config
+from mtprune.errors import UsageError
 from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.pruning import SCORERS, THRESHOLDS, prune
+from mtprune.pruning import SCORERS, THRESHOLDS, prune, scorer_inputs
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
@@ -133,21 +133,12 @@ def _layer_table(layers: list, total_ms: float, top: int) -> str:
 
 
 # --- prune -----------------------------------------------------------------------------------------
-#: default number of training images ThiNet measures (``--samples``)
-THINET_SAMPLES = 64
-
-
-def _thinet_images(args: argparse.Namespace) -> tuple[list[torch.Tensor], int]:
-    """``--samples`` images of the configured segmentation training set → (batches, seed)."""
-    from mtprune.config import load_config
-    from mtprune.train.engine import sample_images
-
-    cfg = load_config(args.config, args.set)
-    n_req = THINET_SAMPLES if args.samples is None else args.samples
+def _scorer_inputs(args: argparse.Namespace) -> dict:
+    """What ``--method`` needs beyond the model: a sparse-mtp folder's stored γ (``bn``), or ``--samples``
+    training images of the segmentation set that ``--config/--set`` describe (``thinet``)."""
+    cfg = load_config(args.config, args.set) if args.method == "thinet" else Config()
     try:
-        return sample_images(cfg, n_req), cfg.seed
-    except DataError as e:
-        raise UsageError(f"--method thinet needs training images: {e}") from None
+        return scorer_inputs(args.method, args.checkpoint, cfg, args.samples)
     except UsageError as e:
         raise UsageError(f"--method {e}") from None
 
@@ -159,7 +150,6 @@ def _prune(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
-    score_kw: dict = {}
     thinet_flags = [
         f
         for f, v in (
@@ -174,13 +164,7 @@ def _prune(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(thinet_flags)}: only with --method thinet")
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
-    if args.checkpoint and args.method == "bn":
-        scores_file = resolve_checkpoint(args.checkpoint) / "scores.safetensors"
-        if scores_file.is_file():  # sparse-mtp: γ1 of W1 and γ2 of W2 (Algorithm 1, line 9)
-            score_kw["scores"] = load_file(str(scores_file))
-    if args.method == "thinet":
-        batches, seed = _thinet_images(args)
-        score_kw.update(images=batches, num_samples=sum(b.shape[0] for b in batches), seed=seed)
+    score_kw = _scorer_inputs(args)
     plan = prune(
         model,
         args.method,

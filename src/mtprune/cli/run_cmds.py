@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from mtprune.config import load_config
+from mtprune.layout import DENSE, PLOTS_DIR, REPORT_FILE, RESULTS_FILE, display_name
 
 
 def demo_config_path() -> Path:
@@ -15,30 +16,19 @@ def demo_config_path() -> Path:
 
 
 def _print_table(rows: list[dict], out: Path) -> None:
-    print(f"\n{'model':28s} {'mIoU %':>8s} {'Δ':>7s} {'params':>8s} {'MACs':>7s} {'latency':>8s} {'top-1 %':>8s}")
+    print(f"\n{'model':36s} {'mIoU %':>8s} {'Δ':>7s} {'params':>8s} {'MACs':>7s} {'latency':>8s} {'top-1 %':>8s}")
+
+    def f(x: float | None, fmt: str, scale: float = 1.0) -> str:
+        return format(scale * x, fmt) if x is not None else "–"
+
     for r in rows:
-        name = (
-            "dense"
-            if r["method"] == "dense"
-            else (
-                f"{r['method']} {1 - r['ratio']:.2g}×"
-                + ("" if r["thresholds"] in ("layer", "-") else f" {r['thresholds']}")
-                + ("" if r.get("cls_finetune", True) else " no-cls-FT")
-            )
-        )
-
-        def f(x, fmt):  # noqa: E306
-            return format(x, fmt) if x is not None else "–"
-
-        delta = (
-            "" if r["method"] == "dense" else f(100 * r["delta_miou"] if r["delta_miou"] is not None else None, "+.2f")
-        )
+        delta = "" if r["method"] == DENSE else f(r["delta_miou"], "+.2f", 100)
         print(
-            f"{name:28s} {f(100 * r['miou'] if r['miou'] is not None else None, '.2f'):>8s} {delta:>7s} "
+            f"{display_name(r):36s} {f(r['miou'], '.2f', 100):>8s} {delta:>7s} "
             f"{f(r['params_ratio'], '.2f'):>7s}× {f(r['macs_ratio'], '.2f'):>6s}× {f(r['latency_ratio'], '.2f'):>7s}× "
-            f"{f(100 * r['top1'] if r['top1'] is not None else None, '.1f'):>8s}"
+            f"{f(r['top1'], '.1f', 100):>8s}"
         )
-    print(f"\nresults: {out / 'results.json'}\nreport:  {out / 'report.md'}\nplots:   {out / 'plots'}/")
+    print(f"\nresults: {out / RESULTS_FILE}\nreport:  {out / REPORT_FILE}\nplots:   {out / PLOTS_DIR}/")
 
 
 def _execute(

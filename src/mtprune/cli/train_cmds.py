@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from mtprune.config import load_config
-from mtprune.train import STAGES, run_stage
+from mtprune.pipeline import run_stage
+from mtprune.train import STAGES
+from mtprune.train.distributed import cleanup
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -15,8 +17,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and not Path(args.out, "state.safetensors").is_file():
         print(f"note: nothing to resume in {args.out}; starting {args.stage}")
     metrics = run_stage(args.stage, cfg, args.out, init=args.init)
-    from mtprune.train.distributed import cleanup
-
     cleanup()
     shown = {k: v for k, v in metrics.items() if k != "per_class"}
     print(

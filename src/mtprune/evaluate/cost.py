@@ -11,6 +11,7 @@ import contextlib
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,6 +106,8 @@ def measure_latency(
     runs: int = 20,
     fold_bn: bool = False,
     compile: bool = False,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Latency:
     """Median and inter-quartile range of the wall time of a batch-1 forward, after ``warmup`` runs.
 
@@ -113,11 +116,12 @@ def measure_latency(
     ``fold_bn`` times an inference copy with BatchNorm folded into the convolutions
     (:func:`fold_batchnorm`); ``compile`` times ``torch.compile(model)`` with inductor's freezing (weights
     pre-packed once; the compilation happens in the warm-up runs and is not timed). To compare nets with each other, use
-    :func:`interleaved_latency`, which cancels the machine's drift between measurements.
+    :func:`interleaved_latency`, which cancels the machine's drift between measurements. ``clock``: the
+    timer read around each run, in seconds (tests pass a fake one).
     """
-    r = interleaved_latency({"model": model}, size, device, dtype, channels_last, fold_bn, compile, warmup, runs)[
-        "model"
-    ]
+    r = interleaved_latency(
+        {"model": model}, size, device, dtype, channels_last, fold_bn, compile, warmup, runs, clock=clock
+    )["model"]
     return Latency(r["latency_ms"], r["latency_iqr_ms"], r["device"], runs)
 
 
@@ -150,6 +154,8 @@ def interleaved_latency(
     runs: int = 20,
     reference: str | None = None,
     setups: dict[str, Setup] | None = None,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[str, object]]:
     """Latency of several nets measured round-robin: each of the ``runs`` rounds times one batch-1 forward
     of every net (in alternating order), so that slow drifts of the machine — other tenants, clock
@@ -160,7 +166,8 @@ def interleaved_latency(
     from ``setups`` (same keys as ``models``; the same model object may appear under several keys, each
     gets its own copy). Returns ``{name: {"latency_ms", "latency_iqr_ms", "device", "runs"}}`` and, with
     ``reference`` (a key of ``models``), ``"ratio"`` and ``"ratio_iqr"``: the median and IQR over rounds
-    of the net's time divided by the reference's time in the same round.
+    of the net's time divided by the reference's time in the same round. ``clock``: the timer read just
+    before and just after each timed forward, in seconds (``time.perf_counter``; tests pass a fake one).
     """
     _check_latency_args(device, dtype, runs)
     if reference is not None and reference not in models:
@@ -189,10 +196,10 @@ def interleaved_latency(
         for r in range(runs):
             for n in names if r % 2 == 0 else reversed(names):
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 nets[n](inputs[n])
                 sync()
-                times[n].append((time.perf_counter() - t0) * 1000.0)
+                times[n].append((clock() - t0) * 1000.0)
     out: dict[str, dict[str, object]] = {}
     for n in names:
         out[n] = {"latency_ms": statistics.median(times[n]), "latency_iqr_ms": _iqr(times[n])}

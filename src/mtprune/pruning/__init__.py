@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from mtprune.models.base import SegmentationModel
-from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan, module_shapes
+from mtprune.models.shapes import module_shapes
+from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
+from mtprune.pruning.methods import METHODS, Method, get_method, register_method
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan
-from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer
+from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
 
 
@@ -69,19 +71,24 @@ def prune(
 
 
 __all__ = [
+    "METHODS",
     "SCORERS",
     "THRESHOLDS",
+    "Method",
     "PruningPlan",
     "ThiNetStats",
     "apply_plan",
     "build_dependency_graph",
     "compute_plan",
+    "get_method",
     "get_scorer",
     "make_plan",
     "mask_plan",
     "module_shapes",
     "prune",
+    "register_method",
     "register_scorer",
+    "scorer_inputs",
     "thinet_rescale",
     "thinet_statistics",
 ]

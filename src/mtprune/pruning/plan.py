@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from mtprune import __version__
 from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER, PrunableLayer
+from mtprune.version import __version__
 
 THRESHOLDS = ("independent", "unified")
 

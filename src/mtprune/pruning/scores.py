@@ -13,41 +13,82 @@ more important) and says whether its scores are comparable across layers:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from mtprune.errors import UsageError
+from mtprune.checkpoint import SCORES_FILE, resolve_checkpoint
+from mtprune.config import THINET_SAMPLES, Config
+from mtprune.data.from_config import sample_images
+from mtprune.errors import DataError, UsageError
 from mtprune.models.base import PrunableLayer
-from mtprune.pruning import thinet as _thinet
+from mtprune.pruning.thinet import thinet_scores as _thinet_scores
 
 ScoreFn = Callable[..., dict[str, torch.Tensor]]
+#: ``inputs(source, cfg, samples)`` → the keyword arguments a scorer needs beyond the model: ``source``
+#: the checkpoint or stage folder pruned (or None), ``cfg`` the configuration describing the training
+#: data, ``samples`` how many training images to use (None: the scorer's default)
+InputsFn = Callable[[Path | None, Config, int | None], dict[str, Any]]
+Scope = Literal["global", "layer"]
+
+
+def _no_inputs(source: Path | None, cfg: Config, samples: int | None) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
 class Scorer:
     name: str
-    scope: str  # "global" or "layer"
+    scope: Scope  # "global": one ranking per part (thresholds matter); "layer": each layer alike
     fn: ScoreFn
     help: str
+    inputs: InputsFn = _no_inputs  # what fn needs beyond the model, and how to get it
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
-def register_scorer(name: str, scope: str, help: str) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator registering ``fn(model, layers, **kw) -> {conv_name: scores}`` as method ``name``."""
+def register_scorer(name: str, scope: Scope, help: str, inputs: InputsFn = _no_inputs) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering ``fn(model, layers, **kw) -> {conv_name: scores}`` as scorer ``name``;
+    ``inputs`` gets the ``kw`` it needs (stored γ, training images)."""
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
 
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, scope, fn, help)
+        SCORERS[name] = Scorer(name, scope, fn, help, inputs)
         return fn
 
     return deco
+
+
+def scorer_inputs(name: str, source: str | os.PathLike | None, cfg: Config, samples: int | None = None) -> dict:
+    """The keyword inputs scorer ``name`` needs to score the model of ``source`` (see :data:`InputsFn`)."""
+    return get_scorer(name).inputs(Path(source) if source is not None else None, cfg, samples)
+
+
+def stored_gammas(source: Path | None, cfg: Config, samples: int | None) -> dict[str, Any]:
+    """``bn``'s input: the γ a ``sparse-mtp`` stage stored beside its model (``scores.safetensors``: γ1 of
+    W1 for the backbone, γ2 of W2 for the decoder; Algorithm 1, line 9), when ``source`` has them."""
+    if source is None:
+        return {}
+    path = resolve_checkpoint(source) / SCORES_FILE
+    return {"scores": load_file(str(path))} if path.is_file() else {}
+
+
+def training_images(source: Path | None, cfg: Config, samples: int | None) -> dict[str, Any]:
+    """``thinet``'s input: ``samples`` images (default :data:`~mtprune.config.THINET_SAMPLES`) of the
+    configured segmentation training set, drawn from ``cfg.seed``."""
+    try:
+        batches = sample_images(cfg, THINET_SAMPLES if samples is None else samples)
+    except DataError as e:
+        raise UsageError(f"thinet needs training images: {e}") from None
+    return {"images": batches, "num_samples": sum(b.shape[0] for b in batches), "seed": cfg.seed}
 
 
 def get_scorer(name: str) -> Scorer:
@@ -56,7 +97,7 @@ def get_scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
-@register_scorer("bn", "global", "|γ| of each prunable conv's BatchNorm (Network Slimming / MTP)")
+@register_scorer("bn", "global", "|γ| of each prunable conv's BatchNorm (Network Slimming / MTP)", stored_gammas)
 @torch.no_grad()
 def bn_scores(
     model: nn.Module, layers: list[PrunableLayer], scores: dict[str, torch.Tensor] | None = None, **_: Any
@@ -109,9 +150,11 @@ def fpgm_scores(model: nn.Module, layers: list[PrunableLayer], **_: Any) -> dict
     return out
 
 
-@register_scorer("thinet", "layer", "greedy reconstruction of the next layer's output on training images (ThiNet)")
+@register_scorer(
+    "thinet", "layer", "greedy reconstruction of the next layer's output on training images (ThiNet)", training_images
+)
 def thinet_scores(model: nn.Module, layers: list[PrunableLayer], **kw: Any) -> dict[str, torch.Tensor]:
     """ThiNet (Luo et al., ICCV 2017): the rank at which ThiNet's greedy removes each channel; see
     :mod:`mtprune.pruning.thinet`. Keyword arguments: ``images`` (normalised batches), ``num_samples``,
     ``locations_per_image``, ``seed``, ``batch_size`` — or ``stats`` measured beforehand."""
-    return _thinet.thinet_scores(model, layers, **kw)
+    return _thinet_scores(model, layers, **kw)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from mtprune.config import THINET_SAMPLES
 from mtprune.errors import UsageError
 from mtprune.models.base import PrunableLayer, SegmentationModel
 
@@ -210,7 +211,7 @@ def thinet_statistics(
     model: nn.Module,
     layers: list[PrunableLayer],
     images: torch.Tensor | Iterable[torch.Tensor] | None = None,
-    num_samples: int = 64,
+    num_samples: int = THINET_SAMPLES,
     locations_per_image: int = 10,
     seed: int = 0,
     batch_size: int = 8,

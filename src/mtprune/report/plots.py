@@ -12,40 +12,48 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from safetensors import safe_open
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mtprune.io import atomic_path  # noqa: E402
+from mtprune.data import normalization
+from mtprune.io import atomic_path
+from mtprune.layout import (
+    DENSE,
+    EVAL_DENSE,
+    PLOTS_DIR,
+    QUALITATIVE_FILE,
+    color,
+    eval_dir,
+    finetune_dir,
+    has_thresholds,
+    prune_dir,
+)
 
 Row = dict[str, Any]
-COLORS = {
-    "dense": "black",
-    "mtp": "tab:red",
-    "slimming": "tab:blue",
-    "uniform": "tab:gray",
-    "fpgm": "tab:green",
-    "thinet": "tab:purple",
-}
+
+
+def _figure(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Figure, Any]:
+    """A figure not registered with pyplot (no global backend state, safe in any process)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kw)
 
 
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_miou_vs_macs(rows: list[Row], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = _figure((5.5, 4))
     groups: dict[str, list[Row]] = {}
     for r in rows:
-        if r["miou"] is None or not r.get("macs") or not r.get("cls_finetune", True) and r["method"] != "dense":
+        if r["miou"] is None or not r.get("macs") or not r.get("cls_finetune", True) and r["method"] != DENSE:
             continue
-        key = r["method"] + ("" if r["thresholds"] in ("layer", "-", "independent") else f" ({r['thresholds']})")
+        unified = has_thresholds(r) and r["thresholds"] != "independent"
+        key = r["method"] + (f" ({r['thresholds']})" if unified else "")
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["macs"])
@@ -53,10 +61,10 @@ def plot_miou_vs_macs(rows: list[Row], path: Path) -> None:
         ax.plot(
             [r["macs"] / 1e9 for r in rs],
             [100 * r["miou"] for r in rs],
-            marker="o" if base != "dense" else "*",
-            color=COLORS.get(base),
+            marker="o" if base != DENSE else "*",
+            color=color(base),
             label=key,
-            ms=10 if base == "dense" else 6,
+            ms=10 if base == DENSE else 6,
             ls="--" if "unified" in key else "-",
         )
     ax.set_xlabel("GMACs")
@@ -69,7 +77,7 @@ def plot_miou_vs_macs(rows: list[Row], path: Path) -> None:
 
 def plot_channels(plans: dict[str, dict[str, Any]], path: Path) -> None:
     """Fraction of channels kept per prunable layer, one line per method; the decoder's layers shaded."""
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = _figure((9, 3.5))
     first = next(iter(plans.values()))
     names = list(first["layers"])
     dec = [i for i, n in enumerate(names) if first["layers"][n]["part"] == "decoder"]
@@ -77,7 +85,7 @@ def plot_channels(plans: dict[str, dict[str, Any]], path: Path) -> None:
         ax.axvspan(min(dec) - 0.5, max(dec) + 0.5, color="khaki", alpha=0.5, label="decoder")
     for label, plan in plans.items():
         kept = [plan["layers"][n]["kept_count"] / plan["layers"][n]["channels"] for n in names]
-        ax.plot(range(len(names)), kept, ".-", label=label, color=COLORS.get(label.split(" ")[0]), lw=1)
+        ax.plot(range(len(names)), kept, ".-", label=label, color=color(label.split(" ")[0]), lw=1)
     ax.set_xlabel("prunable layer (backbone → decoder)")
     ax.set_ylabel("fraction of channels kept")
     ax.set_ylim(0, 1.05)
@@ -87,11 +95,9 @@ def plot_channels(plans: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def plot_miou_vs_epochs(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = _figure((5.5, 4))
     for label, pts in curves.items():
-        ax.plot(
-            [p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label, color=COLORS.get(label.split(" ")[0])
-        )
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label, color=color(label.split("-")[0]))
     ax.set_xlabel("segmentation fine-tuning epoch")
     ax.set_ylabel("val mIoU (%)")
     ax.grid(alpha=0.3)
@@ -123,7 +129,7 @@ def plot_qualitative(
     path: Path,
 ) -> None:
     cols = ["input", "ground truth", *preds]
-    fig, axes = plt.subplots(len(images), len(cols), figsize=(2.2 * len(cols), 2.2 * len(images)), squeeze=False)
+    fig, axes = _figure((2.2 * len(cols), 2.2 * len(images)), len(images), len(cols), squeeze=False)
     pal = _palette(num_classes)
     for i, (img, mask) in enumerate(zip(images, masks, strict=True)):
         x = img.permute(1, 2, 0).numpy() * np.array(std) + np.array(mean)
@@ -141,62 +147,80 @@ def make_plots(out: Path, cfg: Any, rows: list[Row]) -> dict[str, str]:
     """Draw every figure the run's folders allow; returns caption → relative path."""
     plots: dict[str, str] = {}
     if any(r.get("macs") for r in rows):
-        plot_miou_vs_macs(rows, out / "plots" / "miou_vs_macs.png")
-        plots["mIoU against MACs"] = "plots/miou_vs_macs.png"
-    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "dense"}):
-        plans = {}
-        for r in rows:
-            if r["ratio"] == ratio and r.get("cls_finetune", True) and r["method"] != "dense":
-                p = out / f"prune-{r['tag']}" / "plan.json"
-                if p.is_file():
-                    label = r["method"] + (f" ({r['thresholds']})" if r["thresholds"] == "unified" else "")
-                    plans[label] = json.loads(p.read_text())
+        plot_miou_vs_macs(rows, out / PLOTS_DIR / "miou_vs_macs.png")
+        plots["mIoU against MACs"] = f"{PLOTS_DIR}/miou_vs_macs.png"
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != DENSE}):
+        plans = _plans(out, [r for r in rows if r["ratio"] == ratio])
         if plans:
-            name = f"plots/channels_{ratio:g}.png"
+            name = f"{PLOTS_DIR}/channels_{ratio:g}.png"
             plot_channels(plans, out / name)
             plots[f"Channels kept per layer at ratio {ratio:g} (decoder shaded; Figs 5/7)"] = name
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        log = out / f"finetune-{r['tag']}" / "metrics.jsonl"
-        if r["method"] != "dense" and log.is_file():
-            pts = [
-                (d["epoch"], d["val_miou"]) for d in map(json.loads, log.read_text().splitlines()) if "val_miou" in d
-            ]
-            if pts:
-                curves[r["tag"]] = pts
+    curves = _curves(out, rows)
     if curves:
-        plot_miou_vs_epochs(curves, out / "plots" / "miou_vs_epochs.png")
-        plots["Validation mIoU during segmentation fine-tuning (Fig. 4)"] = "plots/miou_vs_epochs.png"
-    q = _qualitative(out, cfg, rows)
+        plot_miou_vs_epochs(curves, out / PLOTS_DIR / "miou_vs_epochs.png")
+        plots["Validation mIoU during segmentation fine-tuning (Fig. 4)"] = f"{PLOTS_DIR}/miou_vs_epochs.png"
+    q = _qualitative(out, rows)
     if q:
         plots["Qualitative results (Fig. 8)"] = q
     return plots
 
 
-@torch.no_grad()
-def _qualitative(out: Path, cfg: Any, rows: list[Row]) -> str | None:
-    from mtprune.checkpoint import load_model
-    from mtprune.data import normalization
-    from mtprune.train.engine import make_dataset
+def _plans(out: Path, rows: list[Row]) -> dict[str, dict[str, Any]]:
+    """The plan of every (classification fine-tuned) pruned row, by label."""
+    plans = {}
+    for r in rows:
+        p = out / prune_dir(r["tag"]) / "plan.json"
+        if r.get("cls_finetune", True) and r["method"] != DENSE and p.is_file():
+            label = r["method"] + (f" ({r['thresholds']})" if r["thresholds"] == "unified" else "")
+            plans[label] = json.loads(p.read_text())
+    return plans
 
-    k = int(getattr(cfg.run, "qualitative", 0))
-    if k <= 0:
-        return None
-    models = {"dense": out / "train-seg"}
+
+def _curves(out: Path, rows: list[Row]) -> dict[str, list[tuple[float, float]]]:
+    """Validation mIoU against fine-tuning epoch of every pruned row that logged it."""
+    curves = {}
+    for r in rows:
+        log = out / finetune_dir(r["tag"]) / "metrics.jsonl"
+        if r["method"] != DENSE and log.is_file():
+            pts = [
+                (d["epoch"], d["val_miou"]) for d in map(json.loads, log.read_text().splitlines()) if "val_miou" in d
+            ]
+            if pts:
+                curves[r["tag"]] = pts
+    return curves
+
+
+def _qualitative_rows(rows: list[Row]) -> dict[str, str]:
+    """label → eval folder of the models in the qualitative grid: dense, then Slimming and MTP at the
+    largest ratio (independent thresholds first)."""
+    chosen = {DENSE: EVAL_DENSE}
     for method in ("slimming", "mtp"):
         cands = [r for r in rows if r["method"] == method and r.get("cls_finetune", True)]
         if cands:
             r = sorted(cands, key=lambda r: (r["ratio"] != max(x["ratio"] for x in cands), r["thresholds"]))[0]
-            models[f"{method} {1 - r['ratio']:.2g}×"] = out / f"finetune-{r['tag']}"
-    ds = make_dataset(cfg, "seg", train=False)
-    n = min(k, len(ds))
-    images, masks = zip(*(ds[i] for i in range(n)), strict=True)
+            chosen[f"{method} {1 - r['ratio']:.2g}×"] = eval_dir(r["tag"])
+    return chosen
+
+
+def _qualitative(out: Path, rows: list[Row]) -> str | None:
+    """The grid of validation images, labels and each chosen model's predictions, from the files the
+    eval stages kept (``run.qualitative`` images); None when the dense model's are not there."""
+    dense = out / EVAL_DENSE / QUALITATIVE_FILE
+    if not dense.is_file():
+        return None
+    with safe_open(str(dense), "pt") as f:
+        n = len([k for k in f.keys() if k.startswith("image.")])  # noqa: SIM118 (safe_open has no __iter__)
+        images = [f.get_tensor(f"image.{i}") for i in range(n)]
+        masks = [f.get_tensor(f"mask.{i}") for i in range(n)]
+        num_classes = int(f.metadata()["num_classes"])
     preds = {}
-    for label, d in models.items():
-        if not (d / "model").is_dir():
-            continue
-        m = load_model(d)
-        preds[label] = [m(img[None]).argmax(1)[0] for img in images]
+    for label, d in _qualitative_rows(rows).items():
+        path = out / d / QUALITATIVE_FILE
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                preds[label] = [f.get_tensor(f"pred.{i}") for i in range(n)]
+    if not images:
+        return None
     mean, std = normalization(None)
-    plot_qualitative(list(images), list(masks), preds, ds.num_classes, mean, std, out / "plots" / "qualitative.png")
-    return "plots/qualitative.png"
+    plot_qualitative(images, masks, preds, num_classes, mean, std, out / PLOTS_DIR / "qualitative.png")
+    return f"{PLOTS_DIR}/qualitative.png"

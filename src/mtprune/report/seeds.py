@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from mtprune.io import write_json, write_text
-from mtprune.report.tables import Row, _name, _table
+from mtprune.layout import DENSE, display_name, variant_tag
+from mtprune.pruning.methods import METHODS
+from mtprune.report.tables import Row, _table
 
 #: the row keys summarised over seeds
 _KEYS = ("miou", "delta_miou", "params_ratio", "macs_ratio", "latency_ratio", "top1")
@@ -29,17 +31,15 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 def _pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
     """(label, tag a, tag b) for every difference a − b whose two models the run has."""
-    from mtprune.pipeline import variant_tag
-
     tags = {r["tag"] for r in rows}
     out = []
     for r in rows:
-        if r["method"] == "dense":
+        if r["method"] == DENSE:
             continue
         m, p, th, cls = r["method"], r["ratio"], r["thresholds"], bool(r.get("cls_finetune", True))
-        name = _name(r)
+        name = display_name(r)
         if m == "mtp":
-            for other in ("slimming", "uniform", "fpgm", "thinet"):
+            for other in (m for m in METHODS if m != "mtp"):
                 b = variant_tag(other, p, th, cls)
                 if b in tags:
                     out.append((f"{name} − {other}", r["tag"], b))
@@ -57,7 +57,7 @@ def summarize_seeds(per_seed: dict[int, list[Row]]) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for s in seeds:
         for r in per_seed[s]:
-            m = models.setdefault(r["tag"], {"name": _name(r), "row": r, "by_seed": {}})
+            m = models.setdefault(r["tag"], {"name": display_name(r), "row": r, "by_seed": {}})
             m["by_seed"][s] = r
     out_models: dict[str, dict[str, Any]] = {}
     for tag, m in models.items():

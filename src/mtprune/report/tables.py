@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mtprune.io import write_text
+from mtprune.layout import DENSE, REPORT_FILE, display_name
+from mtprune.report.plots import make_plots
 
 Row = dict[str, Any]
 
@@ -28,15 +30,6 @@ def _x(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
-def _name(r: Row) -> str:
-    if r["method"] == "dense":
-        return "dense"
-    s = f"{r['method']} {1 - r['ratio']:.2g}×"
-    if r["thresholds"] in ("independent", "unified"):
-        s += f" ({r['thresholds']})"
-    return s + ("" if r.get("cls_finetune", True) else ", no cls FT")
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -47,14 +40,14 @@ def main_table(rows: list[Row]) -> str:
     """Table 2/3 form: mIoU with Δ, params ×, MACs ×, latency ×."""
     body = []
     for r in rows:
-        if not r.get("cls_finetune", True) and r["method"] != "dense":
+        if not r.get("cls_finetune", True) and r["method"] != DENSE:
             continue
         delta = (
-            "" if r["method"] == "dense" else f" ({100 * r['delta_miou']:+.2f})" if r["delta_miou"] is not None else ""
+            "" if r["method"] == DENSE else f" ({100 * r['delta_miou']:+.2f})" if r["delta_miou"] is not None else ""
         )
         body.append(
             [
-                _name(r),
+                display_name(r),
                 _pct(r["miou"]) + delta,
                 f"{_si(r['params'])} ({_x(r['params_ratio'])})" if r.get("params") else "–",
                 f"{_si(r['macs'])} ({_x(r['macs_ratio'])})" if r.get("macs") else "–",
@@ -90,17 +83,17 @@ def thresholds_table(rows: list[Row]) -> str | None:
 
 def per_class_table(rows: list[Row]) -> str | None:
     """Tables 5/6: IoU of every class, one row per model."""
-    rows = [r for r in rows if r.get("per_class") and (r["method"] == "dense" or r.get("cls_finetune", True))]
+    rows = [r for r in rows if r.get("per_class") and (r["method"] == DENSE or r.get("cls_finetune", True))]
     if not rows:
         return None
     classes = list(rows[0]["per_class"])
-    body = [[_name(r)] + [_pct(r["per_class"].get(c)) for c in classes] + [_pct(r["miou"])] for r in rows]
+    body = [[display_name(r)] + [_pct(r["per_class"].get(c)) for c in classes] + [_pct(r["miou"])] for r in rows]
     return _table(["model", *classes, "mIoU"], body)
 
 
 def topk_table(rows: list[Row]) -> str | None:
     """Table 7: top-1/top-5 of backbone + classification head (after fine-tuning)."""
-    body = [[_name(r), _pct(r.get("top1")), _pct(r.get("top5"))] for r in rows if r.get("top1") is not None]
+    body = [[display_name(r), _pct(r.get("top1")), _pct(r.get("top5"))] for r in rows if r.get("top1") is not None]
     return _table(["model", "top-1 %", "top-5 %"], body) if body else None
 
 
@@ -108,11 +101,11 @@ def cls_finetune_table(rows: list[Row]) -> str | None:
     """Table 1: the same pruned model fine-tuned with and without classification epochs."""
     by: dict[tuple[str, float, str], dict[bool, Row]] = {}
     for r in rows:
-        if r["method"] != "dense":
+        if r["method"] != DENSE:
             by.setdefault((r["method"], r["ratio"], r["thresholds"]), {})[bool(r.get("cls_finetune", True))] = r
     body = [
         [
-            _name(d[True]),
+            display_name(d[True]),
             _pct(d[True]["miou"]),
             _pct(d[False]["miou"]),
             f"{100 * (d[True]['miou'] - d[False]['miou']):+.2f}",
@@ -132,7 +125,7 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]
-    extended = {_name(r): r["extra_seg_steps"] for r in rows if r.get("extra_seg_steps")}
+    extended = {display_name(r): r["extra_seg_steps"] for r in rows if r.get("extra_seg_steps")}
     if extended:
         parts.append(
             "\nBudget: equal segmentation steps after `train-seg` (`run.equal_seg_steps`); fine-tuning extended by "
@@ -156,10 +149,8 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
 
 def write_report(out: str | os.PathLike, cfg: Any, rows: list[Row]) -> Path:
     """Write ``out/report.md`` and ``out/plots/*.png`` for a finished run."""
-    from mtprune.report.plots import make_plots
-
     out = Path(out)
     plots = make_plots(out, cfg, rows)
-    path = out / "report.md"
+    path = out / REPORT_FILE
     write_text(path, render_report(rows, plots, title=f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}"))
     return path

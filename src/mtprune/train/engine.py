@@ -24,15 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import mtprune.train.state as st
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, save_config
-from mtprune.data import IGNORE_INDEX, SkipBadSamples, build_dataset, build_transforms
-from mtprune.data.base import SeededSubset
+from mtprune.data import IGNORE_INDEX, SkipBadSamples
 from mtprune.errors import MtpruneError, UsageError
 from mtprune.io import write_json
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
-from mtprune.train import state as st
 from mtprune.train.distributed import DistEnv, barrier
 from mtprune.train.streams import BatchStream
 
@@ -146,61 +145,15 @@ def prunable_gammas(model: SegmentationModel, part: str | None = None) -> list[n
     return [model.get_submodule(lay.bn).weight for lay in model.prunable_layers() if part in (None, lay.part)]
 
 
-# --- data ---------------------------------------------------------------------------------------
-def _dataset_kwargs(name: str, task: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
-    kw = dict(options)
-    if name == "synthetic":
-        kw.setdefault("task", task)
-        kw.setdefault("seed", seed)
-    return kw
+#: how a stage validates its model: ``evaluate(model, cfg, env, tasks, force)`` → metrics (``miou``,
+#: ``per_class``, ``top1`` …). Training sits below evaluation in the layers, so the stage runner passes
+#: :func:`mtprune.evaluate.validation.final_metrics` in; ``force`` evaluates even without ``eval.final``.
+Evaluator = Callable[[SegmentationModel, Config, DistEnv, tuple[str, ...], bool], dict[str, Any]]
 
 
-def make_dataset(cfg: Config, task: str, train: bool) -> Any:
-    """The segmentation (``task="seg"``) or classification set of the config, with its transforms."""
-    d = cfg.data.seg if task == "seg" else cfg.data.cls
-    tcfg: dict[str, Any] = {"hflip": d.hflip}
-    if task == "seg":
-        tcfg.update(crop_size=d.crop_size, scale_range=d.scale_range, eval_resize=d.eval_resize)
-    else:
-        tcfg.update(size=d.size, resize=d.resize, min_area=d.min_area)
-    options = d.options if train else {**d.options, **d.val_options}
-    split = d.train_split if train else d.val_split
-    try:
-        ds = build_dataset(
-            d.dataset,
-            d.root,
-            split,
-            build_transforms(task, train, tcfg),
-            **_dataset_kwargs(d.dataset, task, options, cfg.seed),
-        )
-    except TypeError as e:  # an option the dataset does not take
-        raise UsageError(f"data.{task}.options for dataset '{d.dataset}': {e}") from None
-    if train and d.train_subset is not None:
-        try:
-            ds = SeededSubset(ds, d.train_subset, d.subset_seed)
-        except ValueError as e:
-            raise UsageError(f"data.{task}.{e}") from None
-    return SkipBadSamples(ds) if cfg.data.skip_bad else ds
-
-
-def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) -> list[torch.Tensor]:
-    """``n`` images of the configured training set (with its training transforms), drawn reproducibly
-    from ``cfg.seed``, grouped into batches of equal image size (ThiNet's statistics)."""
-    ds = make_dataset(cfg, task, train=True)
-    n = min(n, len(ds))
-    if n < 1:
-        raise UsageError(f"thinet needs training images: the {task} training set is empty")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
-    with torch.random.fork_rng(devices=[]):  # the random training transforms, reproducibly
-        torch.manual_seed(cfg.seed)
-        images = [ds[i][0] for i in idx]
-    batches: list[torch.Tensor] = []
-    for img in images:
-        if batches and batches[-1].shape[1:] == img.shape and batches[-1].shape[0] < max_batch:
-            batches[-1] = torch.cat([batches[-1], img[None]])
-        else:
-            batches.append(img[None])
-    return batches
+def no_evaluation(model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...], force: bool) -> dict:
+    """The :data:`Evaluator` of a stage run without validation data: no metrics."""
+    return {}
 
 
 # --- the model a stage starts from ---------------------------------------------------------------

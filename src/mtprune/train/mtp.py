@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mtprune.config import Config
+from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.io import atomic_path
 from mtprune.method import (
@@ -51,6 +52,7 @@ from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.train.distributed import DistEnv
 from mtprune.train.engine import (
     ClsNet,
+    Evaluator,
     SegNet,
     StageRun,
     autocast,
@@ -58,7 +60,7 @@ from mtprune.train.engine import (
     convert_sync_bn,
     initial_model,
     lr_at,
-    make_dataset,
+    no_evaluation,
     place_model,
     prunable_gammas,
     revert_sync_bn,
@@ -69,7 +71,6 @@ from mtprune.train.engine import (
     to_device,
     wrap_ddp,
 )
-from mtprune.train.stages import final_metrics
 from mtprune.train.streams import BatchStream
 
 SPARSE_BELOW = 1e-2  # a γ below this counts as "pruned away" in the round logs
@@ -81,7 +82,9 @@ def sparsity(gammas: list[torch.nn.Parameter]) -> float:
     return float((g < SPARSE_BELOW).float().mean())
 
 
-def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> dict[str, Any]:
+def run_sparse_mtp(
+    cfg: Config, out: Path, env: DistEnv, init: str | None, evaluate: Evaluator = no_evaluation
+) -> dict[str, Any]:
     c = cfg.sparse_mtp
     if c.mode not in ("joint", "alternating"):
         raise UsageError(f"sparse_mtp.mode must be joint or alternating, got '{c.mode}'")
@@ -247,7 +250,7 @@ def run_sparse_mtp(cfg: Config, out: Path, env: DistEnv, init: str | None) -> di
         "sparse_backbone": sparsity(gamma1),
         "sparse_decoder": sparsity(gamma2),
     }
-    metrics.update(final_metrics(exported, cfg, env, ("seg", "cls")))
+    metrics.update(evaluate(exported, cfg, env, ("seg", "cls"), False))
     return run.finish(
         exported, metrics, meta={"init": init, "backbone_from": c.backbone_from}, extra_files=write_scores
     )

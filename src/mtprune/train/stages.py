@@ -10,15 +10,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 from mtprune.config import Config
+from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.method import l1_penalty, soft_threshold_
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv
 from mtprune.train.engine import (
     ClsNet,
+    Evaluator,
     SegNet,
     StageRun,
     autocast,
@@ -26,7 +27,7 @@ from mtprune.train.engine import (
     convert_sync_bn,
     initial_model,
     lr_at,
-    make_dataset,
+    no_evaluation,
     place_model,
     prunable_gammas,
     seg_loss,
@@ -58,7 +59,7 @@ class Phase:
     l1: str = "subgradient"
 
 
-def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) -> None:
+def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, evaluate: Evaluator) -> None:
     """The training loop: each phase's steps in turn, resumable at any step."""
     run.total = sum(p.steps for p in phases)
     run.start()
@@ -88,60 +89,20 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv) ->
                     soft_threshold_(ph.gammas, lr * ph.alpha)
                 run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
                 if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
-                    epoch_eval(run, ph, cfg, env, (i + 1) / ph.stream.steps_per_epoch)
+                    epoch_eval(run, ph, cfg, env, evaluate, (i + 1) / ph.stream.steps_per_epoch)
             offset += ph.steps
     finally:
         run.close_progress()
 
 
-def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, epoch: float) -> None:
+def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, evaluate: Evaluator, epoch: float) -> None:
     """Validation mIoU after a segmentation epoch, logged as ``{"epoch", "val_miou"}`` (Fig. 4)."""
     model = ph.net.module._model if hasattr(ph.net, "module") else ph.net._model
     sync_buffers(model, env)
-    r = final_metrics(model, cfg, env, ("seg",), force=True)
+    r = evaluate(model, cfg, env, ("seg",), True)
     run.log({"step": run.step, "epoch": epoch, "phase": ph.name, "val_miou": r["miou"]})
     set_train_mode(ph.net, cfg)
     run.restart_clock()  # the evaluation is not training time
-
-
-def _first(ds: Any, n: int | None) -> Any:
-    return Subset(ds, range(min(n, len(ds)))) if n else ds
-
-
-def final_metrics(
-    model: SegmentationModel, cfg: Config, env: DistEnv, tasks: tuple[str, ...], force: bool = False
-) -> dict[str, Any]:
-    """Validation metrics of the stage's model (mIoU and/or top-1/top-5), when ``eval.final`` is set."""
-    if not (cfg.eval.final or force):
-        return {}
-    from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
-
-    out: dict[str, Any] = {}
-    model.eval()
-    if "seg" in tasks:
-        ds = make_dataset(cfg, "seg", train=False)
-        loader = build_eval_loader(
-            _first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers, distributed=env.distributed
-        )
-        r = evaluate_segmentation(
-            model,
-            loader,
-            ds.num_classes,
-            scales=tuple(cfg.eval.scales),
-            flip=cfg.eval.flip,
-            device=env.device,
-            class_names=list(ds.class_names),
-            progress=False,
-        )
-        out.update(miou=r["miou"], pixel_acc=r["pixel_acc"], per_class=r["per_class"])
-    if "cls" in tasks:
-        ds = make_dataset(cfg, "cls", train=False)
-        loader = build_eval_loader(
-            _first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers, distributed=env.distributed
-        )
-        r = evaluate_classification(model, loader, device=env.device, progress=False)
-        out.update(top1=r["top1"], top5=r["top5"])
-    return out
 
 
 def _seg_phase(
@@ -180,8 +141,11 @@ def _cls_phase(
     return Phase(name, "cls", net, opt, stream, steps_for(epochs, stream), lr, schedule)
 
 
-def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str | None) -> dict[str, Any]:
-    """``pretrain-cls``, ``train-seg``, ``sparse-slimming`` or ``finetune`` in folder ``out``."""
+def run_supervised(
+    stage: str, cfg: Config, out: Path, env: DistEnv, init: str | None, evaluate: Evaluator = no_evaluation
+) -> dict[str, Any]:
+    """``pretrain-cls``, ``train-seg``, ``sparse-slimming`` or ``finetune`` in folder ``out``; ``evaluate``
+    validates the model per epoch (``eval.every_epoch``) and at the end."""
     if stage == "finetune" and not init:
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
@@ -237,6 +201,6 @@ def run_supervised(stage: str, cfg: Config, out: Path, env: DistEnv, init: str |
     run.modules = {"model": model}
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
-    run_phases(run, phases, cfg, env)
+    run_phases(run, phases, cfg, env, evaluate)
     sync_buffers(model, env)
-    return run.finish(model, final_metrics(model, cfg, env, tasks), meta={"init": init})
+    return run.finish(model, evaluate(model, cfg, env, tasks, False), meta={"init": init})

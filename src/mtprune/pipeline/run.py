@@ -1,0 +1,224 @@
+"""``mtprune run``: Algorithm 1 end to end, every method on the same budget, as resumable stages in the
+run layout of :mod:`mtprune.layout`.
+
+Every method gets the same fine-tuning budget (the ``finetune`` section; :mod:`~mtprune.pipeline.budget`);
+``run.without_cls_finetune`` adds the Table 1 variant with no classification fine-tuning. Each stage is
+reused, resumed or refused by its recipe (:func:`~mtprune.pipeline.runner.execute`), so results of two
+configurations never mix in one folder.
+"""
+
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtprune import layout
+from mtprune.config import Config, save_config
+from mtprune.errors import UsageError
+from mtprune.io import write_json
+from mtprune.layout import Variant, variants
+from mtprune.pipeline.budget import finetune_budget
+from mtprune.pipeline.runner import Say, execute, say_on_main
+from mtprune.pipeline.stages import evaluation, latency, pruning, training
+from mtprune.pruning import METHODS, THRESHOLDS
+from mtprune.report import write_report
+from mtprune.report.seeds import write_seeds_summary
+from mtprune.train import seed_everything
+from mtprune.train.distributed import DistEnv, barrier, setup
+
+
+def check_run_config(cfg: Config) -> None:
+    r = cfg.run
+    for m in r.methods:
+        if m not in METHODS:
+            raise UsageError(f"run.methods: unknown method '{m}' (choose from {', '.join(METHODS)})")
+    for p in r.ratios:
+        if not 0 < p < 1:
+            raise UsageError(f"run.ratios: {p} is outside (0, 1)")
+    if isinstance(r.without_cls_finetune, list):
+        for m in r.without_cls_finetune:
+            if m not in r.methods:
+                raise UsageError(f"run.without_cls_finetune: '{m}' is not one of run.methods ({', '.join(r.methods)})")
+    for t in r.thresholds:
+        if t not in THRESHOLDS:
+            raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
+    if r.latency and r.latency_runs < 20:  # checked here, not after hours of training in the latency stage
+        raise UsageError(f"run.latency_runs: {r.latency_runs} is below 20 (latency medians need at least 20 rounds)")
+    if r.latency and r.latency_threads is not None and r.latency_threads < 1:
+        raise UsageError(f"run.latency_threads: {r.latency_threads} is below 1")
+
+
+def run_stage(
+    stage: str,
+    cfg: Config,
+    out: str | os.PathLike,
+    init: str | None = None,
+    env: DistEnv | None = None,
+    progress: Say | None = None,
+) -> dict[str, Any]:
+    """Run, resume or reuse one training stage in ``out`` (``mtprune train``); returns its final metrics.
+    ``progress`` receives the runner's ``[stage] running / reused`` line (default: none is printed, the
+    stage's own progress bar and messages say it)."""
+    env = env or setup(cfg.device)
+    return execute(training(stage, cfg, out, env, init), env, progress or (lambda msg: None))
+
+
+def _start(cfg: Config, out: str | os.PathLike, env: DistEnv | None, progress: Say | None) -> tuple[Path, DistEnv, Say]:
+    """Check the run section, open the run folder (its ``config.yaml``); the folder, process group, progress."""
+    check_run_config(cfg)
+    out = Path(out)
+    env = env or setup(cfg.device)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return out, env, progress or say_on_main(env)
+
+
+def run_pipeline(
+    cfg: Config,
+    out: str | os.PathLike,
+    env: DistEnv | None = None,
+    progress: Say | None = None,
+    pretrained: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Run Algorithm 1 for every configured method; returns the rows of ``results.json``.
+
+    ``pretrained``: a finished ``pretrain-cls`` folder (or checkpoint) to start ``train-seg`` from
+    instead of running ``pretrain-cls`` here (several seeds sharing one pre-trained backbone, as the
+    paper's runs share one ImageNet model)."""
+    out, env, say = _start(cfg, out, env, progress)
+    init = str(pretrained) if pretrained is not None else None
+    if init is None and cfg.run.pretrain:
+        execute(training(layout.PRETRAIN, cfg, out / layout.PRETRAIN, env), env, say)
+        init = str(out / layout.PRETRAIN)
+    dense_dir = out / layout.TRAIN_SEG
+    execute(training(layout.TRAIN_SEG, cfg, dense_dir, env, init), env, say)
+    dense = execute(evaluation(dense_dir, cfg, env, out / layout.EVAL_DENSE), env, say)
+    rows = [_row(Variant(layout.DENSE, 0.0, layout.NO_THRESHOLDS, False), dense, dense, tag=layout.DENSE)]
+    for sparse in sorted({METHODS[m].sparse_stage for m in cfg.run.methods if METHODS[m].sparse_stage}):
+        execute(training(sparse, cfg, out / sparse, env, str(dense_dir)), env, say)
+    extra, seg_epochs = finetune_budget(cfg, env.world_size)
+    if cfg.run.equal_seg_steps:
+        say(f"[budget] equal segmentation steps: fine-tuning steps {', '.join(f'{m} +{k}' for m, k in extra.items())}")
+    for v in variants(cfg.run):
+        metrics = _variant(v, cfg, out, env, say, seg_epochs.get(v.method))
+        rows.append(_row(v, metrics, dense, extra[v.method]))
+    if env.is_main and cfg.run.latency:
+        _add_latency(rows, cfg, out, env, say)
+    if env.is_main:
+        write_json(out / layout.RESULTS_FILE, rows)
+        say("[report] writing report.md and plots")
+        write_report(out, cfg, rows)
+    barrier(env)
+    return rows
+
+
+def _variant(v: Variant, cfg: Config, out: Path, env: DistEnv, say: Say, seg_epochs: float | None) -> dict:
+    """Prune, fine-tune and evaluate one variant; its eval metrics."""
+    pruned = out / layout.prune_dir(v.tag)
+    if env.is_main:
+        src = out / layout.source_dir(v.method)
+        execute(pruning(src, v.method, v.ratio, v.thresholds, cfg, pruned), env, say)
+    barrier(env)
+    ft_cfg = deepcopy(cfg)
+    if not v.cls_finetune:
+        ft_cfg.finetune.cls_epochs = 0
+    if seg_epochs is not None:
+        ft_cfg.finetune.seg_epochs = seg_epochs
+    tuned = out / layout.finetune_dir(v.tag)
+    execute(training("finetune", ft_cfg, tuned, env, str(pruned)), env, say)
+    return execute(evaluation(tuned, cfg, env, out / layout.eval_dir(v.tag)), env, say)
+
+
+def _add_latency(rows: list[dict[str, Any]], cfg: Config, out: Path, env: DistEnv, say: Say) -> None:
+    """Time every row's model round-robin (the latency stage) and add its figures to the rows."""
+    sources = {r["tag"]: out / layout.model_dir(r["tag"]) for r in rows}
+    lat = execute(latency(sources, cfg, out / layout.LATENCY), env, say)
+    for r in rows:
+        t = lat[r["tag"]]
+        r.update(latency_ms=t["latency_ms"], latency_iqr_ms=t["latency_iqr_ms"], latency_ratio=t["ratio"])
+
+
+def _row(
+    v: Variant, m: dict[str, Any], dense: dict[str, Any], extra_seg_steps: int = 0, tag: str | None = None
+) -> dict[str, Any]:
+    def ratio(key: str) -> float | None:
+        a, b = m.get(key), dense.get(key)
+        return a / b if a is not None and b else None
+
+    return {
+        "method": v.method,
+        "ratio": v.ratio,
+        "thresholds": v.thresholds,
+        "cls_finetune": v.cls_finetune,
+        "tag": tag or v.tag,
+        "extra_seg_steps": extra_seg_steps,
+        "miou": m.get("miou"),
+        "delta_miou": (m["miou"] - dense["miou"]) if m.get("miou") is not None else None,
+        "params": m.get("params"),
+        "macs": m.get("macs"),
+        "params_ratio": ratio("params"),
+        "macs_ratio": ratio("macs"),
+        "latency_ms": m.get("latency_ms"),
+        "latency_ratio": ratio("latency_ms"),
+        "top1": m.get("top1"),
+        "top5": m.get("top5"),
+        "pixel_acc": m.get("pixel_acc"),
+        "per_class": m.get("per_class"),
+    }
+
+
+def run_seeds(
+    cfg: Config,
+    out: str | os.PathLike,
+    seeds: list[int],
+    env: DistEnv | None = None,
+    progress: Say | None = None,
+) -> dict[str, Any]:
+    """The run once per seed in ``out/seed-<k>/``, then ``out/summary.{json,md}``: mean ± std of every
+    model and the paired per-seed differences (:mod:`mtprune.report.seeds`).
+
+    With ``run.pretrain`` and ``run.shared_pretrain`` (the default), ``pretrain-cls`` runs once, in
+    ``out/pretrain-cls/`` with the first seed, and every seed starts from it; the seeds then differ in
+    everything after it. Finished seeds and stages are reused, so the command resumes like ``run``."""
+    if not seeds:
+        raise UsageError("run_seeds: no seeds given")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds repeat: {seeds}")
+    out, env, say = _start(cfg, out, env, progress)
+    pretrained = None
+    if cfg.run.pretrain and cfg.run.shared_pretrain:
+        first = deepcopy(cfg)
+        first.seed = seeds[0]
+        shared = training(layout.PRETRAIN, first, out / layout.PRETRAIN, env)
+        shared.note = f"(shared by seeds {', '.join(map(str, seeds))})"
+        execute(shared, env, say)
+        pretrained = out / layout.PRETRAIN
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for s in seeds:
+        c = deepcopy(cfg)
+        c.seed = s
+        say(f"== seed {s} ==")
+        seed_everything(s)
+        per_seed[s] = run_pipeline(c, out / layout.seed_dir(s), env=env, progress=progress, pretrained=pretrained)
+    summary: dict[str, Any] = {}
+    if env.is_main:
+        title = f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}, seeds {', '.join(map(str, seeds))}"
+        summary = write_seeds_summary(out, per_seed, title)
+    barrier(env)
+    return summary
+
+
+def run_command(cfg: Config, out: str | os.PathLike, seeds: list[int] | None = None) -> Any:
+    """``mtprune run``: one run (``results.json`` rows), or with ``seeds`` (or ``run.seeds``) one run per
+    seed and their summary."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seeds = list(seeds) if seeds else list(cfg.run.seeds)
+    if seeds:
+        return run_seeds(cfg, out, seeds)
+    seed_everything(cfg.seed)
+    return run_pipeline(cfg, out)

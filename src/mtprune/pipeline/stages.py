@@ -1,0 +1,160 @@
+"""The stages of a run as :class:`~mtprune.pipeline.runner.Stage` declarations: training (every stage
+of Algorithm 1), pruning, evaluation and the round-robin latency of every model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mtprune.checkpoint import load_model, save_model
+from mtprune.config import Config
+from mtprune.data.from_config import make_dataset
+from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
+from mtprune.evaluate.validation import final_metrics
+from mtprune.io import atomic_path, write_json
+from mtprune.layout import QUALITATIVE_FILE
+from mtprune.pipeline.runner import Stage
+from mtprune.pruning import THRESHOLDS, get_method, prune, scorer_inputs
+from mtprune.recipe import config_keys, input_id, stage_recipe
+from mtprune.train import check_stage, train_stage
+from mtprune.train.distributed import DistEnv, barrier
+from mtprune.train.engine import DONE_FILE
+
+
+def training(stage: str, cfg: Config, out: str | os.PathLike, env: DistEnv, init: str | None = None) -> Stage:
+    """Training stage ``stage`` of ``cfg`` from the model at ``init``, in folder ``out``, validated by
+    :func:`~mtprune.evaluate.validation.final_metrics`."""
+    out = Path(out)
+    return Stage(
+        out.name,
+        out,
+        stage_recipe(check_stage(stage), cfg, init),
+        lambda: train_stage(stage, cfg, out, env, init, evaluate=final_metrics),
+        resumable=True,
+    )
+
+
+def prune_recipe(src: Path, method: str, ratio: float, thresholds: str, cfg: Config) -> dict[str, Any]:
+    """What a prune stage computes from: the source model, the method, ratio, thresholds and the ``run``
+    keys of the plan (ThiNet also draws images: the seed and the segmentation data)."""
+    keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
+    if get_method(method).scorer == "thinet":
+        keys += ("seed", "run.thinet_samples", "data.seg")
+    return {
+        "stage": "prune",
+        "input": input_id(src),
+        "method": method,
+        "ratio": ratio,
+        "thresholds": thresholds,
+        "config": config_keys(cfg, keys),
+    }
+
+
+def pruning(src: Path, method: str, ratio: float, thresholds: str, cfg: Config, out: Path) -> Stage:
+    """Prune the model of stage folder ``src`` with ``method`` into ``out`` (plan.json + model/ + done.json)."""
+
+    def run() -> None:
+        m = get_method(method)
+        model = load_model(src)
+        kw = scorer_inputs(m.scorer, src, cfg, cfg.run.thinet_samples)
+        th = thresholds if thresholds in THRESHOLDS else "independent"
+        plan = prune(model, m.scorer, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
+        write_json(out / "plan.json", plan.to_dict())
+        meta = {"pruned": {"method": method, "ratio": ratio, "thresholds": thresholds}, "source": str(src)}
+        save_model(model, out / "model", meta=meta)
+        write_json(out / DONE_FILE, {"stage": "prune", "method": method, "ratio": ratio, "thresholds": thresholds})
+
+    return Stage(out.name, out, prune_recipe(src, method, ratio, thresholds, cfg), run)
+
+
+def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
+    """What an eval stage measures: the model, the evaluation settings, the validation data and the
+    input size of the MACs count."""
+    return {
+        "stage": "eval",
+        "input": input_id(src),
+        "config": config_keys(cfg, ("eval", "data.seg", "data.cls", "run.latency_size")),
+    }
+
+
+def evaluation(src: Path, cfg: Config, env: DistEnv, out: Path) -> Stage:
+    """Validation mIoU (+ per class), top-1/top-5, params and MACs of ``src``'s model, and the predictions
+    of the first ``run.qualitative`` validation images (latency: the run's ``latency`` stage times every
+    model together)."""
+
+    def run() -> dict[str, Any]:
+        model = load_model(src).to(env.device)
+        metrics = final_metrics(model, cfg, env, ("seg", "cls"), force=True)
+        if env.is_main and cfg.run.qualitative > 0:
+            save_predictions(model, cfg, cfg.run.qualitative, out / QUALITATIVE_FILE)
+        size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+        model = model.cpu()
+        metrics.update(params=count_params(model), macs=count_macs(model, size), cost_size=list(size))
+        if env.is_main:
+            write_json(out / DONE_FILE, {"stage": "eval", "source": str(src), "metrics": metrics})
+        barrier(env)
+        return metrics
+
+    return Stage(out.name, out, eval_recipe(src, cfg), run)
+
+
+@torch.no_grad()
+def save_predictions(model: torch.nn.Module, cfg: Config, n: int, path: Path) -> None:
+    """The first ``n`` validation images, their labels and ``model``'s predictions (``image.i``, ``mask.i``,
+    ``pred.i``), for the report's qualitative figure."""
+    ds = make_dataset(cfg, "seg", train=False)
+    device = next(model.parameters()).device
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(min(n, len(ds))):
+        img, mask = ds[i]
+        tensors[f"image.{i}"] = img.contiguous()
+        tensors[f"mask.{i}"] = mask.contiguous()
+        tensors[f"pred.{i}"] = model(img[None].to(device)).argmax(1)[0].cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"num_classes": str(ds.num_classes)})
+
+
+def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
+    """What the latency stage measures: the model behind every tag and the timing settings."""
+    keys = ("run.latency_size", "run.latency_runs", "run.latency_threads", "data.seg.crop_size")
+    return {
+        "stage": "latency",
+        "inputs": {tag: input_id(src) for tag, src in sorted(sources.items())},
+        "config": config_keys(cfg, keys),
+    }
+
+
+def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
+    """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
+    (:func:`~mtprune.evaluate.cost.interleaved_latency`: one forward of each per round, so the machine's
+    drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio",
+    "ratio_iqr"}}``, the ratio paired per round. Redone (not refused) when a model or a setting changed."""
+
+    def run() -> dict[str, dict[str, Any]]:
+        size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+        models = {tag: load_model(src).cpu() for tag, src in sources.items()}
+        threads = torch.get_num_threads()
+        if cfg.run.latency_threads:
+            torch.set_num_threads(cfg.run.latency_threads)
+        try:
+            timed = interleaved_latency(models, size, device="cpu", runs=cfg.run.latency_runs, reference="dense")
+        finally:
+            torch.set_num_threads(threads)
+        lat = {tag: _latency_entry(t) for tag, t in timed.items()}
+        inputs = {tag: input_id(src) for tag, src in sources.items()}
+        write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat, "inputs": inputs})
+        return lat
+
+    return Stage(
+        out.name, out, latency_recipe(sources, cfg), run, result=lambda d: dict(d["latency"]), redo_on_change=True
+    )
+
+
+def _latency_entry(t: dict[str, Any]) -> dict[str, Any]:
+    keys = {"latency_ms": "latency_ms", "latency_iqr_ms": "latency_iqr_ms", "latency_device": "device"}
+    return {k: t[v] for k, v in keys.items()} | {"ratio": t["ratio"], "ratio_iqr": t["ratio_iqr"]}
