@@ -15,7 +15,6 @@ that process's max RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA); the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
@@ -27,9 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mtprune.method import add_alm_grad_, eq7_objective, eq8_objective, eq9_objective, eq10_update, joint_seg_objective
+from mtprune.config import load_config
 from mtprune.models import build_model
-from mtprune.models.base import BACKBONE, DECODER
+from mtprune.train.distributed import DistEnv
+from mtprune.train.mtp import SparseMTP
 
 
 def run_mode(mode: str, a: argparse.Namespace) -> dict:
@@ -48,7 +48,6 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
     amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp and dev.type == "cuda")  # noqa: E731
     sgd = lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, weight_decay=1e-4)  # noqa: E731
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    layers = model.prunable_layers()
     if mode == "plain":
         opt_c = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()))
         opt_s = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()))
@@ -66,52 +65,27 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
                     out = model.seg_outputs(xs, aux=True)["out"]
                 F.cross_entropy(out.float(), ys).backward()
                 opt_s.step()
-    else:
-        b1 = copy.deepcopy(model.backbone)
-        w1, w3 = list(b1.parameters()), list(model.backbone.parameters())
-        E = [torch.zeros_like(p) for p in w1]
-        g1 = [b1.get_submodule(lay.bn.removeprefix("backbone.")).weight for lay in layers if lay.part == BACKBONE]
-        g3 = [model.get_submodule(lay.bn).weight for lay in layers if lay.part == BACKBONE]
-        g2 = [model.get_submodule(lay.bn).weight for lay in layers if lay.part == DECODER]
-        opt1 = sgd(list(b1.parameters()) + list(model.cls_head.parameters()))
-        opt2, opt3 = sgd(model.decoder.parameters()), sgd(model.backbone.parameters())
-        state = {"mu": 0.1}
+    else:  # the product's own steps (mtprune.train.mtp.SparseMTP: Eq. 7, Eq. 8/9, Eq. 10)
+        cfg = load_config(
+            None,
+            [
+                "sparse_mtp.lr_cls=0.001", "sparse_mtp.lr_seg=0.001", "sparse_mtp.mu0=0.1", "sparse_mtp.rho=1.1",
+                "sparse_mtp.mu_max=10.0", "sparse_mtp.alpha1=0.001", "sparse_mtp.alpha2=0.001", "sparse_mtp.lam=1.0",
+                f"sparse_mtp.mode={mode}", "optim.momentum=0.9", "optim.weight_decay=0.0001", "optim.grad_clip=null",
+                f"optim.amp={str(a.amp).lower()}",
+            ],
+        )  # fmt: skip
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=dev)
+        mtp = SparseMTP(cfg, env, model)
+        subs = ["w2w3"] if mode == "joint" else ["w2", "w3"]
 
         def one_round() -> None:
-            mu = state["mu"]
             for _ in range(a.steps):
-                opt1.zero_grad()
-                with amp():
-                    logits = model.cls_head(b1(xc)["c5"])
-                loss = F.cross_entropy(logits.float(), yc)
-                eq7_objective(loss, w1, w3, E, mu, g1, 1e-3, coupling=False).backward()
-                add_alm_grad_(w1, w3, E, mu, +1.0)
-                opt1.step()
-            for _ in range(a.steps):
-                with amp():
-                    out = model.seg_outputs(xs, aux=True)["out"]
-                loss = F.cross_entropy(out.float(), ys)
-                opt2.zero_grad()
-                opt3.zero_grad()
-                if mode == "joint":
-                    joint_seg_objective(loss, w1, w3, E, mu, g2, g3, 1e-3, 1.0, coupling=False).backward()
-                    add_alm_grad_(w3, w1, E, mu, -1.0)
-                    opt2.step()
-                    opt3.step()
-                else:
-                    eq8_objective(loss, g2, 1e-3, 1.0).backward()
-                    opt2.step()
-            if mode == "alternating":
+                mtp.w1_step(xc, yc, 1e-3)
+            for sub in subs:
                 for _ in range(a.steps):
-                    opt2.zero_grad()
-                    opt3.zero_grad()
-                    with amp():
-                        out = model.seg_outputs(xs, aux=True)["out"]
-                    loss = F.cross_entropy(out.float(), ys)
-                    eq9_objective(loss, w1, w3, E, mu, g3, 1e-3, 1.0, coupling=False).backward()
-                    add_alm_grad_(w3, w1, E, mu, -1.0)
-                    opt3.step()
-            state["mu"] = eq10_update(E, w1, w3, mu, 1.1, 10.0)
+                    mtp.seg_step(xs, ys, 1e-3, sub)
+            mtp.end_round(0)
 
     times = []
     for r in range(a.rounds + 1):

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from mtprune.method import (
-    add_alm_grad_,
     alm_coupling,
+    eq7_backward,
     eq7_objective,
     eq8_objective,
+    eq9_backward,
     eq9_objective,
     eq10_update,
+    joint_seg_backward,
     joint_seg_objective,
     l1_penalty,
     relative_gap,
@@ -133,7 +135,8 @@ def test_alm_rounds_drive_the_copies_together():
 
 
 def test_fast_alm_gradient_equals_autograd():
-    """The training loop's add_alm_grad_ gives exactly the gradient of Eq. 7's and Eq. 9's ALM terms."""
+    """The gradients training steps on (eq7_backward, eq9_backward: add_alm_grad_ for the ALM terms) are
+    exactly the gradients of Eq. 7's and Eq. 9's objectives."""
     torch.manual_seed(1)
     for sign in (+1.0, -1.0):
         w1 = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
@@ -146,8 +149,7 @@ def test_fast_alm_gradient_equals_autograd():
             for p in w1:
                 p.grad = None
             task = w1[0].sum() * 2 + w3[1].pow(2).sum()
-            eq7_objective(task, w1, w3, E, 0.7, [w1[1]], 0.1, coupling=False).backward()
-            add_alm_grad_(w1, w3, E, 0.7, +1.0)
+            eq7_backward(task, w1, w3, E, 0.7, [w1[1]], 0.1)
             fast = [p.grad for p in w1]
         else:
             eq9_objective(task, w1, w3, E, 0.7, [w3[1]], 0.1, 2.0).backward()
@@ -155,8 +157,27 @@ def test_fast_alm_gradient_equals_autograd():
             for p in w3:
                 p.grad = None
             task = w3[0].sin().sum() + w1[1].sum()
-            eq9_objective(task, w1, w3, E, 0.7, [w3[1]], 0.1, 2.0, coupling=False).backward()
-            add_alm_grad_(w3, w1, E, 0.7, -1.0)
+            eq9_backward(task, w1, w3, E, 0.7, [w3[1]], 0.1, 2.0)
             fast = [p.grad for p in w3]
         for a, b in zip(ref, fast, strict=True):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_joint_seg_backward_is_the_gradient_of_the_joint_objective():
+    torch.manual_seed(2)
+    w1 = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    w3 = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)]
+    w2 = [torch.randn(6, requires_grad=True)]
+    E = [torch.randn(3, 4), torch.randn(5)]
+
+    def seg() -> torch.Tensor:
+        return (w3[0].sin() * 1.5).sum() + (w2[0] * w3[1].sum()).pow(2).sum()
+
+    joint_seg_objective(seg(), w1, w3, E, 0.7, w2, [w3[1]], 0.1, 1.5).backward()
+    ref = [p.grad.clone() for p in w3 + w2]
+    for p in w1 + w2 + w3:
+        p.grad = None
+    joint_seg_backward(seg(), w1, w3, E, 0.7, w2, [w3[1]], 0.1, 1.5)
+    for a, b in zip(ref, [p.grad for p in w3 + w2], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(ref[0], torch.zeros_like(ref[0]))

@@ -13,12 +13,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from mtprune.errors import UsageError
 from mtprune.io import write_text
+
+#: the enumerated settings, checked when a configuration is loaded (one place)
+Schedule = Literal["poly", "linear", "constant"]
+L1Mode = Literal["subgradient", "proximal"]  # ℓ1 in the gradient, or as a soft-threshold after each step
+MTPMode = Literal["joint", "alternating"]
+BackboneFrom = Literal["w1", "w3"]
 
 
 @dataclass
@@ -89,7 +95,7 @@ class PretrainClsConfig:
     epochs: float = 2
     lr: float = 0.05
     batch_size: int = 32
-    schedule: str = "linear"
+    schedule: Schedule = "linear"
 
 
 @dataclass
@@ -99,7 +105,7 @@ class TrainSegConfig:
     epochs: float = 10
     lr: float = 0.01
     batch_size: int = 8
-    schedule: str = "poly"
+    schedule: Schedule = "poly"
     aux_weight: float = 0.4  # BiSeNet's auxiliary heads
 
 
@@ -120,9 +126,9 @@ class SparseMTPConfig:
     lr_seg: float = 0.007
     cls_batch_size: int = 32
     seg_batch_size: int = 8
-    mode: str = "joint"  # joint | alternating
-    l1: str = "subgradient"  # subgradient | proximal
-    backbone_from: str = "w1"  # w1 | w3: which copy the pruned net's backbone is taken from
+    mode: MTPMode = "joint"
+    l1: L1Mode = "subgradient"
+    backbone_from: BackboneFrom = "w1"  # which copy the pruned net's backbone is taken from
     aux_weight: float = 0.4
 
 
@@ -134,8 +140,8 @@ class SparseSlimmingConfig:
     lr: float = 0.007
     batch_size: int = 8
     alpha: float = 1e-3
-    l1: str = "subgradient"
-    schedule: str = "poly"
+    l1: L1Mode = "subgradient"
+    schedule: Schedule = "poly"
     aux_weight: float = 0.4
 
 
@@ -205,7 +211,6 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    extra: dict[str, Any] = field(default_factory=dict)  # free section for pipelines built on top
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -232,6 +237,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"config key '{key}' expects a mapping, got {value!r}")
         return dict(value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UsageError(f"{key} must be {' or '.join(map(str, choices))}, got {value!r}")
+        return value
     if tp is Any:
         return value
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
@@ -301,6 +311,8 @@ def load_config(
             value = v
         _set_dotted(over, k.strip(), value)
     data = _merge(data, over)
+    if data.get("extra") == {}:  # the empty section every config.yaml saved by mtprune 0.1.0 has
+        del data["extra"]
     return _from_dict(Config, data)
 
 
@@ -309,7 +321,7 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = (
             _merge(out[k], v)
-            if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options", "val_options", "extra")
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("options", "val_options")
             else v
         )
     return out

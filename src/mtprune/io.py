@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mtprune.errors import MtpruneError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -46,8 +48,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a missing or malformed file raises :class:`MtpruneError` naming it."""
-    from mtprune.errors import MtpruneError
-
     path = Path(path)
     if not path.is_file():
         raise MtpruneError(f"{path}: file not found")

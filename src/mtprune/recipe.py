@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mtprune.checkpoint import resolve_checkpoint
 from mtprune.config import Config, config_to_dict
 from mtprune.errors import UsageError
 from mtprune.io import read_json, write_json
@@ -47,7 +48,7 @@ IGNORED_KEYS = frozenset(
 
 
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and not prefix.endswith(("options", "extra")):
+    if isinstance(value, dict) and not prefix.endswith("options"):
         for k, v in value.items():
             _flat(v, f"{prefix}.{k}" if prefix else str(k), out)
     elif prefix not in IGNORED_KEYS:
@@ -80,7 +81,6 @@ def input_id(path: str | os.PathLike | None) -> str | None:
     for folder in (p, p.parent if p.name == "model" else None):
         if folder is not None and (folder / RECIPE_FILE).is_file():
             return "recipe:" + digest(read_json(folder / RECIPE_FILE))
-    from mtprune.checkpoint import resolve_checkpoint
 
     weights = resolve_checkpoint(p) / "model.safetensors"
     if not weights.is_file():

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
 from mtprune.errors import MtpruneError
 from mtprune.version import __version__
 
@@ -23,8 +24,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
-
     parser = OneLineArgumentParser(
         prog="mtprune",
         description="Multi-task channel pruning (MTP) for semantic segmentation networks.",

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from mtprune.data import DATASETS, build_dataset, check_dataset, format_report
+from mtprune.data.synthetic import META_FILE, SHAPE_CLASSES, write_synthetic
 from mtprune.errors import DataError, UsageError
 
 
@@ -37,8 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     make.add_argument("--force", action="store_true", help="regenerate over a synthetic dataset already in OUT")
     make.set_defaults(func=make_data)
 
-    from mtprune.data import DATASETS
-
     check = sub.add_parser(
         "check-data",
         help="decode every sample of a dataset and report sizes, class pixels and problems",
@@ -63,14 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _progress(it: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
-    from tqdm import tqdm
-
     return tqdm(it, total=total, desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
 
 
 def make_data(args: argparse.Namespace) -> int:
-    from mtprune.data.synthetic import META_FILE, SHAPE_CLASSES, write_synthetic
-
     out: Path = args.out
     for flag in ("num_train", "num_val", "num_cls_train", "num_cls_val"):
         if getattr(args, flag) < 0:
@@ -88,7 +87,6 @@ def make_data(args: argparse.Namespace) -> int:
             raise DataError(f"{out}: folder is not empty and holds no synthetic dataset; choose a new folder")
         if not args.force:
             raise DataError(f"{out}: holds a synthetic dataset already; pass --force to regenerate it")
-        import shutil
 
         for sub in ("VOCdevkit", "cls"):
             if (out / sub).is_dir():
@@ -123,8 +121,6 @@ def make_data(args: argparse.Namespace) -> int:
 
 
 def check_data(args: argparse.Namespace) -> int:
-    from mtprune.data import DATASETS, build_dataset, check_dataset, format_report
-
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     kw: dict[str, Any] = {"task": args.task} if args.dataset == "synthetic" else {}

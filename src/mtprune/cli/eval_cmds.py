@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
+from mtprune.checkpoint import load_model
+from mtprune.data import DATASETS
+from mtprune.data.from_config import eval_dataset
 from mtprune.errors import MtpruneError, UsageError
+from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 
 
 def _default_split(splits: tuple[str, ...]) -> str:
@@ -41,17 +45,8 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:6.2f}"
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from mtprune.checkpoint import load_model
-    from mtprune.data.from_config import DATASETS, eval_dataset
-    from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
-
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available on this machine")
+def _dataset(args: argparse.Namespace) -> tuple[Any, str, str, bool]:
+    """The split ``--dataset/--root/--split`` name, checked against the flags: (dataset, task, split, in memory)."""
     spec = DATASETS[args.dataset]
     if args.task is not None and args.dataset != "synthetic" and args.task != spec.task:
         raise UsageError(f"dataset {args.dataset} is a '{spec.task}' dataset; --task {args.task} does not apply")
@@ -72,10 +67,40 @@ def _eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{flags}: only for the in-memory synthetic set (--dataset synthetic without --root)")
     if args.resize is not None and task != "seg":
         raise UsageError("--resize applies to segmentation evaluation only")
-
     kw: dict[str, Any] = {k: v for k, v in synth.items() if v is not None}
-    dataset = eval_dataset(args.dataset, args.root, split, task, _pair(args.resize, "--resize"), **kw)
+    return (
+        eval_dataset(args.dataset, args.root, split, task, _pair(args.resize, "--resize"), **kw),
+        task,
+        split,
+        in_memory,
+    )
 
+
+def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, task: str) -> dict[str, Any]:
+    loader = build_eval_loader(dataset, args.batch_size, args.workers, skip_bad=args.skip_bad)
+    if task != "seg":
+        return evaluate_classification(model, loader, device=args.device, amp=args.amp)
+    return evaluate_segmentation(
+        model,
+        loader,
+        dataset.num_classes,
+        ignore_index=dataset.ignore_index,
+        scales=args.scales,
+        flip=args.flip,
+        device=args.device,
+        class_names=dataset.class_names,
+        amp=args.amp,
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine")
+    dataset, task, split, in_memory = _dataset(args)
     model = load_model(args.checkpoint, device=args.device)
     model_classes = model.num_classes if task == "seg" else model.cls_classes
     what = "segmentation" if task == "seg" else "classification"
@@ -85,23 +110,11 @@ def _eval(args: argparse.Namespace) -> int:
             f"checkpoint {args.checkpoint} has {model_classes} {what} classes, dataset {args.dataset} ({split}) "
             f"has {dataset.num_classes}{hint}"
         )
+    res = _evaluate(args, model, dataset, task)
+    return _report(args, res, model, task, split)
 
-    loader = build_eval_loader(dataset, args.batch_size, args.workers, skip_bad=args.skip_bad)
-    if task == "seg":
-        res = evaluate_segmentation(
-            model,
-            loader,
-            dataset.num_classes,
-            ignore_index=dataset.ignore_index,
-            scales=args.scales,
-            flip=args.flip,
-            device=args.device,
-            class_names=dataset.class_names,
-            amp=args.amp,
-        )
-    else:
-        res = evaluate_classification(model, loader, device=args.device, amp=args.amp)
 
+def _report(args: argparse.Namespace, res: dict[str, Any], model: Any, task: str, split: str) -> int:
     skipped_line = None
     if args.skip_bad:
         n = res["num_skipped"]
@@ -144,8 +157,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mtprune.data import DATASETS
-
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: per-class IoU, mIoU, pixel accuracy (or top-1/top-5 on a cls dataset)",

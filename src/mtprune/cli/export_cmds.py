@@ -6,11 +6,10 @@ import argparse
 import json
 
 from mtprune.checkpoint import load_model
+from mtprune.export import compare_onnx, export_onnx, ort_latency, unaligned_convs
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mtprune.export import compare_onnx, export_onnx, ort_latency, unaligned_convs
-
     model = load_model(args.checkpoint)
     size = tuple(args.size)
     path = export_onnx(model, args.onnx, size, dynamic=args.dynamic, opset=args.opset, exporter=args.exporter)

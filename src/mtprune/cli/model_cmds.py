@@ -16,7 +16,7 @@ from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.pruning import SCORERS, THRESHOLDS, prune, scorer_inputs
+from mtprune.pruning import METHODS, SCORERS, THRESHOLDS, prune, scorer_inputs, scorer_of
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
@@ -136,9 +136,10 @@ def _layer_table(layers: list, total_ms: float, top: int) -> str:
 def _scorer_inputs(args: argparse.Namespace) -> dict:
     """What ``--method`` needs beyond the model: a sparse-mtp folder's stored γ (``bn``), or ``--samples``
     training images of the segmentation set that ``--config/--set`` describe (``thinet``)."""
-    cfg = load_config(args.config, args.set) if args.method == "thinet" else Config()
+    scorer = scorer_of(args.method)
+    cfg = load_config(args.config, args.set) if scorer == "thinet" else Config()
     try:
-        return scorer_inputs(args.method, args.checkpoint, cfg, args.samples)
+        return scorer_inputs(scorer, args.checkpoint, cfg, args.samples)
     except UsageError as e:
         raise UsageError(f"--method {e}") from None
 
@@ -160,7 +161,7 @@ def _prune(args: argparse.Namespace) -> int:
         )
         if v
     ]
-    if args.method != "thinet" and thinet_flags:
+    if scorer_of(args.method) != "thinet" and thinet_flags:
         raise UsageError(f"{', '.join(thinet_flags)}: only with --method thinet")
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
@@ -187,7 +188,7 @@ def _prune(args: argparse.Namespace) -> int:
         "macs_ratio": after["macs"] / before["macs"],
         "removed": {p: plan.removed_fraction(p) for p in (BACKBONE, DECODER)},
     }
-    if args.method == "thinet":
+    if scorer_of(args.method) == "thinet":
         summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
     write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
     save_model(
@@ -280,7 +281,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("prune", help="prune a model physically and write plan.json + the pruned checkpoint")
     _add_model_source(p)
-    p.add_argument("--method", required=True, choices=sorted(SCORERS), help="channel scores")
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=sorted(set(SCORERS) | set(METHODS)),
+        help="channel scores (bn, uniform, fpgm, thinet), or a run method (mtp, slimming: bn)",
+    )
     p.add_argument(
         "--ratio", required=True, type=_ratio, metavar="P", help="fraction of prunable channels removed, in (0, 1)"
     )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from mtprune.config import load_config
 from mtprune.layout import DENSE, PLOTS_DIR, REPORT_FILE, RESULTS_FILE, display_name
+from mtprune.pipeline import run_command
+from mtprune.report.seeds import render_seeds
 
 
 def demo_config_path() -> Path:
@@ -34,16 +36,12 @@ def _print_table(rows: list[dict], out: Path) -> None:
 def _execute(
     cfg_path: str | Path | None, sets: list[str], out: str, banner: str | None = None, seeds: list[int] | None = None
 ) -> int:
-    from mtprune.pipeline import run_command
-
     cfg = load_config(cfg_path, sets)
     if banner:
         print(banner)
     t0 = time.time()
     result = run_command(cfg, out, seeds=seeds)
     if isinstance(result, dict):  # several seeds: their summary
-        from mtprune.report.seeds import render_seeds
-
         print("\n" + render_seeds(result))
         print(f"summary: {Path(out) / 'summary.md'} (and summary.json); each seed in {Path(out)}/seed-<k>/")
     else:

@@ -174,7 +174,6 @@ class SeededSubset(DatasetView):
         total = len(dataset)  # type: ignore[arg-type]
         if not 1 <= n <= total:
             raise ValueError(f"train_subset {n} is outside 1..{total} (the split's size)")
-        import torch
 
         perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         self.indices = sorted(perm[:n].tolist())

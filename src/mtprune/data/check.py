@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from mtprune.data.base import SampleInfo, SampleProblem
 
@@ -74,8 +75,6 @@ def check_dataset(dataset: Any, num_workers: int = 0, progress: bool = True) -> 
     """Decode every sample of ``dataset`` (anything with ``inspect(i)``, such as the datasets of
     :mod:`mtprune.data`) and gather a :class:`CheckReport`; a tqdm bar goes to stderr when it is a
     terminal and ``progress`` is true."""
-    from tqdm import tqdm
-
     k = int(dataset.num_classes)
     report = CheckReport(
         name=str(getattr(dataset, "name", "")),

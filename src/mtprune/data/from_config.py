@@ -17,7 +17,6 @@ import torch
 from mtprune.config import Config
 from mtprune.data import (
     DATASET_TRANSFORM_DEFAULTS,
-    DATASETS,
     SkipBadSamples,
     build_dataset,
     build_transforms,
@@ -104,4 +103,4 @@ def eval_dataset(
     return build_dataset(name, root, split, transforms, **kw)
 
 
-__all__ = ["DATASETS", "eval_dataset", "make_dataset", "sample_images"]
+__all__ = ["eval_dataset", "make_dataset", "sample_images"]

@@ -94,7 +94,6 @@ def build_loader(
     drop_last: bool = False,
     pin_memory: bool | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-    persistent_workers: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> DataLoader:
@@ -127,5 +126,4 @@ def build_loader(
         drop_last=drop_last,
         worker_init_fn=seed_worker,
         generator=generator,
-        persistent_workers=persistent_workers and num_workers > 0,
     )

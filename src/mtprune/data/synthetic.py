@@ -37,8 +37,9 @@ from mtprune.data.base import (
     Transform,
     identity_label_map,
 )
+from mtprune.data.voc import save_voc_mask
 from mtprune.errors import DataError
-from mtprune.io import atomic_path, write_json, write_text
+from mtprune.io import atomic_path, read_json, write_json, write_text
 
 # name, geometry, texture, hue, texture frequency (cycles across the object radius)
 _CLASSES: list[tuple[str, str, str, float, float]] = [
@@ -387,8 +388,6 @@ class SyntheticClassification(ClassificationDataset):
 
 def read_meta(root: str | os.PathLike) -> dict[str, Any]:
     """The ``synthetic.json`` that :func:`write_synthetic` leaves in ``root``."""
-    from mtprune.io import read_json
-
     path = Path(root) / META_FILE
     if not path.is_file():
         raise DataError(f"expected file {path} (written by 'mtprune make-data synthetic') not found")
@@ -422,8 +421,6 @@ def write_synthetic(
     (``VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/*.txt}``),
     the classification set as ``cls/{train,val}/<class>/*.png`` and ``synthetic.json`` (written last).
     Every file is written atomically. Returns the description stored in ``synthetic.json``."""
-    from mtprune.data.voc import save_voc_mask
-
     out = Path(out)
     h, w = _size(image_size)
     seg_names = seg_class_names(num_classes)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtprune.errors import UsageError
+from mtprune.models.base import eval_mode
 
 
 def count_params(model: nn.Module) -> int:
@@ -35,14 +36,11 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, size: tuple[int, int], batch: int = 1) -> int:
     """Multiply-accumulates of one segmentation forward at input ``size`` (H, W), batch 1, eval mode."""
-    was_training = model.training
-    model.eval()
     p = next(model.parameters())
     x = torch.zeros(batch, 3, *size, device=p.device, dtype=p.dtype)
     counter = FlopCounterMode(display=False)
-    with counter:
+    with eval_mode(model), counter:
         model(x)
-    model.train(was_training)
     return counter.get_total_flops() // 2
 
 
@@ -263,6 +261,19 @@ def _layer_kind(m: nn.Module) -> str:
     return type(m).__name__
 
 
+def _leaf_flops(net: nn.Module, x: torch.Tensor, leaves: dict[str, nn.Module]) -> dict[str, int]:
+    """FLOPs of each leaf module of ``net`` in one forward of ``x`` (``FlopCounterMode``'s per-module counts)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x)
+    flops: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        name = key.split(".", 1)[1] if "." in key else ""
+        if name in leaves:
+            flops[name] = int(sum(ops.values()))
+    return flops
+
+
 @torch.no_grad()
 def layer_latency(
     model: nn.Module,
@@ -288,15 +299,7 @@ def layer_latency(
     x = torch.randn(1, 3, *size, device=device).to(memory_format=fmt)
     leaves = {n: m for n, m in net.named_modules() if n and not any(True for _ in m.children())}
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net(x)
-    flops: dict[str, int] = {}
-    for key, ops in counter.get_flop_counts().items():
-        name = key.split(".", 1)[1] if "." in key else ""
-        if name in leaves:
-            flops[name] = int(sum(ops.values()))
-
+    flops = _leaf_flops(net, x, leaves)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {n: [] for n in leaves}
     shapes: dict[str, tuple[int, int, int, int]] = {}

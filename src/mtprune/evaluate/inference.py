@@ -23,7 +23,6 @@ otherwise synchronise buffers, a collective that ranks with shards of unequal le
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,10 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from mtprune.data.base import BadSampleError, DatasetView
+from mtprune.data.loader import build_loader
 from mtprune.errors import DataError, MtpruneError
 from mtprune.evaluate.metrics import ConfusionMatrix, TopKAccuracy, _all_reduce_sum
+from mtprune.models.base import eval_mode
+from mtprune.train.distributed import autocast
 
 # --- models -------------------------------------------------------------------------------------
 
@@ -100,13 +103,6 @@ def predict_logits(
     return total.div_(runs) if runs > 1 else total
 
 
-def predict(
-    model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False
-) -> torch.Tensor:
-    """Predicted class ids ``N×H×W``: the argmax of :func:`predict_logits`."""
-    return predict_logits(model, image, scales, flip).argmax(1)
-
-
 # --- loaders ------------------------------------------------------------------------------------
 
 
@@ -154,8 +150,6 @@ def build_eval_loader(
 ) -> DataLoader:
     """An evaluation loader over ``dataset``: fixed order, :class:`EvalDataset` wrapping,
     :func:`collate_samples`; with ``distributed`` a non-shuffling :class:`DistributedSampler`."""
-    from mtprune.data.loader import build_loader
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return build_loader(
@@ -202,8 +196,6 @@ class _Batches:
         return keep
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from tqdm import tqdm
-
         try:
             total: int | None = len(self.loader)
         except TypeError:
@@ -265,24 +257,8 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _none_if_nan(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def evaluate_segmentation(
@@ -323,11 +299,11 @@ def evaluate_segmentation(
         raise MtpruneError(f"{len(names)} class names for {num_classes} classes")
     cm = ConfusionMatrix(num_classes, ignore_index, device=dev)
     batches = _Batches(loader, progress, "eval seg")
-    with _eval_mode(net), torch.inference_mode():
+    with eval_mode(net), torch.inference_mode():
         for images, targets in batches:
             images = images.to(dev, non_blocking=True)
             targets = targets.to(dev, non_blocking=True)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 prob = predict_logits(net, images, scales, flip)
             try:
                 cm.update(prob.argmax(1), targets)
@@ -369,11 +345,11 @@ def evaluate_classification(
     dev = torch.device(device) if device is not None else _model_device(net)
     acc = TopKAccuracy(ks, device=dev)
     batches = _Batches(loader, progress, "eval cls")
-    with _eval_mode(net), torch.inference_mode():
+    with eval_mode(net), torch.inference_mode():
         for images, targets in batches:
             images = images.to(dev, non_blocking=True)
             targets = targets.to(dev, non_blocking=True)
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 logits = forward(images).float()
             m = logits.shape[1]
             if targets.numel():
@@ -397,7 +373,6 @@ __all__ = [
     "collate_samples",
     "evaluate_classification",
     "evaluate_segmentation",
-    "predict",
     "predict_logits",
     "unwrap_model",
 ]

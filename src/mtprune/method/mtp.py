@@ -14,7 +14,8 @@ statistics are buffers, not parameters, and are not tied). Each objective is dif
 gradient w.r.t. the variable being solved is the task gradient, ``E + μ(W1 − W3)`` (Eq. 7) or
 ``−E − μ(W1 − W3)`` (Eq. 9), and ``α·sign(γ)`` — the subgradient of the ℓ1 term, exactly what Network
 Slimming adds to γ's gradient. The other copy enters detached: it is a constant of that sub-problem.
-With the ``proximal`` ℓ1 option, call the objectives with ``alpha = 0`` and apply
+Training steps on the ``*_backward`` functions: each writes its objective's whole gradient into
+``.grad``. With the ``proximal`` ℓ1 option, call them with ``alpha = 0`` and apply
 :func:`soft_threshold_` after each optimiser step instead.
 """
 
@@ -62,15 +63,11 @@ def eq7_objective(
     mu: float,
     gamma1: Tensors,
     alpha1: float,
-    coupling: bool = True,
 ) -> torch.Tensor:
     """Eq. 7, the W1 sub-problem: ``ℓcls + ⟨E, W1 − W3⟩ + μ/2‖W1 − W3‖² + α1‖γ1‖₁`` (W3 held fixed).
 
-    ``coupling=False`` leaves the ALM terms out of the returned graph; the caller then adds their gradient
-    with :func:`add_alm_grad_` after ``backward()`` (the training loop's fast path).
-    """
-    alm = alm_coupling(w1, [t.detach() for t in w3], E, mu) if coupling else 0.0
-    return cls_loss + alm + l1_penalty(gamma1, alpha1)
+    Training steps on its gradient, :func:`eq7_backward`."""
+    return cls_loss + alm_coupling(w1, [t.detach() for t in w3], E, mu) + l1_penalty(gamma1, alpha1)
 
 
 def eq8_objective(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float) -> torch.Tensor:
@@ -87,14 +84,11 @@ def eq9_objective(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
-    coupling: bool = True,
 ) -> torch.Tensor:
     """Eq. 9, the W3 sub-problem: ``λ ℓseg + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁`` (W1 held fixed).
 
-    ``coupling=False``: as in :func:`eq7_objective` (gradient added by :func:`add_alm_grad_`, sign −1).
-    """
-    alm = alm_coupling([t.detach() for t in w1], w3, E, mu) if coupling else 0.0
-    return lam * seg_loss + alm + l1_penalty(gamma3, alpha2)
+    Training steps on its gradient, :func:`eq9_backward`."""
+    return lam * seg_loss + alm_coupling([t.detach() for t in w1], w3, E, mu) + l1_penalty(gamma3, alpha2)
 
 
 def joint_seg_objective(
@@ -107,15 +101,63 @@ def joint_seg_objective(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
-    coupling: bool = True,
 ) -> torch.Tensor:
     """Eq. 8 and Eq. 9 from one segmentation forward/backward (``joint`` mode).
 
     ``λ ℓseg + α2‖γ2‖₁ + μ/2‖W1 − W3‖² + ⟨E, W1 − W3⟩ + α2‖γ3‖₁``: its gradient w.r.t. W2 is Eq. 8's and
     w.r.t. W3 is Eq. 9's, because the two share ``λ ℓseg`` and each other term touches one variable only.
     One step on it updates W2 and W3 from the same batch, as a Jacobi (rather than Gauss–Seidel) sweep.
+    Training steps on its gradient, :func:`joint_seg_backward`.
     """
-    return eq9_objective(seg_loss, w1, w3, E, mu, gamma3, alpha2, lam, coupling) + l1_penalty(gamma2, alpha2)
+    return eq9_objective(seg_loss, w1, w3, E, mu, gamma3, alpha2, lam) + l1_penalty(gamma2, alpha2)
+
+
+# --- the gradients training steps on ------------------------------------------------------------------
+# Each computes its objective's whole gradient into ``.grad`` — the task loss and ℓ1 by backpropagation,
+# the ALM terms by :func:`add_alm_grad_` (their exact gradient, tested equal to autograd's, in a few fused
+# passes over the backbone instead of an autograd graph per tensor: what keeps an MTP step near a plain one).
+def eq7_backward(
+    cls_loss: torch.Tensor, w1: Tensors, w3: Tensors, E: Tensors, mu: float, gamma1: Tensors, alpha1: float
+) -> None:
+    """The gradient of Eq. 7 (:func:`eq7_objective`) w.r.t. W1: ``∇ℓcls + α1·sign(γ1) + E + μ(W1 − W3)``."""
+    (cls_loss + l1_penalty(gamma1, alpha1)).backward()
+    add_alm_grad_(w1, w3, E, mu, +1.0)
+
+
+def eq8_backward(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float) -> None:
+    """The gradient of Eq. 8 (:func:`eq8_objective`) w.r.t. W2: ``λ∇ℓseg + α2·sign(γ2)``."""
+    eq8_objective(seg_loss, gamma2, alpha2, lam).backward()
+
+
+def eq9_backward(
+    seg_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma3: Tensors,
+    alpha2: float,
+    lam: float,
+) -> None:
+    """The gradient of Eq. 9 (:func:`eq9_objective`) w.r.t. W3: ``λ∇ℓseg + α2·sign(γ3) − E − μ(W1 − W3)``."""
+    (lam * seg_loss + l1_penalty(gamma3, alpha2)).backward()
+    add_alm_grad_(w3, w1, E, mu, -1.0)
+
+
+def joint_seg_backward(
+    seg_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma2: Tensors,
+    gamma3: Tensors,
+    alpha2: float,
+    lam: float,
+) -> None:
+    """The gradient of :func:`joint_seg_objective`: Eq. 8's w.r.t. W2 and Eq. 9's w.r.t. W3, one backward."""
+    (lam * seg_loss + l1_penalty(gamma3, alpha2) + l1_penalty(gamma2, alpha2)).backward()
+    add_alm_grad_(w3, w1, E, mu, -1.0)
 
 
 @torch.no_grad()
@@ -123,9 +165,8 @@ def add_alm_grad_(w: Tensors, w_other: Tensors, E: Tensors, mu: float, sign: flo
     """Add the gradient of the ALM terms ``⟨E, W1−W3⟩ + μ/2‖W1−W3‖²`` to ``w``'s ``.grad``, in place.
 
     ``sign=+1`` with ``w = W1, w_other = W3`` gives Eq. 7's ``E + μ(W1 − W3)``; ``sign=−1`` with
-    ``w = W3, w_other = W1`` gives Eq. 9's ``−E − μ(W1 − W3)``. The training loop uses this instead of
-    backpropagating through :func:`alm_coupling`: the same gradient (tested), with a few fused passes over
-    the backbone instead of an autograd graph per tensor — what keeps an MTP step near a plain one.
+    ``w = W3, w_other = W1`` gives Eq. 9's ``−E − μ(W1 − W3)`` (used by :func:`eq7_backward`,
+    :func:`eq9_backward`, :func:`joint_seg_backward`).
     """
     diff = torch._foreach_sub(list(w), list(w_other)) if sign > 0 else torch._foreach_sub(list(w_other), list(w))
     torch._foreach_mul_(diff, mu)  # μ(W1 − W3)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtprune.errors import UsageError
-from mtprune.models.base import BACKBONE, DECODER, PARTS, PrunableLayer, SegmentationModel
+from mtprune.models.base import BACKBONE, DECODER, PrunableLayer, SegmentationModel
 from mtprune.models.bisenet import BiSeNet
 from mtprune.models.deeplabv3 import DeepLabV3
 from mtprune.models.pspnet import PSPNet
@@ -58,7 +58,6 @@ def build_model(
 __all__ = [
     "BACKBONE",
     "DECODER",
-    "PARTS",
     "PAPER_MODELS",
     "PrunableLayer",
     "SegmentationModel",

@@ -14,6 +14,8 @@ and declares its prunable channel groups (:meth:`prunable_layers`), each tagged 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,6 @@ from torch import nn
 
 BACKBONE = "backbone"
 DECODER = "decoder"
-PARTS = (BACKBONE, DECODER)
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,6 @@ class SegmentationModel(nn.Module):
         """The prunable channel groups, in a fixed order (backbone first, then decoder)."""
         raise NotImplementedError
 
-    def output_layers(self) -> list[str]:
-        """Module names of the layers that produce logits: never pruned, ignored by Torch-Pruning."""
-        raise NotImplementedError
-
     def training_only_modules(self) -> list[str]:
         """Modules that the deployed segmentation net does not run (not counted in its parameters)."""
         return ["cls_head"]
@@ -126,9 +123,16 @@ class SegmentationModel(nn.Module):
             "width": self.width,
         }
 
-    def part_parameters(self, part: str) -> list[nn.Parameter]:
-        """Parameters of ``backbone``, ``decoder`` or ``cls_head``."""
-        return list(getattr(self, part).parameters())
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, its previous mode restored after it (whatever happens)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def upsample_to(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

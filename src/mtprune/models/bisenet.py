@@ -156,6 +156,3 @@ class BiSeNet(SegmentationModel):
 
     def training_only_modules(self) -> list[str]:
         return ["cls_head", "decoder.aux_heads"]
-
-    def output_layers(self) -> list[str]:
-        return ["decoder.head.conv_out", "decoder.aux_heads.0.conv_out", "decoder.aux_heads.1.conv_out", "cls_head.fc"]

@@ -72,6 +72,3 @@ class DeepLabV3(SegmentationModel):
             ("decoder.head.0", "decoder.head.1"),
         ]
         return self.backbone.prunable_layers() + [PrunableLayer(c, b, DECODER) for c, b in dec]
-
-    def output_layers(self) -> list[str]:
-        return ["decoder.classifier", "cls_head.fc"]

@@ -90,6 +90,3 @@ class PSPNet(SegmentationModel):
         ]
         dec.append(PrunableLayer("decoder.bottleneck.conv", "decoder.bottleneck.bn", DECODER))
         return self.backbone.prunable_layers() + dec
-
-    def output_layers(self) -> list[str]:
-        return ["decoder.classifier", "cls_head.fc"]

@@ -14,7 +14,7 @@ from typing import Any
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes
 from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
-from mtprune.pruning.methods import METHODS, Method, get_method, register_method
+from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
@@ -29,8 +29,9 @@ def make_plan(
     min_channels: int = 1,
     **score_kw: Any,
 ) -> PruningPlan:
-    """Score ``model``'s prunable channels with ``method`` and choose the kept ones (no model change)."""
-    scorer = get_scorer(method)
+    """Score ``model``'s prunable channels with ``method`` (a scorer, or a method of
+    :data:`~mtprune.pruning.methods.METHODS`: its scorer) and choose the kept ones (no model change)."""
+    scorer = get_scorer(scorer_of(method))
     ratio = check_ratio(ratio)
     layers = model.prunable_layers()
     scores = scorer.fn(model, layers, **score_kw)
@@ -57,10 +58,10 @@ def prune(
     the consumers' kept input channels are then rescaled by least squares (:func:`thinet_rescale`) — the
     pruned net then differs from the masked one, by design. ``rescale`` is ignored by other methods.
     """
-    get_scorer(method)
+    scorer = scorer_of(method)
     check_ratio(ratio)  # before ThiNet's statistics are measured
     stats = None
-    if method == "thinet":
+    if scorer == "thinet":
         stats = score_kw.get("stats") or thinet_statistics(model, model.prunable_layers(), **score_kw)
         score_kw = {"stats": stats}
     plan = make_plan(model, method, ratio, thresholds, round_to, min_channels, **score_kw)
@@ -89,6 +90,7 @@ __all__ = [
     "register_method",
     "register_scorer",
     "scorer_inputs",
+    "scorer_of",
     "thinet_rescale",
     "thinet_statistics",
 ]

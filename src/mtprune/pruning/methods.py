@@ -41,6 +41,13 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def scorer_of(name: str) -> str:
+    """The scorer that method ``name`` uses (``mtp`` → ``bn``); a scorer's own name stands for itself."""
+    if name in METHODS:
+        return METHODS[name].scorer
+    return get_scorer(name).name
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise UsageError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")

@@ -46,7 +46,8 @@ from torch import nn
 
 from mtprune.config import THINET_SAMPLES
 from mtprune.errors import UsageError
-from mtprune.models.base import PrunableLayer, SegmentationModel
+from mtprune.models.base import PrunableLayer, SegmentationModel, eval_mode
+from mtprune.pruning.apply import build_dependency_graph
 
 #: memory bound (elements) of one (C·K)² matrix of the Gram shortcut; above it the direct product is used
 _GRAM_TRICK_MAX = 64_000_000
@@ -232,68 +233,79 @@ def thinet_statistics(
     batches = _batches(images, num_samples, batch_size) if images is not None else []
     if not batches:
         raise UsageError("thinet needs training images (none were given or the dataset is empty)")
+    seg = isinstance(model, SegmentationModel)
     if dg is None:
-        if isinstance(model, SegmentationModel):
-            from mtprune.pruning.apply import build_dependency_graph
-
-            dg = build_dependency_graph(model)
-        else:
-            was = model.training
-            model.eval()
-            with torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][:1])
-            model.train(was)
+        dg = build_dependency_graph(model) if seg else _plain_graph(model, batches[0][:1])
     if forward is None:
-        forward = (
-            (lambda m, x: m.seg_outputs(x, aux=True)) if isinstance(model, SegmentationModel) else (lambda m, x: m(x))
-        )
-    consumers = find_consumers(model, dg, [lay.conv for lay in layers])
-
-    # consumer → (union of its input channels fed by prunable layers, sampled patches)
+        forward = (lambda m, x: m.seg_outputs(x, aux=True)) if seg else (lambda m, x: m(x))
+    # consumer → the prunable layers feeding it, with the consumer input channel of each of their channels
     feeds: dict[str, list[tuple[str, list[int]]]] = {}
-    for lname, cons in consumers.items():
+    for lname, cons in find_consumers(model, dg, [lay.conv for lay in layers]).items():
         for cname, idxs in cons:
             feeds.setdefault(cname, []).append((lname, idxs))
     union = {c: torch.tensor(sorted({i for _, idxs in fs for i in idxs})) for c, fs in feeds.items()}
-    patches: dict[str, list[torch.Tensor]] = {c: [] for c in feeds}
-    gens = {c: torch.Generator().manual_seed(seed * 1_000_003 + k) for k, c in enumerate(sorted(feeds))}
-
-    def hook_for(cname: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
-            patches[cname].append(sample_patches(inputs[0], mod, union[cname], locations_per_image, gens[cname], cname))
-
-        return hook
-
-    handles = [model.get_submodule(c).register_forward_pre_hook(hook_for(c)) for c in feeds]
-    was = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    try:
-        for b in batches:
-            forward(model, b.to(dev, dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-
+    patches = _record_patches(model, batches, union, locations_per_image, seed, forward)
     stats = ThiNetStats({lay.conv: [] for lay in layers}, sum(b.shape[0] for b in batches), locations_per_image, seed)
     for cname, fs in feeds.items():
-        if not patches[cname]:
-            continue  # a consumer the forward does not run (e.g. only in the classification head)
-        p_all = torch.cat(patches[cname])
-        patches[cname] = []
-        mod = model.get_submodule(cname)
-        w = consumer_weight(mod)
-        pos = {int(i): k for k, i in enumerate(union[cname].tolist())}
-        for lname, idxs in fs:
-            sel = torch.tensor([pos[i] for i in idxs])
-            g = contribution_gram(w[:, idxs], p_all[:, sel])
-            stats.layers[lname].append(ConsumerStats(cname, w.shape[1], list(idxs), g, p_all.shape[0]))
+        if patches[cname]:  # else a consumer the forward does not run (e.g. only in the classification head)
+            _add_grams(stats, model.get_submodule(cname), cname, fs, union[cname], torch.cat(patches.pop(cname)))
     for lname, cs in stats.layers.items():
         if not cs:
             raise UsageError(f"thinet: no consumer of '{lname}' ran in the segmentation forward")
     return stats
+
+
+def _plain_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of a plain module (not a :class:`SegmentationModel`), traced in eval mode."""
+    with eval_mode(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
+def _record_patches(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    union: dict[str, torch.Tensor],
+    locations: int,
+    seed: int,
+    forward: Callable[[nn.Module, torch.Tensor], Any],
+) -> dict[str, list[torch.Tensor]]:
+    """Run ``model`` (eval mode) on ``batches``; each consumer's sampled input patches (its channels ``union``)."""
+    patches: dict[str, list[torch.Tensor]] = {c: [] for c in union}
+    gens = {c: torch.Generator().manual_seed(seed * 1_000_003 + k) for k, c in enumerate(sorted(union))}
+
+    def hook_for(cname: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+            patches[cname].append(sample_patches(inputs[0], mod, union[cname], locations, gens[cname], cname))
+
+        return hook
+
+    handles = [model.get_submodule(c).register_forward_pre_hook(hook_for(c)) for c in union]
+    p = next(model.parameters())
+    try:
+        with eval_mode(model):
+            for b in batches:
+                forward(model, b.to(p.device, p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return patches
+
+
+def _add_grams(
+    stats: ThiNetStats,
+    mod: nn.Module,
+    cname: str,
+    feeds: list[tuple[str, list[int]]],
+    union: torch.Tensor,
+    patches: torch.Tensor,
+) -> None:
+    """Each feeding layer's contribution Gram matrix at consumer ``cname`` (``patches``: over ``union``)."""
+    w = consumer_weight(mod)
+    pos = {int(i): k for k, i in enumerate(union.tolist())}
+    for lname, idxs in feeds:
+        sel = torch.tensor([pos[i] for i in idxs])
+        g = contribution_gram(w[:, idxs], patches[:, sel])
+        stats.layers[lname].append(ConsumerStats(cname, w.shape[1], list(idxs), g, patches.shape[0]))
 
 
 # --- greedy selection and rescaling -----------------------------------------------------------------

@@ -5,6 +5,7 @@ DDP uses NCCL on CUDA and gloo on CPU; only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,14 @@ def setup(device: str = "auto") -> DistEnv:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, world, local, dev)
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp`` is on; nothing elsewhere (the one mixed-precision switch of
+    training and evaluation)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def barrier(env: DistEnv) -> None:

@@ -33,6 +33,7 @@ from mtprune.io import write_json
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv, barrier
+from mtprune.train.speed import SpeedMeter
 from mtprune.train.streams import BatchStream
 
 STATE_FILE = "state.safetensors"
@@ -181,7 +182,9 @@ def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_cl
 # --- the run --------------------------------------------------------------------------------------
 @dataclass
 class StageRun:
-    """Shared machinery of one stage run in folder ``out``."""
+    """One stage run in folder ``out``: the step count, the JSON-lines log, the progress bar, the NaN check
+    and the final export; resuming is its :class:`~mtprune.train.state.Checkpointer`'s (what to save:
+    ``modules``, ``optimizers``, ``streams``, ``extra``), speed its :class:`~mtprune.train.speed.SpeedMeter`'s."""
 
     stage: str
     cfg: Config
@@ -190,26 +193,22 @@ class StageRun:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # saved in the state, by prefix
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     streams: dict[str, BatchStream] = field(default_factory=dict)
-    extra_tensors: Callable[[], dict[str, torch.Tensor]] | None = None
-    extra_meta: Callable[[], dict[str, Any]] | None = None
-    restore_extra: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    extra: st.Stateful | None = None  # e.g. the ALM state of sparse-mtp
     step: int = 0
     total: int = 0
+    meter: SpeedMeter = field(init=False)
     _pbar: Any = None
-    train_s: float = 0.0  # wall time of the steps run by this process (evaluation and checkpoints excluded)
-    timed_steps: int = 0
-    _mark: float | None = None
-    _waited: float = 0.0
-    stream_s: dict[str, float] = field(default_factory=dict)  # step time by the data stream the step drew from
-    _served: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.meter = SpeedMeter(self.streams, self.env.world_size)
 
     @property
     def state_path(self) -> Path:
         return self.out / STATE_FILE
 
     @property
-    def done(self) -> bool:
-        return (self.out / DONE_FILE).is_file()
+    def checkpointer(self) -> st.Checkpointer:
+        return st.Checkpointer(self.state_path, self.stage, self.modules, self.optimizers, self.streams, self.extra)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -217,67 +216,35 @@ class StageRun:
                 f.write(json.dumps({"stage": self.stage, **record}) + "\n")
 
     def start(self) -> None:
-        """Write the resolved config (rank 0) and resume from ``state.safetensors`` if present."""
+        """Write the resolved config (rank 0), resume from ``state.safetensors`` if present, open the bar."""
+        self.meter = SpeedMeter(self.streams, self.env.world_size)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
         barrier(self.env)
         if self.state_path.is_file():
-            self._restore()
+            self.step = self.checkpointer.restore()
+            self._truncate_log()
+            if self.env.is_main:
+                print(f"resuming {self.stage} from step {self.step}/{self.total} ({self.state_path})", file=sys.stderr)
         else:
             # models are built with the same seed on every rank; from here on (dropout…) ranks differ
             torch.manual_seed(self.cfg.seed + 1_000 * self.env.rank)
             if self.env.is_main and (self.out / METRICS_FILE).exists():
                 (self.out / METRICS_FILE).unlink()
+        self._progress()
 
-    def _restore(self) -> None:
-        tensors, meta = st.load_state(self.state_path)
-        if meta.get("stage") != self.stage:
-            raise UsageError(f"{self.state_path}: state of stage '{meta.get('stage')}', not '{self.stage}'")
-        for name, m in self.modules.items():
-            st.load_module_tensors(name, m, tensors)
-        for name, opt in self.optimizers.items():
-            st.load_optimizer_state(f"optim.{name}", opt, tensors, meta["optimizers"][name])
-        for name, s in self.streams.items():
-            s.load_state_dict(meta["streams"][name])
-        st.set_rng_state(tensors, meta["rng"])
-        if self.restore_extra:
-            self.restore_extra(tensors, meta.get("extra", {}))
-        self.step = int(meta["step"])
-        if self.env.is_main:  # drop log lines written after the checkpoint
-            path = self.out / METRICS_FILE
-            if path.exists():
-                keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
-                path.write_text("".join(x + "\n" for x in keep))
-        if self.env.is_main:
-            print(f"resuming {self.stage} from step {self.step}/{self.total} ({self.state_path})", file=sys.stderr)
+    def _truncate_log(self) -> None:
+        """Drop the log lines written after the checkpoint resumed from."""
+        path = self.out / METRICS_FILE
+        if self.env.is_main and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
+            path.write_text("".join(x + "\n" for x in keep))
 
     def save(self) -> None:
         """Checkpoint everything needed to resume (rank 0 writes; every rank waits)."""
         if self.env.is_main:
-            tensors: dict[str, torch.Tensor] = {}
-            meta: dict[str, Any] = {
-                "stage": self.stage,
-                "step": self.step,
-                "total": self.total,
-                "optimizers": {},
-                "streams": {},
-            }
-            for name, m in self.modules.items():
-                tensors.update(st.module_tensors(name, m))
-            for name, opt in self.optimizers.items():
-                t, om = st.optimizer_state(f"optim.{name}", opt)
-                tensors.update(t)
-                meta["optimizers"][name] = om
-            meta["streams"] = {n: s.state_dict() for n, s in self.streams.items()}
-            rt, rm = st.rng_state()
-            tensors.update(rt)
-            meta["rng"] = rm
-            if self.extra_tensors:
-                tensors.update(self.extra_tensors())
-            if self.extra_meta:
-                meta["extra"] = self.extra_meta()
-            st.save_state(self.state_path, tensors, meta)
+            self.checkpointer.save(self.step, self.total)
         barrier(self.env)
 
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
@@ -290,35 +257,9 @@ class StageRun:
 
     def restart_clock(self) -> None:
         """Start timing the next step here (after a pause the step time must not count: evaluation)."""
-        self._mark = time.perf_counter()
+        self.meter.restart()
 
-    def throughput(self) -> dict[str, Any] | None:
-        """Training speed of the steps this process ran (a resumed stage: those after the resume).
-
-        ``images_per_s`` per data stream: the images of that stream (all processes together under DDP)
-        over the time of the steps that drew from it (``stream_s``: a fine-tuning's classification
-        phase, an MTP stage's Eq. 7 steps…); ``steps_per_s`` and ``train_s`` over all steps (evaluation
-        and checkpoint writing excluded); ``data_wait_frac``, the share of ``train_s`` spent waiting for
-        the data loader — near 0 when the loader keeps up.
-        """
-        if self.timed_steps == 0 or self.train_s <= 0:
-            return None
-        world = self.env.world_size
-        return {
-            "steps": self.timed_steps,
-            "train_s": self.train_s,
-            "steps_per_s": self.timed_steps / self.train_s,
-            "images_per_s": {
-                n: s.served * world / self.stream_s[n]
-                for n, s in self.streams.items()
-                if s.served and self.stream_s.get(n)
-            },
-            "stream_s": dict(self.stream_s),
-            "data_wait_frac": sum(s.wait_s for s in self.streams.values()) / self.train_s,
-            "world_size": world,
-        }
-
-    def progress(self) -> tqdm:
+    def _progress(self) -> None:
         self._pbar = tqdm(
             total=self.total,
             initial=self.step,
@@ -329,7 +270,6 @@ class StageRun:
             file=sys.stderr,
         )
         self.restart_clock()
-        return self._pbar
 
     def close_progress(self) -> None:
         """Close the bar (before an error message is printed, so the bar does not redraw after it)."""
@@ -339,27 +279,12 @@ class StageRun:
 
     def after_step(self, record: dict[str, Any]) -> None:
         """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
-        if self._mark is not None:
-            dt = time.perf_counter() - self._mark
-            self.train_s += dt
-            self.timed_steps += 1
-            drawn = [n for n, s in self.streams.items() if s.served != self._served.get(n, 0)]
-            for n in drawn:
-                self.stream_s[n] = self.stream_s.get(n, 0.0) + dt / len(drawn)
-        self._served = {n: s.served for n, s in self.streams.items()}
-        waited = sum(s.wait_s for s in self.streams.values())
-        data_s, self._waited = waited - self._waited, waited
+        data_s = self.meter.step_done()
         self.step += 1
         if self._pbar is not None:
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k in _SHOWN}
             self._pbar.update(1)
-            self._pbar.set_postfix(
-                {
-                    k: (f"{v:.4g}" if isinstance(v, float) else v)
-                    for k, v in record.items()
-                    if k in ("loss", "lr", "phase", "mu")
-                },
-                refresh=False,
-            )
+            self._pbar.set_postfix(shown, refresh=False)
         if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total:
             self.log({"step": self.step, "time": time.time(), "data_s": round(data_s, 6), **record})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:
@@ -375,13 +300,7 @@ class StageRun:
     ) -> dict[str, Any]:
         """Export the final model to ``out/model``, write the final state and ``done.json``."""
         self.close_progress()
-        skipped = {n: s.dataset.num_skipped for n, s in self.streams.items() if isinstance(s.dataset, SkipBadSamples)}
-        if any(skipped.values()):
-            metrics = {**metrics, "skipped_bad_samples": skipped}
-            if self.env.is_main:
-                for n, s in self.streams.items():
-                    if skipped.get(n):
-                        print(f"{self.stage}: {n} data: {s.dataset.report()}", file=sys.stderr)
+        metrics = self._count_skipped(metrics)
         sync_buffers(model, self.env)
         revert_sync_bn(model)
         self.save()
@@ -390,7 +309,7 @@ class StageRun:
             if extra_files:
                 extra_files(self.out / "model")
             done: dict[str, Any] = {"stage": self.stage, "steps": self.step, "metrics": metrics}
-            speed = self.throughput()
+            speed = self.meter.report()
             if speed is not None:
                 done["throughput"] = speed
                 rates = ", ".join(f"{n} {v:.3g} images/s" for n, v in speed["images_per_s"].items())
@@ -402,6 +321,20 @@ class StageRun:
             write_json(self.out / DONE_FILE, done)
         barrier(self.env)
         return metrics
+
+    def _count_skipped(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` plus the bad samples each stream skipped (``data.skip_bad``), said on stderr."""
+        skipped = {n: s.dataset.num_skipped for n, s in self.streams.items() if isinstance(s.dataset, SkipBadSamples)}
+        if not any(skipped.values()):
+            return metrics
+        if self.env.is_main:
+            for n, s in self.streams.items():
+                if skipped.get(n):
+                    print(f"{self.stage}: {n} data: {s.dataset.report()}", file=sys.stderr)
+        return {**metrics, "skipped_bad_samples": skipped}
+
+
+_SHOWN = ("loss", "lr", "phase", "mu")  # the record keys the progress bar shows
 
 
 def steps_for(epochs: float, stream: BatchStream) -> int:
@@ -429,12 +362,6 @@ def to_device(batch: Any, cfg: Config, env: DistEnv) -> tuple[torch.Tensor, torc
     return (
         x.to(env.device, non_blocking=True, memory_format=memory_format(cfg)),
         y.to(env.device, non_blocking=True),
-    )
-
-
-def autocast(cfg: Config, env: DistEnv) -> torch.autocast:
-    return torch.autocast(
-        device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.optim.amp and env.device.type == "cuda"
     )
 
 

@@ -26,6 +26,8 @@ from W3; the pruning scores are always γ1 of W1 and γ2 of W2, saved in ``model
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +35,28 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from mtprune.checkpoint import SCORES_FILE
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.io import atomic_path
 from mtprune.method import (
-    add_alm_grad_,
     alm_coupling,
-    eq7_objective,
-    eq8_objective,
-    eq9_objective,
+    eq7_backward,
+    eq8_backward,
+    eq9_backward,
     eq10_update,
-    joint_seg_objective,
+    joint_seg_backward,
     relative_gap,
     soft_threshold_,
 )
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.train.distributed import DistEnv
+from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     ClsNet,
     Evaluator,
     SegNet,
     StageRun,
-    autocast,
     clip,
     convert_sync_bn,
     initial_model,
@@ -82,16 +83,9 @@ def sparsity(gammas: list[torch.nn.Parameter]) -> float:
     return float((g < SPARSE_BELOW).float().mean())
 
 
-def run_sparse_mtp(
-    cfg: Config, out: Path, env: DistEnv, init: str | None, evaluate: Evaluator = no_evaluation
-) -> dict[str, Any]:
+def check_mtp_config(cfg: Config) -> None:
+    """The numeric conditions of ``sparse_mtp`` (its enums are checked when the config loads)."""
     c = cfg.sparse_mtp
-    if c.mode not in ("joint", "alternating"):
-        raise UsageError(f"sparse_mtp.mode must be joint or alternating, got '{c.mode}'")
-    if c.l1 not in ("subgradient", "proximal"):
-        raise UsageError(f"sparse_mtp.l1 must be subgradient or proximal, got '{c.l1}'")
-    if c.backbone_from not in ("w1", "w3"):
-        raise UsageError(f"sparse_mtp.backbone_from must be w1 or w3, got '{c.backbone_from}'")
     if c.rho < 1.0:
         raise UsageError(f"sparse_mtp.rho must be ≥ 1 (Eq. 10), got {c.rho}")
     limit = 2.0 * (1.0 + cfg.optim.momentum)
@@ -100,166 +94,219 @@ def run_sparse_mtp(
             f"sparse_mtp: lr × mu_max = {max(c.lr_cls, c.lr_seg) * max(c.mu_max, c.mu0):.3g} ≥ {limit:.3g}: "
             "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)"
         )
+
+
+@dataclass
+class ALMState:
+    """The ALM multipliers E (one tensor per backbone parameter) and μ, with the running loss sums of the
+    current round: what ``sparse-mtp`` keeps across a resume besides weights and optimisers."""
+
+    E: list[torch.Tensor]
+    mu: float
+    sum_cls: float = 0.0
+    sum_seg: float = 0.0
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"alm.E.{i}": e for i, e in enumerate(self.E)}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"mu": self.mu, "sum_cls": self.sum_cls, "sum_seg": self.sum_seg}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for i, e in enumerate(self.E):
+            e.copy_(tensors[f"alm.E.{i}"])
+        self.mu, self.sum_cls, self.sum_seg = float(meta["mu"]), float(meta["sum_cls"]), float(meta["sum_seg"])
+
+
+def _no_check(loss: torch.Tensor, what: str) -> None:
+    return None
+
+
+@dataclass
+class SparseMTP:
+    """The three variables of Algorithm 1 and one SGD step on each sub-problem: :meth:`w1_step` (Eq. 7),
+    :meth:`seg_step` (Eq. 8, Eq. 9, or both from one pass in ``joint`` mode) and :meth:`end_round` (Eq. 10).
+    ``model.backbone`` is W3, ``model.decoder`` W2, ``backbone1`` (a copy) W1."""
+
+    cfg: Config
+    env: DistEnv
+    model: SegmentationModel
+    check: Callable[[torch.Tensor, str], None] = _no_check  # called on each loss before its backward
+    backbone1: torch.nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        c, model = self.cfg.sparse_mtp, self.model
+        self.backbone1 = copy.deepcopy(model.backbone)
+        self.cls_net, self.seg_net = ClsNet(self.backbone1, model.cls_head), SegNet(model)
+        self.w1, self.w3 = list(self.backbone1.parameters()), list(model.backbone.parameters())
+        self.alm = ALMState([torch.zeros_like(p) for p in self.w1], c.mu0)
+        bns = [lay.bn.removeprefix("backbone.") for lay in model.prunable_layers() if lay.part == BACKBONE]
+        self.gamma1 = [self.backbone1.get_submodule(n).weight for n in bns]
+        self.gamma3, self.gamma2 = prunable_gammas(model, BACKBONE), prunable_gammas(model, DECODER)
+        self.opt1 = sgd(self.cls_net.parameters(), c.lr_cls, self.cfg)
+        self.opt2 = sgd(model.decoder.parameters(), c.lr_seg, self.cfg)
+        self.opt3 = sgd(model.backbone.parameters(), c.lr_seg, self.cfg)
+        self.ddp_cls, self.ddp_seg = wrap_ddp(self.cls_net, self.env), wrap_ddp(self.seg_net, self.env)
+        # the ℓ1 terms: in the gradient (subgradient) or as a soft-threshold after each step (proximal)
+        self.alpha1, self.alpha2 = (c.alpha1, c.alpha2) if c.l1 == "subgradient" else (0.0, 0.0)
+
+    def w1_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        """One SGD step of W1 on Eq. 7 (classification batch ``x, y``); returns the classification loss."""
+        for g in self.opt1.param_groups:
+            g["lr"] = lr
+        with autocast(self.env.device, self.cfg.optim.amp):
+            logits = self.ddp_cls(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.check(loss, "classification (Eq. 7)")
+        self.opt1.zero_grad(set_to_none=True)
+        eq7_backward(loss, self.w1, self.w3, self.alm.E, self.alm.mu, self.gamma1, self.alpha1)
+        clip(self.cls_net.parameters(), self.cfg)
+        self.opt1.step()
+        self._proximal([self.gamma1], lr * self.cfg.sparse_mtp.alpha1)
+        self.alm.sum_cls += float(loss.detach())
+        return float(loss.detach())
+
+    def seg_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, sub: str) -> float:
+        """One SGD step on a segmentation batch: ``sub`` ``"w2"`` (Eq. 8), ``"w3"`` (Eq. 9) or ``"w2w3"``
+        (both, from one forward/backward: ``joint`` mode); returns the segmentation loss."""
+        for opt in (self.opt2, self.opt3):
+            for g in opt.param_groups:
+                g["lr"] = lr
+        with autocast(self.env.device, self.cfg.optim.amp):
+            outputs = self.ddp_seg(x)
+        loss = seg_loss(outputs, y, self.cfg.sparse_mtp.aux_weight)
+        self.check(loss, "segmentation (Eq. 8/9)")
+        self.opt2.zero_grad(set_to_none=True)
+        self.opt3.zero_grad(set_to_none=True)
+        lam, a2, E, mu = self.cfg.sparse_mtp.lam, self.alpha2, self.alm.E, self.alm.mu
+        if sub == "w2w3":
+            joint_seg_backward(loss, self.w1, self.w3, E, mu, self.gamma2, self.gamma3, a2, lam)
+        elif sub == "w2":
+            eq8_backward(loss, self.gamma2, a2, lam)
+        else:
+            eq9_backward(loss, self.w1, self.w3, E, mu, self.gamma3, a2, lam)
+        clip(self.seg_net.parameters(), self.cfg)
+        stepped = {"w2": [(self.opt2, self.gamma2)], "w3": [(self.opt3, self.gamma3)]}
+        for opt, gam in stepped.get(sub, stepped["w2"] + stepped["w3"]):
+            opt.step()
+            self._proximal([gam], lr * self.cfg.sparse_mtp.alpha2)
+        if sub != "w3":
+            self.alm.sum_seg += float(loss.detach())
+        return float(loss.detach())
+
+    def _proximal(self, gammas: list[list[torch.nn.Parameter]], threshold: float) -> None:
+        if self.cfg.sparse_mtp.l1 == "proximal":
+            for g in gammas:
+                soft_threshold_(g, threshold)
+
+    def end_round(self, rnd: int) -> dict[str, Any]:
+        """Eq. 10 after round ``rnd`` (``E ← E + μ(W1 − W3)``, ``μ ← min(ρμ, mu_max)``); the round's record."""
+        c = self.cfg.sparse_mtp
+        gap = relative_gap(self.w1, self.w3)
+        with torch.no_grad():
+            alm_value = float(alm_coupling(self.w1, self.w3, self.alm.E, self.alm.mu))
+        self.alm.mu = eq10_update(self.alm.E, self.w1, self.w3, self.alm.mu, c.rho, c.mu_max)
+        record = {
+            "round": rnd + 1,
+            "gap": gap,
+            "cls_loss": self.alm.sum_cls / max(c.steps_cls, 1),
+            "seg_loss": self.alm.sum_seg / max(c.steps_seg, 1),
+            "mu": self.alm.mu,
+            "alm": alm_value,
+            "sparse_backbone": sparsity(self.gamma1),
+            "sparse_decoder": sparsity(self.gamma2),
+        }
+        self.alm.sum_cls = self.alm.sum_seg = 0.0
+        return record
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The pruning scores (Algorithm 1, line 9): |γ1| of W1 for the backbone, |γ2| of W2 for the decoder."""
+        out = {}
+        for lay in self.model.prunable_layers():
+            bn = self.backbone1.get_submodule(lay.bn.removeprefix("backbone.")) if lay.part == BACKBONE else None
+            gamma = (bn if bn is not None else self.model.get_submodule(lay.bn)).weight
+            out[lay.bn] = gamma.detach().abs().cpu().contiguous()
+        return out
+
+    def exported(self) -> SegmentationModel:
+        """The net to prune: decoder W2 and classification head, backbone (parameters and running
+        statistics) from W1 (``backbone_from: w1``) or W3."""
+        if self.cfg.sparse_mtp.backbone_from == "w3":
+            return self.model
+        out = copy.deepcopy(self.model)
+        out.backbone.load_state_dict(self.backbone1.state_dict())
+        return out
+
+
+def _rounds(run: StageRun, mtp: SparseMTP, cls_stream: BatchStream, seg_stream: BatchStream) -> None:
+    """Algorithm 1's loop from ``run.step`` on: each round ``steps_cls`` Eq. 7 steps, the segmentation
+    steps, then Eq. 10; resumable at any step."""
+    cfg, env, c = run.cfg, run.env, run.cfg.sparse_mtp
+    seg_passes = 2 if c.mode == "alternating" else 1
+    per_round = c.steps_cls + seg_passes * c.steps_seg
+    while run.step < run.total:
+        rnd, k = divmod(run.step, per_round)
+        if k < c.steps_cls:
+            lr = lr_at("linear", c.lr_cls, rnd * c.steps_cls + k, c.rounds * c.steps_cls)
+            loss = mtp.w1_step(*to_device(next(cls_stream), cfg, env), lr)
+            record: dict[str, Any] = {"phase": "w1", "loss": loss, "lr": lr}
+        else:
+            j = k - c.steps_cls
+            sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
+            lr = lr_at("poly", c.lr_seg, rnd * c.steps_seg + (j % c.steps_seg), c.rounds * c.steps_seg)
+            loss = mtp.seg_step(*to_device(next(seg_stream), cfg, env), lr, sub)
+            record = {"phase": sub, "loss": loss, "lr": lr}
+        if k == per_round - 1:  # end of the round
+            run.log({"step": run.step + 1, **mtp.end_round(rnd)})
+            record["mu"] = mtp.alm.mu
+        run.after_step(record)
+
+
+def run_sparse_mtp(
+    cfg: Config, out: Path, env: DistEnv, init: str | None, evaluate: Evaluator = no_evaluation
+) -> dict[str, Any]:
+    """The ``sparse-mtp`` stage in folder ``out``, from the model at ``init``; returns its final metrics."""
+    check_mtp_config(cfg)
+    c = cfg.sparse_mtp
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
-    backbone1 = copy.deepcopy(model.backbone)  # W1; model.backbone is W3, model.decoder W2
-    cls_net, seg_net = ClsNet(backbone1, model.cls_head), SegNet(model)
-    w1, w3 = list(backbone1.parameters()), list(model.backbone.parameters())
-    E = [torch.zeros_like(p) for p in w1]
-    bb_bns = [lay.bn.removeprefix("backbone.") for lay in model.prunable_layers() if lay.part == BACKBONE]
-    gamma1 = [backbone1.get_submodule(n).weight for n in bb_bns]
-    gamma3, gamma2 = prunable_gammas(model, BACKBONE), prunable_gammas(model, DECODER)
-    opt1 = sgd(cls_net.parameters(), c.lr_cls, cfg)
-    opt2 = sgd(model.decoder.parameters(), c.lr_seg, cfg)
-    opt3 = sgd(model.backbone.parameters(), c.lr_seg, cfg)
-    ddp_cls, ddp_seg = wrap_ddp(cls_net, env), wrap_ddp(seg_net, env)
+    run = StageRun("sparse-mtp", cfg, out, env)
+    mtp = SparseMTP(cfg, env, model, check=run.check_finite)
     cls_stream = BatchStream(cls_ds, c.cls_batch_size, cfg.seed + 1, env, cfg.data.workers)
     seg_stream = BatchStream(seg_ds, c.seg_batch_size, cfg.seed, env, cfg.data.workers)
-    seg_passes = 2 if c.mode == "alternating" else 1
-    per_round = c.steps_cls + seg_passes * c.steps_seg
-    total_cls, total_seg = c.rounds * c.steps_cls, c.rounds * c.steps_seg
-
-    alm = {"mu": c.mu0, "sum_cls": 0.0, "sum_seg": 0.0}
-    l1_grad = c.l1 == "subgradient"
-    a1, a2 = (c.alpha1, c.alpha2) if l1_grad else (0.0, 0.0)
-
-    run = StageRun("sparse-mtp", cfg, out, env)
-    run.total = c.rounds * per_round
-    run.modules = {"model": model, "backbone1": backbone1}
-    run.optimizers = {"w1": opt1, "w2": opt2, "w3": opt3}
+    run.total = c.rounds * (c.steps_cls + (2 if c.mode == "alternating" else 1) * c.steps_seg)
+    run.modules = {"model": model, "backbone1": mtp.backbone1}
+    run.optimizers = {"w1": mtp.opt1, "w2": mtp.opt2, "w3": mtp.opt3}
     run.streams = {"cls": cls_stream, "seg": seg_stream}
-    run.extra_tensors = lambda: {f"alm.E.{i}": e for i, e in enumerate(E)}
-    run.extra_meta = lambda: dict(alm)
-
-    def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        for i, e in enumerate(E):
-            e.copy_(tensors[f"alm.E.{i}"])
-        alm.update(meta)
-
-    run.restore_extra = restore
+    run.extra = mtp.alm
     run.start()
-    run.progress()
     try:
         set_train_mode(model, cfg)
-        set_train_mode(backbone1, cfg)
-        while run.step < run.total:
-            rnd, k = divmod(run.step, per_round)
-            mu = alm["mu"]
-            if k < c.steps_cls:  # Eq. 7: W1 on classification
-                lr = lr_at("linear", c.lr_cls, rnd * c.steps_cls + k, total_cls)
-                for g in opt1.param_groups:
-                    g["lr"] = lr
-                x, y = to_device(next(cls_stream), cfg, env)
-                with autocast(cfg, env):
-                    logits = ddp_cls(x)
-                loss = F.cross_entropy(logits.float(), y)
-                run.check_finite(loss, "classification (Eq. 7)")
-                obj = eq7_objective(loss, w1, w3, E, mu, gamma1, a1, coupling=False)
-                opt1.zero_grad(set_to_none=True)
-                obj.backward()
-                add_alm_grad_(w1, w3, E, mu, +1.0)  # Eq. 7's ALM terms: + E + μ(W1 − W3)
-                clip(cls_net.parameters(), cfg)
-                opt1.step()
-                if not l1_grad:
-                    soft_threshold_(gamma1, lr * c.alpha1)
-                alm["sum_cls"] += float(loss.detach())
-                record = {"phase": "w1", "loss": float(loss.detach()), "lr": lr}
-            else:
-                j = k - c.steps_cls
-                sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
-                it = rnd * c.steps_seg + (j % c.steps_seg)
-                lr = lr_at("poly", c.lr_seg, it, total_seg)
-                for opt in (opt2, opt3):
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                x, y = to_device(next(seg_stream), cfg, env)
-                with autocast(cfg, env):
-                    outputs = ddp_seg(x)
-                loss = seg_loss(outputs, y, c.aux_weight)
-                run.check_finite(loss, "segmentation (Eq. 8/9)")
-                if sub == "w2w3":
-                    obj = joint_seg_objective(loss, w1, w3, E, mu, gamma2, gamma3, a2, c.lam, coupling=False)
-                    stepped = [(opt2, gamma2), (opt3, gamma3)]
-                elif sub == "w2":
-                    obj = eq8_objective(loss, gamma2, a2, c.lam)
-                    stepped = [(opt2, gamma2)]
-                else:
-                    obj = eq9_objective(loss, w1, w3, E, mu, gamma3, a2, c.lam, coupling=False)
-                    stepped = [(opt3, gamma3)]
-                opt2.zero_grad(set_to_none=True)
-                opt3.zero_grad(set_to_none=True)
-                obj.backward()
-                if sub != "w2":
-                    add_alm_grad_(w3, w1, E, mu, -1.0)  # Eq. 9's ALM terms: − E − μ(W1 − W3)
-                clip(seg_net.parameters(), cfg)
-                for opt, gam in stepped:
-                    opt.step()
-                    if not l1_grad:
-                        soft_threshold_(gam, lr * c.alpha2)
-                if sub != "w3":
-                    alm["sum_seg"] += float(loss.detach())
-                record = {"phase": sub, "loss": float(loss.detach()), "lr": lr}
-            if k == per_round - 1:  # end of the round
-                gap = relative_gap(w1, w3)
-                with torch.no_grad():
-                    alm_value = float(alm_coupling(w1, w3, E, mu))
-                alm["mu"] = eq10_update(E, w1, w3, mu, c.rho, c.mu_max)  # Eq. 10
-                round_rec = {
-                    "round": rnd + 1,
-                    "gap": gap,
-                    "cls_loss": alm["sum_cls"] / max(c.steps_cls, 1),
-                    "seg_loss": alm["sum_seg"] / max(c.steps_seg, 1),
-                    "mu": alm["mu"],
-                    "alm": alm_value,
-                    "sparse_backbone": sparsity(gamma1),
-                    "sparse_decoder": sparsity(gamma2),
-                }
-                alm["sum_cls"] = alm["sum_seg"] = 0.0
-                run.log({"step": run.step + 1, **round_rec})
-                record["mu"] = alm["mu"]
-            run.after_step(record)
-
+        set_train_mode(mtp.backbone1, cfg)
+        _rounds(run, mtp, cls_stream, seg_stream)
     finally:
         run.close_progress()
-    sync_buffers(model, env)
-    sync_buffers(backbone1, env)
-    revert_sync_bn(model)
-    revert_sync_bn(backbone1)
-    exported = _export(model, backbone1, c.backbone_from)
-    scores = {
-        lay.bn: (
-            backbone1.get_submodule(lay.bn.removeprefix("backbone.")).weight
-            if lay.part == BACKBONE
-            else model.get_submodule(lay.bn).weight
-        )
-        .detach()
-        .abs()
-        .cpu()
-        .contiguous()
-        for lay in model.prunable_layers()
-    }
+    for m in (model, mtp.backbone1):
+        sync_buffers(m, env)
+        revert_sync_bn(m)
+    return _finish(run, mtp, evaluate, init)
+
+
+def _finish(run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None) -> dict[str, Any]:
+    """Export the net to prune with its scores (``model/scores.safetensors``) and the final metrics."""
+    exported, scores = mtp.exported(), mtp.scores()
 
     def write_scores(model_dir: Path) -> None:
-        with atomic_path(model_dir / "scores.safetensors") as tmp:
+        with atomic_path(model_dir / SCORES_FILE) as tmp:
             save_file(scores, str(tmp), metadata={"what": "gamma1 of W1 (backbone), gamma2 of W2 (decoder)"})
 
     metrics = {
-        "gap": relative_gap(w1, w3),
-        "mu": alm["mu"],
-        "sparse_backbone": sparsity(gamma1),
-        "sparse_decoder": sparsity(gamma2),
+        "gap": relative_gap(mtp.w1, mtp.w3),
+        "mu": mtp.alm.mu,
+        "sparse_backbone": sparsity(mtp.gamma1),
+        "sparse_decoder": sparsity(mtp.gamma2),
     }
-    metrics.update(evaluate(exported, cfg, env, ("seg", "cls"), False))
-    return run.finish(
-        exported, metrics, meta={"init": init, "backbone_from": c.backbone_from}, extra_files=write_scores
-    )
-
-
-def _export(model: SegmentationModel, backbone1: torch.nn.Module, source: str) -> SegmentationModel:
-    """The net to prune: decoder W2 and classification head, backbone from W1 or W3."""
-    if source == "w3":
-        return model
-    exported = copy.deepcopy(model)
-    exported.backbone.load_state_dict(backbone1.state_dict())
-    return exported
+    metrics.update(evaluate(exported, run.cfg, run.env, ("seg", "cls"), False))
+    meta = {"init": init, "backbone_from": run.cfg.sparse_mtp.backbone_from}
+    return run.finish(exported, metrics, meta=meta, extra_files=write_scores)

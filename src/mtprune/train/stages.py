@@ -16,13 +16,12 @@ from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.method import l1_penalty, soft_threshold_
 from mtprune.models.base import SegmentationModel
-from mtprune.train.distributed import DistEnv
+from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     ClsNet,
     Evaluator,
     SegNet,
     StageRun,
-    autocast,
     clip,
     convert_sync_bn,
     initial_model,
@@ -63,7 +62,6 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
     """The training loop: each phase's steps in turn, resumable at any step."""
     run.total = sum(p.steps for p in phases)
     run.start()
-    run.progress()
     try:
         offset = 0
         for ph in phases:
@@ -74,7 +72,7 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
                 for g in ph.opt.param_groups:
                     g["lr"] = lr
                 x, y = to_device(next(ph.stream), cfg, env)
-                with autocast(cfg, env):
+                with autocast(env.device, cfg.optim.amp):
                     out = ph.net(x)
                 loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
                 run.check_finite(loss, ph.name)
@@ -164,8 +162,6 @@ def run_supervised(
         tasks = ("seg",)
     elif stage == "sparse-slimming":
         c3 = cfg.sparse_slimming
-        if c3.l1 not in ("subgradient", "proximal"):
-            raise UsageError(f"sparse_slimming.l1 must be subgradient or proximal, got '{c3.l1}'")
         phases = [
             _seg_phase(
                 "seg",

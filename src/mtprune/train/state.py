@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtprune.errors import CheckpointError
+from mtprune.errors import CheckpointError, UsageError
 from mtprune.io import atomic_path
 
 META_KEY = "mtprune_state"
@@ -99,3 +100,65 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+class Stateful(Protocol):
+    """Extra state a stage keeps across a resume (the ALM multipliers E and μ of ``sparse-mtp``)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def state_meta(self) -> dict[str, Any]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
+
+
+class StreamState(Protocol):
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+@dataclass
+class Checkpointer:
+    """Everything a stage needs to resume, in one ``state.safetensors``: its modules (by prefix), optimisers,
+    data streams' positions, the RNG states, the step, and a :class:`Stateful` extra."""
+
+    path: Path
+    stage: str
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    streams: dict[str, StreamState] = field(default_factory=dict)
+    extra: Stateful | None = None
+
+    def save(self, step: int, total: int) -> None:
+        """Write the state of ``step`` (of ``total``) atomically (the caller decides which rank writes)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"stage": self.stage, "step": step, "total": total, "optimizers": {}}
+        for name, m in self.modules.items():
+            tensors.update(module_tensors(name, m))
+        for name, opt in self.optimizers.items():
+            t, meta["optimizers"][name] = optimizer_state(f"optim.{name}", opt)
+            tensors.update(t)
+        meta["streams"] = {n: s.state_dict() for n, s in self.streams.items()}
+        rt, meta["rng"] = rng_state()
+        tensors.update(rt)
+        if self.extra is not None:
+            tensors.update(self.extra.state_tensors())
+            meta["extra"] = self.extra.state_meta()
+        save_state(self.path, tensors, meta)
+
+    def restore(self) -> int:
+        """Load the saved state into the tracked objects; returns its step."""
+        tensors, meta = load_state(self.path)
+        if meta.get("stage") != self.stage:
+            raise UsageError(f"{self.path}: state of stage '{meta.get('stage')}', not '{self.stage}'")
+        for name, m in self.modules.items():
+            load_module_tensors(name, m, tensors)
+        for name, opt in self.optimizers.items():
+            load_optimizer_state(f"optim.{name}", opt, tensors, meta["optimizers"][name])
+        for name, s in self.streams.items():
+            s.load_state_dict(meta["streams"][name])
+        set_rng_state(tensors, meta["rng"])
+        if self.extra is not None:
+            self.extra.load_state(tensors, meta.get("extra", {}))
+        return int(meta["step"])
