@@ -60,7 +60,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     computes the segmentation output of ``model.forward``, equal to it up to float rounding, in eval mode.
     The original model is not changed.
     """
-    from torch.fx.experimental.optimization import fuse
+    from torch.fx.experimental.optimization import fuse  # imported when used: torch.fx is slow to import
 
     try:
         return fuse(model.eval(), inplace=False)
@@ -211,7 +211,7 @@ def _compile_settings(nets: int) -> contextlib.AbstractContextManager:
     """``torch.compile`` as an inference deployment uses it: inductor's *freezing* (weights become constants,
     BatchNorm folded, convolution weights pre-packed once for oneDNN instead of reordered on every call),
     and room for one compiled graph per net — falling back to eager silently would time the wrong thing."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # when used: importing dynamo costs seconds
     import torch._inductor.config as inductor_config
 
     stack = contextlib.ExitStack()

@@ -25,6 +25,7 @@ from mtprune.layout import (
     PLOTS_DIR,
     QUALITATIVE_FILE,
     color,
+    display_name,
     eval_dir,
     finetune_dir,
     has_thresholds,
@@ -198,7 +199,7 @@ def _qualitative_rows(rows: list[Row]) -> dict[str, str]:
         cands = [r for r in rows if r["method"] == method and r.get("cls_finetune", True)]
         if cands:
             r = sorted(cands, key=lambda r: (r["ratio"] != max(x["ratio"] for x in cands), r["thresholds"]))[0]
-            chosen[f"{method} {1 - r['ratio']:.2g}×"] = eval_dir(r["tag"])
+            chosen[display_name(r)] = eval_dir(r["tag"])
     return chosen
 
 
