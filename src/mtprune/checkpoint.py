@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mtprune.errors import CheckpointError, MtpruneError
-from mtprune.io import atomic_path, read_json, write_json
+from mtprune.io import ensure_dir, read_json, save_tensors, write_json
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes, resize_modules
@@ -44,8 +43,7 @@ def pruned_shapes(model: SegmentationModel) -> dict[str, list[int]]:
 
 def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (dense or pruned) to ``directory`` as ``arch.json`` + ``model.safetensors``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_dir(directory)
     arch = {
         "format": FORMAT,
         "mtprune_version": __version__,
@@ -53,9 +51,7 @@ def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dic
         "channels": pruned_shapes(model),
         "meta": meta or {},
     }
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "model": model.name})
+    save_tensors(directory / WEIGHTS_FILE, model.state_dict(), {"format": FORMAT, "model": model.name})
     write_json(directory / ARCH_FILE, arch)
     return directory
 

@@ -8,6 +8,7 @@ configuration is saved next to every run (``config.yaml``), so a run can be repe
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -246,6 +247,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 and 1e+12 as strings; Python's float does not
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -296,7 +302,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise UsageError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{p}: not valid YAML{_where(e)}") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"{p}: a config file must be a mapping")
         data = _merge(data, loaded)
@@ -313,7 +319,48 @@ def load_config(
     data = _merge(data, over)
     if data.get("extra") == {}:  # the empty section every config.yaml saved by mtprune 0.1.0 has
         del data["extra"]
-    return _from_dict(Config, data)
+    cfg = _from_dict(Config, data)
+    check_values(cfg)
+    return cfg
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f" ({problem})"
+
+
+def _rule(key: str) -> tuple[str, float] | None:
+    """The bound a numeric key must respect: ``(">", 0)``, ``(">=", 0)``, ``(">=", 1)``, or None."""
+    name = key.rsplit(".", 1)[-1]
+    if name == "lr" or name.startswith("lr_"):
+        return (">", 0.0)
+    if name == "batch_size" or name.endswith("_batch_size") or name in ("rounds", "steps_seg", "log_every"):
+        return (">=", 1)
+    if name == "epochs":
+        return (">", 0.0)
+    if name.endswith("_epochs") or name in ("steps_cls", "workers", "checkpoint_every", "weight_decay", "lam"):
+        return (">=", 0)
+    if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight"):
+        return (">=", 0.0)
+    return None
+
+
+def check_values(cfg: Any, prefix: str = "") -> None:
+    """Every float finite, and the counts, epochs and learning rates in range (:func:`_rule`), for the
+    whole configuration: one line naming the key and the value otherwise."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{key}.")
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{key}: {value} is not a finite number")
+        rule = _rule(key)
+        if rule and not (value > rule[1] if rule[0] == ">" else value >= rule[1]):
+            raise UsageError(f"{key}: {value} must be {rule[0]} {rule[1]:g}")
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

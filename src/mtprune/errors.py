@@ -28,3 +28,8 @@ class CheckpointError(MtpruneError):
 
 class DataError(MtpruneError):
     """A dataset that is missing, has the wrong layout, or holds a bad sample."""
+
+
+class WriteError(MtpruneError):
+    """A file that could not be written (a full disk, a file-size limit, a read-only place); the file it
+    would have replaced is intact."""

@@ -145,5 +145,4 @@ def check_recipe(out: str | os.PathLike, recipe: dict[str, Any], has_work: bool)
 
 def write_recipe(out: str | os.PathLike, recipe: dict[str, Any]) -> None:
     """Write ``out/recipe.json`` (atomically) as a stage starts from nothing (rank 0 only)."""
-    Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / RECIPE_FILE, recipe)

@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MtpruneError as e:
         print(f"mtprune {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # any file-system failure not met by a more specific message: still one line
+        print(f"mtprune {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mtprune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,9 @@ configurations never mix in one folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from mtprune import layout
 from mtprune.config import Config, save_config
 from mtprune.errors import UsageError
-from mtprune.io import write_json
+from mtprune.io import folder_lock, write_json
 from mtprune.layout import Variant, variants
 from mtprune.pipeline.budget import finetune_budget
 from mtprune.pipeline.runner import Say, execute, say_on_main
@@ -67,15 +69,19 @@ def run_stage(
     return execute(training(stage, cfg, out, env, init), env, progress or (lambda msg: None))
 
 
-def _start(cfg: Config, out: str | os.PathLike, env: DistEnv | None, progress: Say | None) -> tuple[Path, DistEnv, Say]:
-    """Check the run section, open the run folder (its ``config.yaml``); the folder, process group, progress."""
+@contextlib.contextmanager
+def _open_run(
+    cfg: Config, out: str | os.PathLike, env: DistEnv | None, progress: Say | None
+) -> Iterator[tuple[Path, DistEnv, Say]]:
+    """Check the run section, then hold the run folder (its lock, rank 0) and write its ``config.yaml``;
+    yields the folder, the process group and the progress callback."""
     check_run_config(cfg)
     out = Path(out)
     env = env or setup(cfg.device)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    return out, env, progress or say_on_main(env)
+    with folder_lock(out) if env.is_main else contextlib.nullcontext():
+        if env.is_main:
+            save_config(cfg, out / "config.yaml")
+        yield out, env, progress or say_on_main(env)
 
 
 def run_pipeline(
@@ -90,7 +96,11 @@ def run_pipeline(
     ``pretrained``: a finished ``pretrain-cls`` folder (or checkpoint) to start ``train-seg`` from
     instead of running ``pretrain-cls`` here (several seeds sharing one pre-trained backbone, as the
     paper's runs share one ImageNet model)."""
-    out, env, say = _start(cfg, out, env, progress)
+    with _open_run(cfg, out, env, progress) as (out, env, say):
+        return _pipeline(cfg, out, env, say, pretrained)
+
+
+def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | os.PathLike | None) -> list[dict]:
     init = str(pretrained) if pretrained is not None else None
     if init is None and cfg.run.pretrain:
         execute(training(layout.PRETRAIN, cfg, out / layout.PRETRAIN, env), env, say)
@@ -189,7 +199,11 @@ def run_seeds(
         raise UsageError("run_seeds: no seeds given")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"seeds repeat: {seeds}")
-    out, env, say = _start(cfg, out, env, progress)
+    with _open_run(cfg, out, env, progress) as (out, env, say):
+        return _seeds(cfg, out, seeds, env, say, progress)
+
+
+def _seeds(cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, progress: Say | None) -> dict[str, Any]:
     pretrained = None
     if cfg.run.pretrain and cfg.run.shared_pretrain:
         first = deepcopy(cfg)

@@ -11,11 +11,13 @@ decides what happens to it:
 - nothing there: the recipe is written and the stage **runs**.
 
 It says ``[name] running`` or ``[name] reused`` after the recipe check, so a refused stage is never
-announced.
+announced. Rank 0 holds the stage folder's lock (:func:`~mtprune.io.folder_lock`) all the while: a second
+process on the same folder is refused in one line, whatever it would have done there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtprune.io import read_json
+from mtprune.io import folder_lock, read_json
 from mtprune.recipe import RECIPE_FILE, check_recipe, differences, write_recipe
 from mtprune.train.distributed import DistEnv
 from mtprune.train.engine import DONE_FILE, STATE_FILE
@@ -66,6 +68,12 @@ def execute(stage: Stage, env: DistEnv | None = None, say: Say | None = None) ->
     """Reuse, resume or run ``stage`` (see the module doc); returns its result. ``env``: the process
     group (None: a single process); every rank decides alike, rank 0 writes the recipe."""
     say = say or say_on_main(env)
+    main = env is None or env.is_main
+    with folder_lock(stage.out) if main else contextlib.nullcontext():
+        return _execute(stage, main, say)
+
+
+def _execute(stage: Stage, main: bool, say: Say) -> Any:
     done = (stage.out / DONE_FILE).is_file()
     if done and stage.redo_on_change and not _same_recipe(stage):
         done = False
@@ -75,7 +83,7 @@ def execute(stage: Stage, env: DistEnv | None = None, say: Say | None = None) ->
     if done:
         say(f"[{stage.name}] reused{note}")
         return stage.result(read_json(stage.out / DONE_FILE))
-    if (env is None or env.is_main) and not has_work:
+    if main and not has_work:
         write_recipe(stage.out, stage.recipe)
     say(f"[{stage.name}] running{note}")
     return stage.run()

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
 from mtprune.evaluate.validation import final_metrics
-from mtprune.io import atomic_path, write_json
+from mtprune.io import save_tensors, write_json
 from mtprune.layout import QUALITATIVE_FILE
 from mtprune.pipeline.runner import Stage
 from mtprune.pruning import THRESHOLDS, get_method, prune, scorer_inputs
@@ -114,9 +113,7 @@ def save_predictions(model: torch.nn.Module, cfg: Config, n: int, path: Path) ->
         tensors[f"image.{i}"] = img.contiguous()
         tensors[f"mask.{i}"] = mask.contiguous()
         tensors[f"pred.{i}"] = model(img[None].to(device)).argmax(1)[0].cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"num_classes": str(ds.num_classes)})
+    save_tensors(path, tensors, {"num_classes": str(ds.num_classes)})
 
 
 def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:

@@ -28,8 +28,8 @@ import mtprune.train.state as st
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, save_config
 from mtprune.data import IGNORE_INDEX, SkipBadSamples
-from mtprune.errors import MtpruneError, UsageError
-from mtprune.io import write_json
+from mtprune.errors import MtpruneError, UsageError, WriteError
+from mtprune.io import append_line, ensure_dir, read_lines, sweep_temp_files, write_json, write_text
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv, barrier
@@ -196,6 +196,7 @@ class StageRun:
     extra: st.Stateful | None = None  # e.g. the ALM state of sparse-mtp
     step: int = 0
     total: int = 0
+    saved_step: int | None = None  # the step of the last checkpoint written or resumed from
     meter: SpeedMeter = field(init=False)
     _pbar: Any = None
 
@@ -211,19 +212,26 @@ class StageRun:
         return st.Checkpointer(self.state_path, self.stage, self.modules, self.optimizers, self.streams, self.extra)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` (whole or not at all)."""
         if self.env.is_main:
-            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+            append_line(self.out / METRICS_FILE, json.dumps({"stage": self.stage, **record}))
 
     def start(self) -> None:
         """Write the resolved config (rank 0), resume from ``state.safetensors`` if present, open the bar."""
         self.meter = SpeedMeter(self.streams, self.env.world_size)
         if self.env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.out)
             save_config(self.cfg, self.out / "config.yaml")
+        if self.env.is_main:
+            swept = sweep_temp_files(self.out)
+            if swept:
+                print(
+                    f"{self.stage}: removed {len(swept)} temp file(s) of an interrupted write in {self.out}",
+                    file=sys.stderr,
+                )
         barrier(self.env)
         if self.state_path.is_file():
-            self.step = self.checkpointer.restore()
+            self.step = self.saved_step = self.checkpointer.restore()
             self._truncate_log()
             if self.env.is_main:
                 print(f"resuming {self.stage} from step {self.step}/{self.total} ({self.state_path})", file=sys.stderr)
@@ -235,17 +243,30 @@ class StageRun:
         self._progress()
 
     def _truncate_log(self) -> None:
-        """Drop the log lines written after the checkpoint resumed from."""
+        """Drop the log lines written after the checkpoint resumed from, and any torn line."""
         path = self.out / METRICS_FILE
         if self.env.is_main and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= self.step]
-            path.write_text("".join(x + "\n" for x in keep))
+            records, torn = read_lines(path)
+            if torn:
+                print(f"{path}: dropped {torn} torn line(s) (an interrupted write)", file=sys.stderr)
+            keep = [json.dumps(r) for r in records if r.get("step", 0) <= self.step]
+            write_text(path, "".join(x + "\n" for x in keep))
 
     def save(self) -> None:
-        """Checkpoint everything needed to resume (rank 0 writes; every rank waits)."""
+        """Checkpoint everything needed to resume (rank 0 writes; every rank waits). Only a state whose
+        every tensor is finite is written; a failed write keeps the previous checkpoint."""
         if self.env.is_main:
-            self.checkpointer.save(self.step, self.total)
+            try:
+                self.checkpointer.save(self.step, self.total)
+            except (st.NonFiniteError, WriteError) as e:
+                raise type(e)(f"{self.stage}: step {self.step}: {e}; {self._kept()}") from None
+            self.saved_step = self.step
         barrier(self.env)
+
+    def _kept(self) -> str:
+        if self.saved_step is None or not self.state_path.is_file():
+            return "no checkpoint was written before"
+        return f"the checkpoint of step {self.saved_step} ({self.state_path}) is intact"
 
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
@@ -303,6 +324,12 @@ class StageRun:
         metrics = self._count_skipped(metrics)
         sync_buffers(model, self.env)
         revert_sync_bn(model)
+        bad = st.first_non_finite(model.state_dict())
+        if bad is not None:
+            raise st.NonFiniteError(
+                f"{self.stage}: step {self.step}: tensor '{bad}' of the final model is not finite (inf or NaN); "
+                f"nothing exported; {self._kept()}"
+            )
         self.save()
         if self.env.is_main:
             save_model(model, self.out / "model", meta={"stage": self.stage, **(meta or {})})

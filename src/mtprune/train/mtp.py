@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from mtprune.checkpoint import SCORES_FILE
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
-from mtprune.io import atomic_path
+from mtprune.io import save_tensors
 from mtprune.method import (
     alm_coupling,
     eq7_backward,
@@ -298,8 +297,7 @@ def _finish(run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None
     exported, scores = mtp.exported(), mtp.scores()
 
     def write_scores(model_dir: Path) -> None:
-        with atomic_path(model_dir / SCORES_FILE) as tmp:
-            save_file(scores, str(tmp), metadata={"what": "gamma1 of W1 (backbone), gamma2 of W2 (decoder)"})
+        save_tensors(model_dir / SCORES_FILE, scores, {"what": "gamma1 of W1 (backbone), gamma2 of W2 (decoder)"})
 
     metrics = {
         "gap": relative_gap(mtp.w1, mtp.w3),

@@ -18,18 +18,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from mtprune.errors import CheckpointError, UsageError
-from mtprune.io import atomic_path
+from mtprune.errors import CheckpointError, MtpruneError, UsageError
+from mtprune.io import save_tensors
 
 META_KEY = "mtprune_state"
 
 
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    save_tensors(path, tensors, {META_KEY: json.dumps(meta)})
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -102,6 +99,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+class NonFiniteError(MtpruneError):
+    """Training produced an inf or NaN in a weight, a buffer or an optimiser state."""
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding an inf or NaN, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 class Stateful(Protocol):
     """Extra state a stage keeps across a resume (the ALM multipliers E and μ of ``sparse-mtp``)."""
 
@@ -131,7 +140,8 @@ class Checkpointer:
     extra: Stateful | None = None
 
     def save(self, step: int, total: int) -> None:
-        """Write the state of ``step`` (of ``total``) atomically (the caller decides which rank writes)."""
+        """Write the state of ``step`` (of ``total``) atomically (the caller decides which rank writes).
+        Raises :class:`NonFiniteError` naming the first tensor with an inf or NaN, writing nothing."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"stage": self.stage, "step": step, "total": total, "optimizers": {}}
         for name, m in self.modules.items():
@@ -145,6 +155,9 @@ class Checkpointer:
         if self.extra is not None:
             tensors.update(self.extra.state_tensors())
             meta["extra"] = self.extra.state_meta()
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise NonFiniteError(f"tensor '{bad}' is not finite (inf or NaN)")
         save_state(self.path, tensors, meta)
 
     def restore(self) -> int:

@@ -1,0 +1,228 @@
+"""Failures a user running long jobs hits (issue 16): each reproduced, then handled in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tests.conftest import crash_at
+from tests.test_train import cfg
+
+from mtprune.cli import main
+from mtprune.config import load_config
+from mtprune.errors import MtpruneError, UsageError, WriteError
+from mtprune.io import FolderBusy, append_line, folder_lock, read_lines, save_tensors, write_failure
+from mtprune.pipeline import run_stage
+from mtprune.train.engine import StageRun
+
+SEG = ("train_seg.epochs=1", "train_seg.batch_size=4", "checkpoint_every=2")  # 4 steps
+
+
+def _holder(folder) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock until it is killed."""
+    code = f"from mtprune.io import folder_lock\nimport time\nwith folder_lock({str(folder)!r}):\n"
+    code += "    print('locked', flush=True)\n    time.sleep(120)\n"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+# --- 1. one folder, one writer ------------------------------------------------------------------------
+def test_a_second_writer_of_a_stage_folder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "seg"
+    holder = _holder(out)
+    try:
+        argv = ["train", "train-seg", "--out", str(out)] + [
+            x for s in (*SEG, "model.width=0.125") for x in ("--set", s)
+        ]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0] and f"pid {holder.pid}" in err[0]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_stage("train-seg", cfg(*SEG), out) is not None  # the dead process's lock is taken over
+    assert (out / "done.json").is_file()
+
+
+def test_the_lock_is_one_per_folder_and_released_on_any_exit(tmp_path):
+    with folder_lock(tmp_path / "a"):
+        with pytest.raises(FolderBusy, match=f"pid {os.getpid()}"), folder_lock(tmp_path / "a"):
+            pass
+        with folder_lock(tmp_path / "b"):  # another folder: its own lock
+            pass
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "a"):
+        raise RuntimeError
+    with folder_lock(tmp_path / "a"):  # released after the error
+        pass
+
+
+def test_a_run_folder_has_one_writer(tmp_path):
+    from tests.test_pipeline import tiny_cfg
+
+    from mtprune.pipeline import run_pipeline
+
+    holder = _holder(tmp_path / "run")
+    try:
+        with pytest.raises(FolderBusy, match=str(tmp_path / "run")):
+            run_pipeline(tiny_cfg("run.methods=[uniform]"), tmp_path / "run", progress=lambda m: None)
+        assert not (tmp_path / "run" / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# --- 2. torn logs, failed saves, temp files ------------------------------------------------------------
+def test_a_torn_log_line_does_not_block_the_resume(tmp_path, monkeypatch, capsys):
+    undo = crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train-seg", cfg(*SEG, "log_every=1"), tmp_path)
+    undo()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "train-seg", "step": 54,')  # what a full disk left
+    (tmp_path / ".state.safetensors.x1y2.tmp").write_bytes(b"partial")  # a killed save's temp files
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / ".tmpAbC123").write_bytes(b"partial")
+    run_stage("train-seg", cfg(*SEG, "log_every=1"), tmp_path)
+    err = capsys.readouterr().err
+    assert "dropped 1 torn line" in err and "removed 2 temp file" in err
+    records, torn = read_lines(tmp_path / "metrics.jsonl")
+    assert torn == 0 and [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "model").glob(".tmp*"))
+
+
+def test_log_lines_are_appended_whole(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_line(path, json.dumps({"a": 1}))
+    append_line(path, json.dumps({"b": 2}))
+    assert read_lines(path) == ([{"a": 1}, {"b": 2}], 0)
+
+
+def test_a_save_that_hits_a_file_size_limit_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    """EFBIG from ``ulimit -f`` (Python ignores SIGXFSZ, so the write fails instead of killing it)."""
+    out = tmp_path / "seg"
+    sets = [
+        x
+        for s in (*SEG, "model.width=0.125", "data.seg.options={num_samples: 16, image_size: 40}")
+        for x in ("--set", s)
+    ]
+    code = textwrap.dedent(
+        f"""
+        import resource, sys
+        from mtprune.cli import main
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+        sys.exit(main({["train", "train-seg", "--out", str(out), *sets]!r}))
+        """
+    )
+    env = {**os.environ, "MTPRUNE_NO_PROGRESS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert len(lines) == 1 and "file too large" in lines[0] and "state.safetensors" in lines[0], r.stderr
+    assert "step 2" in lines[0] and "no checkpoint was written before" in lines[0]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no temp file left
+    assert run_stage("train-seg", cfg(*SEG), out) is not None  # with room, the same command goes on
+
+
+def test_write_failures_are_named():
+    assert write_failure(OSError(28, "No space left on device")) == "no space left on device"
+    assert write_failure(SafetensorError("Error while serializing: I/O error: No space left (os error 28)")) == (
+        "no space left on device"
+    )
+    assert write_failure(SafetensorError("invalid header")) is None
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--out", str(blocker / "sub")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker) in err[0]
+    with pytest.raises(WriteError):
+        save_tensors(blocker / "x.safetensors", {"a": torch.zeros(2)}, {})
+
+
+# --- 4. poisoned weights -------------------------------------------------------------------------------
+def test_a_non_finite_buffer_stops_the_stage_before_it_is_checkpointed(tmp_path, monkeypatch):
+    original = StageRun.after_step
+
+    def poison(self, record):
+        if self.step == 2:  # after step 3's update: a BN's running variance overflows
+            self.modules["model"].backbone.bn1.running_var[0] = float("inf")
+        original(self, record)
+
+    monkeypatch.setattr(StageRun, "after_step", poison)
+    with pytest.raises(MtpruneError) as e:
+        run_stage("train-seg", cfg(*SEG, "train_seg.epochs=2"), tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "train-seg: step 4" in msg and "'model.backbone.bn1.running_var'" in msg
+    assert "checkpoint of step 2" in msg
+    state = load_file(str(tmp_path / "state.safetensors"))  # the step-2 checkpoint, all finite
+    assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("value", [".nan", "-0.1", "0", ".inf"])
+def test_a_bad_learning_rate_is_refused_up_front(value):
+    with pytest.raises(UsageError, match="train_seg.lr"):
+        load_config(overrides=[f"train_seg.lr={value}"])
+
+
+# --- 6. config values ----------------------------------------------------------------------------------
+def test_config_floats_take_every_float_python_reads(tmp_path):
+    c = load_config(overrides=["train_seg.lr=1e-3", "sparse_mtp.mu_max=1e+12", "optim.weight_decay=5E-4"])
+    assert (c.train_seg.lr, c.sparse_mtp.mu_max, c.optim.weight_decay) == (1e-3, 1e12, 5e-4)
+    path = tmp_path / "c.yaml"
+    path.write_text("train_seg:\n  lr: 1e-3\n")
+    assert load_config(path).train_seg.lr == 1e-3
+    path.write_text("train_seg:\n  lr: 0.1\n   epochs: 3\n")
+    with pytest.raises(UsageError, match="line 3, column 10"):
+        load_config(path)
+    with pytest.raises(UsageError, match="expects float"):
+        load_config(overrides=["train_seg.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("train_seg.batch_size=0", "train_seg.batch_size"), ("train_seg.epochs=-1", "train_seg.epochs")],
+)
+def test_counts_and_epochs_out_of_range_are_refused(override, key):
+    with pytest.raises(UsageError, match=key):
+        load_config(overrides=[override])
+
+
+# --- 11, 12. identical files, readable by the team -----------------------------------------------------
+def test_identical_tensors_give_identical_files_in_any_process(tmp_path):
+    code = (
+        "import sys, torch\nfrom mtprune.io import save_tensors\n"
+        "save_tensors(sys.argv[1], {'w': torch.arange(6.0)}, {'model': 'm', 'format': 'f', 'a': 'b'})"
+    )
+    digests = set()
+    for i in range(3):  # safetensors orders metadata keys by a per-process hash seed
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+        digests.add(hashlib.sha256((tmp_path / f"{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert load_file(str(tmp_path / "0.safetensors"))["w"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_written_files_get_the_umasks_mode(tmp_path):
+    from mtprune import build_model, save_model
+
+    save_model(build_model("deeplabv3_resnet18", 3, 4, 0.125), tmp_path / "m")
+    for name in ("model.safetensors", "arch.json"):
+        assert oct((tmp_path / "m" / name).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
