@@ -94,3 +94,29 @@ def test_unaligned_convs_are_found_and_round_to_8_removes_them(capsys, tmp_path)
         == 0
     )
     assert f"note: {len(odd)} convolutions have channel counts that are not multiples of 8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_exported_files_run_anywhere_and_re_exports_leave_nothing_behind(tmp_path, monkeypatch, external):
+    """One self-contained .onnx when the weights fit in a protobuf; else name.onnx + name.onnx.data (a stable
+    name it references); copied to another folder, they run the same; a re-export orphans nothing."""
+    import shutil
+
+    import mtprune.export as ex
+
+    if external:  # what a model over 2 GB gets, on a tiny one
+        monkeypatch.setattr(ex, "PROTOBUF_LIMIT", 0)
+    m = tiny("deeplabv3_resnet18")
+    for _ in range(2):
+        ex.export_onnx(m, tmp_path / "d" / "m.onnx", (64, 64))
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert names == (["m.onnx", "m.onnx.data"] if external else ["m.onnx"])
+    (tmp_path / "elsewhere").mkdir()
+    for n in names:
+        shutil.copy(tmp_path / "d" / n, tmp_path / "elsewhere" / n)
+    diff = ex.compare_onnx(m, tmp_path / "elsewhere" / "m.onnx", (64, 64))
+    assert diff["max_abs_diff"] < 1e-4
+    if external:  # back to one file: the stale data file goes
+        monkeypatch.setattr(ex, "PROTOBUF_LIMIT", 2**31)
+        ex.export_onnx(m, tmp_path / "d" / "m.onnx", (64, 64))
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["m.onnx"]

@@ -8,7 +8,9 @@ The exported graph is the segmentation forward (``image`` → ``logits`` at the 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtprune.errors import MtpruneError, UsageError
-from mtprune.io import atomic_path
+from mtprune.errors import MtpruneError, UsageError, WriteError
+from mtprune.io import FILE_MODE, ensure_dir, write_failure
 
 
 def _require_onnx() -> Any:
@@ -88,9 +90,41 @@ def export_onnx(
         if dynamic:
             names = {0: "batch", 2: "height", 3: "width"}
             kw["dynamic_axes"] = {"image": names, "logits": names}
-    with atomic_path(path) as tmp:
-        torch.onnx.export(model, (x,), str(tmp), **kw)
+    if exporter == "dynamo":
+        kw["external_data"] = _weight_bytes(model) >= PROTOBUF_LIMIT
+    _write_onnx(path, lambda target: torch.onnx.export(model, (x,), str(target), **kw))
     return path
+
+
+#: a protobuf (one .onnx file) holds at most 2 GB; larger weights go to ``<name>.data`` beside it
+PROTOBUF_LIMIT = 2**31 - 2**24  # 2 GiB less 16 MiB for the graph itself
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _write_onnx(path: Path, export: Any) -> None:
+    """Run ``export(target)`` into a temp folder beside ``path`` under ``path``'s own name, so an external
+    weights file is named (and referenced) ``<name>.data``; then move the data file, then the model, into
+    place. Without external data any stale ``<name>.data`` goes: the ``.onnx`` is self-contained."""
+    ensure_dir(path.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        export(tmp_dir / path.name)
+        data = tmp_dir / f"{path.name}.data"
+        for f in (data, tmp_dir / path.name):
+            if f.exists():
+                os.chmod(f, FILE_MODE)
+        if data.exists():
+            os.replace(data, path.parent / data.name)
+        elif (path.parent / data.name).exists():
+            (path.parent / data.name).unlink()
+        os.replace(tmp_dir / path.name, path)
+    except OSError as e:
+        raise WriteError(f"{path.parent}: {write_failure(e)} while writing {path.name}") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
