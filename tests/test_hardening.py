@@ -226,3 +226,107 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# --- 5. one line instead of a traceback ----------------------------------------------------------------
+def _one_line(capsys, code, expected_code, needle):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expected_code and len(err) == 1 and needle in err[0], err
+
+
+@pytest.fixture
+def dense(tmp_path):
+    out = tmp_path / "dense"
+    assert (
+        main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125", "--out", str(out)])
+        == 0
+    )
+    return out
+
+
+@pytest.mark.parametrize("size", [["0", "0"], ["-64", "64"]])
+@pytest.mark.parametrize("cmd", ["cost", "prune", "export"])
+def test_a_bad_size_is_one_line(tmp_path, capsys, dense, cmd, size):
+    capsys.readouterr()
+    argv = {
+        "cost": ["cost", "--checkpoint", str(dense)],
+        "prune": [
+            "prune",
+            "--checkpoint",
+            str(dense),
+            "--method",
+            "uniform",
+            "--ratio",
+            "0.5",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        "export": ["export", "--checkpoint", str(dense), "--onnx", str(tmp_path / "m.onnx")],
+    }[cmd]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--size", *size])
+    _one_line(capsys, e.value.code, 2, "--size")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # nothing written
+
+
+def test_an_out_that_is_a_file_is_one_line_for_every_command(tmp_path, capsys, dense):
+    f = tmp_path / "f"
+    f.write_text("keep me")
+    tiny = [x for s in (*SEG, "model.width=0.125") for x in ("--set", s)]
+    for argv in (
+        ["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--out", str(f)],
+        ["prune", "--checkpoint", str(dense), "--method", "uniform", "--ratio", "0.5", "--out", str(f)],
+        ["train", "train-seg", "--out", str(f), *tiny],
+        ["export", "--checkpoint", str(dense), "--onnx", str(f / "m.onnx"), "--size", "32", "32"],
+    ):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code in (1, 2) and len(err) == 1 and str(f) in err[0], (argv[0], err)
+    assert f.read_text() == "keep me"
+
+
+def test_model_classes_are_checked_against_the_dataset_before_training(tmp_path):
+    with pytest.raises(UsageError, match="model.num_classes: 5, but the segmentation dataset has 6 classes"):
+        run_stage("train-seg", cfg(*SEG, "model.num_classes=5"), tmp_path)
+    assert not (tmp_path / "state.safetensors").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_training_set_smaller_than_a_batch_names_the_split_and_the_key(tmp_path):
+    with pytest.raises(UsageError) as e:
+        run_stage("train-seg", cfg("train_seg.batch_size=32"), tmp_path)
+    msg = str(e.value)
+    assert "16 samples are too few for batches of 32" in msg and "train split" in msg
+    assert "lower train_seg.batch_size" in msg
+
+
+def test_a_corrupt_scores_file_and_bad_arch_values_are_one_line(tmp_path, capsys, dense):
+    from mtprune.io import read_json, write_json
+
+    (dense / "scores.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    capsys.readouterr()
+    code = main(["prune", "--checkpoint", str(dense), "--method", "bn", "--ratio", "0.5", "--out", str(tmp_path / "p")])
+    _one_line(capsys, code, 1, "scores.safetensors")
+    assert not (tmp_path / "p").exists()
+    arch = read_json(dense / "arch.json")
+    write_json(dense / "arch.json", {**arch, "num_classes": "abc"})
+    code = main(["cost", "--checkpoint", str(dense), "--size", "32", "32"])
+    _one_line(capsys, code, 1, "'num_classes' is \"abc\"")
+
+
+# --- 7. no silent overwrite ----------------------------------------------------------------------------
+def test_init_and_prune_refuse_a_folder_holding_something_unless_overwrite(tmp_path, capsys, dense):
+    out = tmp_path / "p"
+    prune = ["prune", "--checkpoint", str(dense), "--method", "uniform", "--ratio", "0.5", "--size", "32", "32"]
+    assert main([*prune, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse-style usage error: exit 2
+        raise SystemExit(main([*prune, "--ratio", "0.25", "--out", str(out)]))
+    _one_line(capsys, e.value.code, 2, "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    init = ["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125"]
+    assert main([*init, "--out", str(out)]) == 2
+    assert main([*prune, "--ratio", "0.25", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and json.loads((out / "plan.json").read_text())["ratio"] == 0.25

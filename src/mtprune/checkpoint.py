@@ -11,6 +11,7 @@ that are not there.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,18 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(str(e)) from None
     if not isinstance(arch, dict) or arch.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an mtprune model description (format '{FORMAT}' expected)")
-    for key in ("model", "num_classes", "cls_classes", "width"):
+    for key, kind in (("model", str), ("num_classes", int), ("cls_classes", int), ("width", (int, float))):
         if key not in arch:
             raise CheckpointError(f"{path}: key '{key}' missing")
+        value = arch[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise CheckpointError(f"{path}: '{key}' is {json.dumps(value)}, not a {_KIND[key]}")
+    if not isinstance(arch.get("channels", {}), dict):
+        raise CheckpointError(f"{path}: 'channels' must map module names to channel counts")
     return arch
+
+
+_KIND = {"model": "model name", "num_classes": "positive integer", "cls_classes": "positive integer", "width": "number"}
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:

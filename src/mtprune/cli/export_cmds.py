@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mtprune.checkpoint import load_model
+from mtprune.cli.args import positive_int
 from mtprune.export import compare_onnx, export_onnx, ort_latency, unaligned_convs
 
 
@@ -43,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a dense or pruned checkpoint to ONNX (needs the export extra)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory or stage folder")
     p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
-    p.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"), help="example input size")
+    p.add_argument(
+        "--size", type=positive_int, nargs=2, default=[512, 512], metavar=("H", "W"), help="example input size"
+    )
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"], help="torch.onnx exporter")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mtprune.checkpoint import load_model, save_model
+from mtprune.cli.args import fresh_out, positive_int
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost
@@ -44,6 +45,7 @@ def _model_from_args(args: argparse.Namespace) -> SegmentationModel:
 
 # --- init ------------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
+    fresh_out(args.out, args.overwrite)
     model = build_model(args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights)
     meta = {"backbone_weights": str(args.backbone_weights)} if args.backbone_weights else {}
     save_model(model, args.out, meta=meta)
@@ -146,9 +148,10 @@ def _scorer_inputs(args: argparse.Namespace) -> dict:
 
 def _prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.checkpoint and out.resolve() == Path(args.checkpoint).resolve():
-        raise UsageError("--out must differ from --checkpoint (the dense model would be overwritten)")
+    if args.checkpoint and Path(args.checkpoint).resolve().is_relative_to(out.resolve()):
+        raise UsageError("--out must not be --checkpoint or hold it (the dense model would be overwritten)")
     model = _model_from_args(args)
+    fresh_out(out, args.overwrite)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
     thinet_flags = [
@@ -246,12 +249,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor (default 1.0)")
     p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision ImageNet .pth for the backbone")
-    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (it is cleared first)")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("cost", help="parameters, MACs (= FLOPs/2) and measured latency of a model")
     _add_model_source(p)
-    p.add_argument("--size", required=True, type=int, nargs=2, metavar=("H", "W"), help="input size")
+    p.add_argument("--size", required=True, type=positive_int, nargs=2, metavar=("H", "W"), help="input size")
     p.add_argument("--latency", action="store_true", help="also measure latency (batch 1, median of --runs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="latency device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="latency dtype")
@@ -293,8 +297,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
     p.add_argument("--round-to", type=int, default=1, metavar="K", help="round each kept count up to a multiple of K")
     p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every layer keeps at least")
-    p.add_argument("--size", type=int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--size", type=positive_int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (it is cleared first)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     th = p.add_argument_group("thinet (training images, as `mtprune train` describes them)")
     th.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded synthetic setup)")

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from mtprune.checkpoint import SCORES_FILE, resolve_checkpoint
 from mtprune.config import THINET_SAMPLES, Config
 from mtprune.data.from_config import sample_images
-from mtprune.errors import DataError, UsageError
+from mtprune.errors import CheckpointError, DataError, UsageError
 from mtprune.models.base import PrunableLayer
 from mtprune.pruning.thinet import thinet_scores as _thinet_scores
 
@@ -78,7 +79,12 @@ def stored_gammas(source: Path | None, cfg: Config, samples: int | None) -> dict
     if source is None:
         return {}
     path = resolve_checkpoint(source) / SCORES_FILE
-    return {"scores": load_file(str(path))} if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return {"scores": load_file(str(path))}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt scores file ({str(e).splitlines()[0]})") from None
 
 
 def training_images(source: Path | None, cfg: Config, samples: int | None) -> dict[str, Any]:

@@ -172,6 +172,10 @@ def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_cl
             )
         return model
     m = cfg.model
+    for key, given, data in (("num_classes", m.num_classes, seg_classes), ("cls_classes", m.cls_classes, cls_classes)):
+        if given is not None and data is not None and given != data:
+            which = "segmentation" if key == "num_classes" else "classification"
+            raise UsageError(f"model.{key}: {given}, but the {which} dataset has {data} classes (leave it unset)")
     nc = m.num_classes or seg_classes
     cc = m.cls_classes or cls_classes
     if nc is None or cc is None:
@@ -362,6 +366,19 @@ class StageRun:
 
 
 _SHOWN = ("loss", "lr", "phase", "mu")  # the record keys the progress bar shows
+
+
+def training_stream(dataset: Any, batch_size: int, seed: int, cfg: Config, env: DistEnv, key: str) -> BatchStream:
+    """The batch stream of a training phase; a training set smaller than one batch per process is one
+    line naming the set, its split and the batch-size key ``key`` to lower."""
+    try:
+        return BatchStream(dataset, batch_size, seed, env, cfg.data.workers)
+    except ValueError as e:
+        task = "cls" if getattr(dataset, "task", "seg") == "cls" else "seg"
+        d = cfg.data.seg if task == "seg" else cfg.data.cls
+        raise UsageError(
+            f"data.{task} ({d.dataset}, {d.train_split} split): {e}; lower {key} or train on more images"
+        ) from None
 
 
 def steps_for(epochs: float, stream: BatchStream) -> int:

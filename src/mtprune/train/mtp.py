@@ -69,6 +69,7 @@ from mtprune.train.engine import (
     sgd,
     sync_buffers,
     to_device,
+    training_stream,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -272,8 +273,8 @@ def run_sparse_mtp(
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun("sparse-mtp", cfg, out, env)
     mtp = SparseMTP(cfg, env, model, check=run.check_finite)
-    cls_stream = BatchStream(cls_ds, c.cls_batch_size, cfg.seed + 1, env, cfg.data.workers)
-    seg_stream = BatchStream(seg_ds, c.seg_batch_size, cfg.seed, env, cfg.data.workers)
+    cls_stream = training_stream(cls_ds, c.cls_batch_size, cfg.seed + 1, cfg, env, "sparse_mtp.cls_batch_size")
+    seg_stream = training_stream(seg_ds, c.seg_batch_size, cfg.seed, cfg, env, "sparse_mtp.seg_batch_size")
     run.total = c.rounds * (c.steps_cls + (2 if c.mode == "alternating" else 1) * c.steps_seg)
     run.modules = {"model": model, "backbone1": mtp.backbone1}
     run.optimizers = {"w1": mtp.opt1, "w2": mtp.opt2, "w3": mtp.opt3}

@@ -35,6 +35,7 @@ from mtprune.train.engine import (
     steps_for,
     sync_buffers,
     to_device,
+    training_stream,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -103,40 +104,54 @@ def epoch_eval(run: StageRun, ph: Phase, cfg: Config, env: DistEnv, evaluate: Ev
     run.restart_clock()  # the evaluation is not training time
 
 
-def _seg_phase(
-    name: str,
+def _phase(
+    task: str,
     model: SegmentationModel,
     cfg: Config,
     env: DistEnv,
     dataset: Any,
-    epochs: float,
-    lr: float,
-    batch_size: int,
-    schedule: str,
-    aux_weight: float,
+    section: str,
+    epochs: str = "epochs",
+    lr: str = "lr",
+    batch: str = "batch_size",
     **kw: Any,
 ) -> Phase:
-    stream = BatchStream(dataset, batch_size, cfg.seed, env, cfg.data.workers)
-    net = wrap_ddp(SegNet(model), env)
-    opt = sgd(list(model.backbone.parameters()) + list(model.decoder.parameters()), lr, cfg)
-    return Phase(name, "seg", net, opt, stream, steps_for(epochs, stream), lr, schedule, aux_weight, **kw)
+    """A ``task`` phase ("seg": backbone + decoder, "cls": backbone + classification head) whose settings are
+    the keys ``epochs``, ``lr``, ``batch`` (and ``schedule``, ``aux_weight`` where the section has them) of
+    config section ``section``."""
+    c = getattr(cfg, section)
+    seed = cfg.seed if task == "seg" else cfg.seed + 1
+    stream = training_stream(dataset, getattr(c, batch), seed, cfg, env, f"{section}.{batch}")
+    head = model.decoder if task == "seg" else model.cls_head
+    net = wrap_ddp(SegNet(model) if task == "seg" else ClsNet(model.backbone, model.cls_head), env)
+    opt = sgd(list(model.backbone.parameters()) + list(head.parameters()), getattr(c, lr), cfg)
+    schedule = getattr(c, "schedule", "poly" if task == "seg" else "linear")
+    aux = getattr(c, "aux_weight", 0.4)
+    return Phase(
+        task, task, net, opt, stream, steps_for(getattr(c, epochs), stream), getattr(c, lr), schedule, aux, **kw
+    )
 
 
-def _cls_phase(
-    name: str,
-    model: SegmentationModel,
-    cfg: Config,
-    env: DistEnv,
-    dataset: Any,
-    epochs: float,
-    lr: float,
-    batch_size: int,
-    schedule: str = "linear",
-) -> Phase:
-    stream = BatchStream(dataset, batch_size, cfg.seed + 1, env, cfg.data.workers)
-    net = wrap_ddp(ClsNet(model.backbone, model.cls_head), env)
-    opt = sgd(list(model.backbone.parameters()) + list(model.cls_head.parameters()), lr, cfg)
-    return Phase(name, "cls", net, opt, stream, steps_for(epochs, stream), lr, schedule)
+def _stage_phases(
+    stage: str, model: SegmentationModel, cfg: Config, env: DistEnv, seg_ds: Any, cls_ds: Any
+) -> tuple[list[Phase], tuple[str, ...]]:
+    """The phases of a supervised stage and the tasks its final validation measures."""
+    if stage == "pretrain-cls":
+        return [_phase("cls", model, cfg, env, cls_ds, "pretrain_cls")], ("cls",)
+    if stage == "train-seg":
+        return [_phase("seg", model, cfg, env, seg_ds, "train_seg")], ("seg",)
+    if stage == "sparse-slimming":
+        c = cfg.sparse_slimming
+        l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1}
+        return [_phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)], ("seg",)
+    if stage == "finetune":
+        f, phases = cfg.finetune, []
+        if f.cls_epochs > 0:
+            phases.append(_phase("cls", model, cfg, env, cls_ds, "finetune", "cls_epochs", "lr_cls", "cls_batch_size"))
+        if f.seg_epochs > 0:
+            phases.append(_phase("seg", model, cfg, env, seg_ds, "finetune", "seg_epochs", "lr_seg", "seg_batch_size"))
+        return phases, ("seg", "cls")
+    raise UsageError(f"unknown stage '{stage}'")
 
 
 def run_supervised(
@@ -150,50 +165,7 @@ def run_supervised(
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
-    if stage == "pretrain-cls":
-        c = cfg.pretrain_cls
-        phases = [_cls_phase("cls", model, cfg, env, cls_ds, c.epochs, c.lr, c.batch_size, c.schedule)]
-        tasks: tuple[str, ...] = ("cls",)
-    elif stage == "train-seg":
-        c2 = cfg.train_seg
-        phases = [
-            _seg_phase("seg", model, cfg, env, seg_ds, c2.epochs, c2.lr, c2.batch_size, c2.schedule, c2.aux_weight)
-        ]
-        tasks = ("seg",)
-    elif stage == "sparse-slimming":
-        c3 = cfg.sparse_slimming
-        phases = [
-            _seg_phase(
-                "seg",
-                model,
-                cfg,
-                env,
-                seg_ds,
-                c3.epochs,
-                c3.lr,
-                c3.batch_size,
-                c3.schedule,
-                c3.aux_weight,
-                gammas=prunable_gammas(model),
-                alpha=c3.alpha,
-                l1=c3.l1,
-            )
-        ]
-        tasks = ("seg",)
-    elif stage == "finetune":
-        c4 = cfg.finetune
-        phases = []
-        if c4.cls_epochs > 0:
-            phases.append(_cls_phase("cls", model, cfg, env, cls_ds, c4.cls_epochs, c4.lr_cls, c4.cls_batch_size))
-        if c4.seg_epochs > 0:
-            phases.append(
-                _seg_phase(
-                    "seg", model, cfg, env, seg_ds, c4.seg_epochs, c4.lr_seg, c4.seg_batch_size, "poly", c4.aux_weight
-                )
-            )
-        tasks = ("seg", "cls")
-    else:
-        raise UsageError(f"unknown stage '{stage}'")
+    phases, tasks = _stage_phases(stage, model, cfg, env, seg_ds, cls_ds)
     run.modules = {"model": model}
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
