@@ -330,3 +330,134 @@ def test_init_and_prune_refuse_a_folder_holding_something_unless_overwrite(tmp_p
     assert main([*init, "--out", str(out)]) == 2
     assert main([*prune, "--ratio", "0.25", "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and json.loads((out / "plan.json").read_text())["ratio"] == 0.25
+
+
+# --- 10. progress in a log file ------------------------------------------------------------------------
+def test_progress_in_a_log_is_a_plain_line_every_interval_and_at_the_end(monkeypatch):
+    import io
+
+    from mtprune.train.progress import Progress
+
+    monkeypatch.delenv("MTPRUNE_NO_PROGRESS", raising=False)
+    now = [0.0]
+    log = io.StringIO()  # not a terminal
+    p = Progress(100, 0, "train-seg", stream=log, interval=30.0, clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += 1.0  # one step a second
+        p.update({"loss": 0.5, "lr": 0.01})
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 4  # at 30, 60 and 90 s, and the end
+    assert lines[0] == "train-seg: step 30/100 (30 %), 1 it/s, loss=0.5, lr=0.01"
+    assert lines[-1].startswith("train-seg: step 100/100 (100 %)")
+    quiet = io.StringIO()
+    monkeypatch.setenv("MTPRUNE_NO_PROGRESS", "1")
+    q = Progress(10, 0, "x", stream=quiet, clock=lambda: now[0])
+    q.update({})
+    q.close()
+    assert quiet.getvalue() == ""
+
+
+# --- 9. every Ctrl-C stops the run ---------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, capsys):
+    import gc
+    import signal
+
+    from mtprune import interrupt
+
+    class Finalised:  # what a data loader iterator's __del__ does when SIGINT lands in it
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tiny = [x for s in (*SEG, "model.width=0.125") for x in ("--set", s)]
+    try:
+        interrupt.install()
+        Finalised()
+        gc.collect()
+        assert interrupt._seen.is_set()  # we got here: the KeyboardInterrupt raised in __del__ was lost
+        real_install = interrupt.install
+        interrupt.install = lambda: None  # keep what was recorded when the CLI installs its handler
+        try:
+            code = main(["train", "train-seg", "--out", str(tmp_path), *tiny])
+        finally:
+            interrupt.install = real_install
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt._seen.clear()
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "done.json").exists()
+    assert run_stage("train-seg", cfg(*SEG), tmp_path) is not None  # resumable
+
+
+# --- 8. data ---------------------------------------------------------------------------------------------
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bit_not_clipped_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mtprune.data.base import decode_image
+
+    raw = np.array([[0, 30000], [51400, 65535]], dtype=np.uint16)
+    Image.fromarray(raw).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")  # PIL reads it as 16-bit (mode I;16 or I)
+    problems: list = []
+    arr = decode_image(tmp_path / "g16.png", problems)
+    assert not problems and arr.shape == (2, 2, 3)
+    assert arr[..., 0].tolist() == [[0, 117], [200, 255]]  # 65535 → 255, not everything above 255 → 255
+
+
+def test_an_empty_class_tree_fails_check_data(tmp_path, capsys):
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+    code = main(["check-data", "--dataset", "imagefolder", "--root", str(tmp_path), "--split", "train"])
+    _one_line(capsys, code, 1, "no images")
+
+
+@pytest.fixture
+def synthetic_root(tmp_path):
+    from mtprune.data import write_synthetic
+
+    root = tmp_path / "syn"
+    write_synthetic(root, num_train=16, num_val=6, image_size=40, num_cls_train=32, num_cls_val=8)
+    return root
+
+
+def _disk_cfg(root, *extra):
+    return cfg(
+        f"data.seg.root={root}", "data.seg.dataset=synthetic", f"data.cls.root={root}", "data.cls.dataset=synthetic",
+        "data.seg.options={}", "data.cls.options={}", *extra,
+    )  # fmt: skip
+
+
+def _corrupt_first_val_image(root):
+    voc = root / "VOCdevkit" / "VOC2012"
+    first = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    bad = voc / "JPEGImages" / f"{first}.jpg"
+    bad.write_bytes(b"not an image")
+    return voc, first, bad
+
+
+def test_a_bad_validation_file_is_found_before_training(tmp_path, synthetic_root):
+    _, _, bad = _corrupt_first_val_image(synthetic_root)
+    out = tmp_path / "seg"
+    with pytest.raises(MtpruneError, match="found before training") as e:
+        run_stage("train-seg", _disk_cfg(synthetic_root, *SEG, "eval.final=true"), out)
+    assert bad.name in str(e.value) and "\n" not in str(e.value)
+    assert not (out / "state.safetensors").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_skip_bad_validation_skips_a_bad_image_without_counting_a_neighbour_twice(tmp_path, synthetic_root):
+    from mtprune import load_model
+    from mtprune.evaluate.validation import final_metrics
+    from mtprune.train.distributed import setup
+
+    seg = tmp_path / "seg"
+    run_stage("train-seg", _disk_cfg(synthetic_root, *SEG, "train_seg.epochs=0.5"), seg)
+    model, env = load_model(seg), setup("cpu")
+    voc, first, _ = _corrupt_first_val_image(synthetic_root)
+    skipped = final_metrics(model, _disk_cfg(synthetic_root, "data.skip_bad=true"), env, ("seg",), force=True)
+    lst = voc / "ImageSets" / "Segmentation" / "val.txt"
+    lst.write_text("\n".join(n for n in lst.read_text().split() if n != first) + "\n")  # the same set without it
+    without = final_metrics(model, _disk_cfg(synthetic_root), env, ("seg",), force=True)
+    assert skipped["miou"] == without["miou"] and skipped["per_class"] == without["per_class"]

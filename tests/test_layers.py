@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mtprune"
 #: methods of ``pruning`` and is read by report, pipeline and cli; ``recipe`` (what decides a stage)
 #: sits with training, ``export`` (ONNX) with evaluation. ``mtprune`` itself (the public API) is the top.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("config", ("mtprune.config", "mtprune.errors", "mtprune.io", "mtprune.version")),
+    ("config", ("mtprune.config", "mtprune.errors", "mtprune.interrupt", "mtprune.io", "mtprune.version")),
     ("data", ("mtprune.data",)),
     ("models", ("mtprune.models", "mtprune.checkpoint")),
     ("method", ("mtprune.method",)),

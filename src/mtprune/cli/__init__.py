@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mtprune import interrupt
 from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
 from mtprune.errors import MtpruneError
 from mtprune.version import __version__
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    interrupt.install()
     try:
         return int(args.func(args) or 0)
     except MtpruneError as e:

@@ -116,11 +116,25 @@ def decode_image(path: Path, problems: list[SampleProblem]) -> np.ndarray | None
         return None
     try:
         with Image.open(path) as img:
-            arr = np.array(img.convert("RGB"))
+            arr = np.array(to_rgb8(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         problems.append(SampleProblem(str(path), "image does not decode", _short(e)))
         return None
     return arr
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit grayscale (``I;16*``) and 32-bit integer (``I``) images are scaled by
+    65535 → 255 (PIL's own conversion clips them, a 16-bit photo becoming all white); float (``F``) images
+    are taken as 0..1 when their values lie there, else as 0..255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def decode_mask(path: Path, problems: list[SampleProblem]) -> np.ndarray | None:

@@ -59,7 +59,9 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
             ds = SeededSubset(ds, d.train_subset, d.subset_seed)
         except ValueError as e:
             raise UsageError(f"data.{task}.{e}") from None
-    return SkipBadSamples(ds) if cfg.data.skip_bad else ds
+    # training substitutes a good sample for a bad one (batches keep their size); evaluation skips and
+    # counts bad samples itself (mtprune.evaluate.inference.EvalDataset), never counting one twice
+    return SkipBadSamples(ds) if cfg.data.skip_bad and train else ds
 
 
 def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) -> list[torch.Tensor]:

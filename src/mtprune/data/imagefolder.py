@@ -35,6 +35,8 @@ class ImageFolderDataset(ClassificationDataset):
             tv = ImageFolder(str(split_dir), **_ALLOW_EMPTY)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"expected class folders with images under {split_dir} ({e})") from None
+        if not tv.samples:
+            raise DataError(f"{split_dir}: no images in its class folders ({len(tv.classes)} folders)")
         super().__init__(
             [(Path(p), t) for p, t in tv.samples],
             tv.classes,

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -217,12 +218,25 @@ def _compile_settings(nets: int) -> contextlib.AbstractContextManager:
     stack = contextlib.ExitStack()
     stack.enter_context(inductor_config.patch(freezing=True))
     limit = max(8, 2 * nets)
-    stack.enter_context(
-        dynamo_config.patch(
-            recompile_limit=limit, accumulated_recompile_limit=max(256, 4 * limit), fail_on_recompile_limit_hit=True
-        )
-    )
+    stack.enter_context(dynamo_config.patch(**_recompile_limits(dynamo_config, limit, max(256, 4 * limit))))
     return stack
+
+
+def _recompile_limits(config: Any, per_frame: int, total: int) -> dict[str, Any]:
+    """dynamo's private recompile limits, under the names this torch has: ``recompile_limit`` and friends
+    (torch ≥ 2.6) or their older names ``cache_size_limit``, ``accumulated_cache_size_limit``,
+    ``fail_on_cache_limit_hit``; the one place mtprune touches a private torch setting."""
+    names = [
+        (("recompile_limit", "cache_size_limit"), per_frame),
+        (("accumulated_recompile_limit", "accumulated_cache_size_limit"), total),
+        (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True),
+    ]
+    out = {}
+    for candidates, value in names:
+        name = next((n for n in candidates if hasattr(config, n)), None)
+        if name is not None:
+            out[name] = value
+    return out
 
 
 def _iqr(v: list[float]) -> float:

@@ -4,12 +4,17 @@ run's ``eval-*`` stages measure."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from typing import Any
 
 from torch.utils.data import Subset
 
 from mtprune.config import Config
+from mtprune.data.check import check_dataset
 from mtprune.data.from_config import make_dataset
+from mtprune.errors import DataError
 from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv
@@ -31,7 +36,11 @@ def final_metrics(
     if "seg" in tasks:
         ds = make_dataset(cfg, "seg", train=False)
         loader = build_eval_loader(
-            _first(ds, cfg.eval.max_images), batch_size=1, num_workers=cfg.data.workers, distributed=env.distributed
+            _first(ds, cfg.eval.max_images),
+            1,
+            cfg.data.workers,
+            distributed=env.distributed,
+            skip_bad=cfg.data.skip_bad,
         )
         r = evaluate_segmentation(
             model,
@@ -47,8 +56,37 @@ def final_metrics(
     if "cls" in tasks:
         ds = make_dataset(cfg, "cls", train=False)
         loader = build_eval_loader(
-            _first(ds, cfg.eval.max_images), batch_size=32, num_workers=cfg.data.workers, distributed=env.distributed
+            _first(ds, cfg.eval.max_images),
+            32,
+            cfg.data.workers,
+            distributed=env.distributed,
+            skip_bad=cfg.data.skip_bad,
         )
         r = evaluate_classification(model, loader, device=env.device, progress=False)
         out.update(top1=r["top1"], top5=r["top5"])
     return out
+
+
+_checked: set[str] = set()  # the validation sets this process has decoded once already
+
+
+def check_validation_data(cfg: Config, tasks: tuple[str, ...]) -> None:
+    """Decode the validation split(s) of ``tasks`` once, before a stage trains for hours only to fail on
+    a bad file at its final evaluation: the first problem is one :class:`~mtprune.errors.DataError` line
+    (with ``data.skip_bad`` a note says how many samples the evaluation will skip)."""
+    for task in tasks:
+        d = cfg.data.seg if task == "seg" else cfg.data.cls
+        key = json.dumps([task, dataclasses.asdict(d), cfg.seed], sort_keys=True, default=str)
+        if key in _checked:
+            continue
+        ds = make_dataset(cfg, task, train=False)
+        report = check_dataset(ds, num_workers=cfg.data.workers, progress=False)
+        if report.problems and not cfg.data.skip_bad:
+            more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+            raise DataError(
+                f"data.{task} validation split '{d.val_split}': {report.problems[0]}{more}; found before training: "
+                "fix or remove the file, or pass --skip-bad (data.skip_bad=true)"
+            )
+        if report.problems:
+            print(f"data.{task} validation: {len(report.problems)} bad sample(s) will be skipped", file=sys.stderr)
+        _checked.add(key)

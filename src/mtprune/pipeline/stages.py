@@ -13,7 +13,7 @@ from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
-from mtprune.evaluate.validation import final_metrics
+from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
 from mtprune.layout import QUALITATIVE_FILE
 from mtprune.pipeline.runner import Stage
@@ -21,20 +21,20 @@ from mtprune.pruning import THRESHOLDS, get_method, prune, scorer_inputs
 from mtprune.recipe import config_keys, input_id, stage_recipe
 from mtprune.train import check_stage, train_stage
 from mtprune.train.distributed import DistEnv, barrier
-from mtprune.train.engine import DONE_FILE
+from mtprune.train.engine import DONE_FILE, STAGE_TASKS
 
 
 def training(stage: str, cfg: Config, out: str | os.PathLike, env: DistEnv, init: str | None = None) -> Stage:
     """Training stage ``stage`` of ``cfg`` from the model at ``init``, in folder ``out``, validated by
     :func:`~mtprune.evaluate.validation.final_metrics`."""
     out = Path(out)
-    return Stage(
-        out.name,
-        out,
-        stage_recipe(check_stage(stage), cfg, init),
-        lambda: train_stage(stage, cfg, out, env, init, evaluate=final_metrics),
-        resumable=True,
-    )
+
+    def run() -> dict[str, Any]:
+        tasks = STAGE_TASKS[stage] if cfg.eval.final else ()
+        check_validation_data(cfg, tuple(dict.fromkeys(tasks + (("seg",) if cfg.eval.every_epoch else ()))))
+        return train_stage(stage, cfg, out, env, init, evaluate=final_metrics)
+
+    return Stage(out.name, out, stage_recipe(check_stage(stage), cfg, init), run, resumable=True)
 
 
 def prune_recipe(src: Path, method: str, ratio: float, thresholds: str, cfg: Config) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 import mtprune.train.state as st
+from mtprune import interrupt
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, save_config
 from mtprune.data import IGNORE_INDEX, SkipBadSamples
@@ -33,9 +32,18 @@ from mtprune.io import append_line, ensure_dir, read_lines, sweep_temp_files, wr
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv, barrier
+from mtprune.train.progress import Progress
 from mtprune.train.speed import SpeedMeter
 from mtprune.train.streams import BatchStream
 
+#: the validation sets each stage's final evaluation measures (segmentation mIoU, classification top-1/5)
+STAGE_TASKS: dict[str, tuple[str, ...]] = {
+    "pretrain-cls": ("cls",),
+    "train-seg": ("seg",),
+    "sparse-mtp": ("seg", "cls"),
+    "sparse-slimming": ("seg",),
+    "finetune": ("seg", "cls"),
+}
 STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 DONE_FILE = "done.json"
@@ -285,15 +293,7 @@ class StageRun:
         self.meter.restart()
 
     def _progress(self) -> None:
-        self._pbar = tqdm(
-            total=self.total,
-            initial=self.step,
-            desc=self.stage,
-            unit="it",
-            dynamic_ncols=True,
-            disable=not self.env.is_main or os.environ.get("MTPRUNE_NO_PROGRESS") == "1",
-            file=sys.stderr,
-        )
+        self._pbar = Progress(self.total, self.step, self.stage, enabled=self.env.is_main)
         self.restart_clock()
 
     def close_progress(self) -> None:
@@ -303,13 +303,13 @@ class StageRun:
             self._pbar = None
 
     def after_step(self, record: dict[str, Any]) -> None:
-        """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``."""
+        """Count the step, show it, log every ``log_every``, checkpoint every ``checkpoint_every``; stop on a
+        Ctrl-C that arrived during the step, even one a data loader's finaliser swallowed."""
+        interrupt.check()
         data_s = self.meter.step_done()
         self.step += 1
         if self._pbar is not None:
-            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items() if k in _SHOWN}
-            self._pbar.update(1)
-            self._pbar.set_postfix(shown, refresh=False)
+            self._pbar.update({k: v for k, v in record.items() if k in _SHOWN})
         if self.step % max(self.cfg.log_every, 1) == 0 or self.step == self.total:
             self.log({"step": self.step, "time": time.time(), "data_s": round(data_s, 6), **record})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total:

@@ -52,6 +52,7 @@ from mtprune.method import (
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
+    STAGE_TASKS,
     ClsNet,
     Evaluator,
     SegNet,
@@ -306,6 +307,6 @@ def _finish(run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None
         "sparse_backbone": sparsity(mtp.gamma1),
         "sparse_decoder": sparsity(mtp.gamma2),
     }
-    metrics.update(evaluate(exported, run.cfg, run.env, ("seg", "cls"), False))
+    metrics.update(evaluate(exported, run.cfg, run.env, STAGE_TASKS["sparse-mtp"], False))
     meta = {"init": init, "backbone_from": run.cfg.sparse_mtp.backbone_from}
     return run.finish(exported, metrics, meta=meta, extra_files=write_scores)

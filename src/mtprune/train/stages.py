@@ -18,6 +18,7 @@ from mtprune.method import l1_penalty, soft_threshold_
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
+    STAGE_TASKS,
     ClsNet,
     Evaluator,
     SegNet,
@@ -134,23 +135,23 @@ def _phase(
 
 def _stage_phases(
     stage: str, model: SegmentationModel, cfg: Config, env: DistEnv, seg_ds: Any, cls_ds: Any
-) -> tuple[list[Phase], tuple[str, ...]]:
-    """The phases of a supervised stage and the tasks its final validation measures."""
+) -> list[Phase]:
+    """The phases of a supervised stage."""
     if stage == "pretrain-cls":
-        return [_phase("cls", model, cfg, env, cls_ds, "pretrain_cls")], ("cls",)
+        return [_phase("cls", model, cfg, env, cls_ds, "pretrain_cls")]
     if stage == "train-seg":
-        return [_phase("seg", model, cfg, env, seg_ds, "train_seg")], ("seg",)
+        return [_phase("seg", model, cfg, env, seg_ds, "train_seg")]
     if stage == "sparse-slimming":
         c = cfg.sparse_slimming
         l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1}
-        return [_phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)], ("seg",)
+        return [_phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)]
     if stage == "finetune":
         f, phases = cfg.finetune, []
         if f.cls_epochs > 0:
             phases.append(_phase("cls", model, cfg, env, cls_ds, "finetune", "cls_epochs", "lr_cls", "cls_batch_size"))
         if f.seg_epochs > 0:
             phases.append(_phase("seg", model, cfg, env, seg_ds, "finetune", "seg_epochs", "lr_seg", "seg_batch_size"))
-        return phases, ("seg", "cls")
+        return phases
     raise UsageError(f"unknown stage '{stage}'")
 
 
@@ -165,10 +166,10 @@ def run_supervised(
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
-    phases, tasks = _stage_phases(stage, model, cfg, env, seg_ds, cls_ds)
+    phases = _stage_phases(stage, model, cfg, env, seg_ds, cls_ds)
     run.modules = {"model": model}
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
     run_phases(run, phases, cfg, env, evaluate)
     sync_buffers(model, env)
-    return run.finish(model, evaluate(model, cfg, env, tasks, False), meta={"init": init})
+    return run.finish(model, evaluate(model, cfg, env, STAGE_TASKS[stage], False), meta={"init": init})
