@@ -168,6 +168,8 @@ class EvalConfig:
     max_images: int | None = None  # evaluate on the first N validation images only
 
 
+#: a γ below this × its part's 95th percentile counts as switched off (the sparse stages' diagnostics)
+SPARSITY_THRESHOLD = 0.05
 #: training images ThiNet's statistics use by default (``run.thinet_samples``, ``mtprune prune --samples``)
 THINET_SAMPLES = 64
 
@@ -178,6 +180,9 @@ class RunConfig:
 
     methods: list[str] = field(default_factory=lambda: ["mtp", "slimming", "uniform"])
     ratios: list[float] = field(default_factory=lambda: [0.5])
+    # budgets beside the ratios: [{macs: 0.5}] prunes every method (and threshold mode) to the ratio whose
+    # pruned net keeps at most half the MACs (at latency_size, else the crop size), so they compare at equal cost
+    targets: list[dict[str, float]] = field(default_factory=list)
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
     without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
     # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
@@ -192,6 +197,7 @@ class RunConfig:
     latency_runs: int = 20
     latency_threads: int | None = None  # CPU threads while timing (None: torch's default); see README
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
+    sparsity_threshold: float = SPARSITY_THRESHOLD
     seeds: list[int] = field(default_factory=list)  # several seeds: one run each + summary (mtprune run --seeds)
     shared_pretrain: bool = True  # with seeds: pretrain-cls once (first seed), shared by every seed
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,11 +14,11 @@ from mtprune.checkpoint import load_model, save_model
 from mtprune.cli.args import fresh_out, positive_int
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost
+from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost, plan_cost
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.pruning import METHODS, SCORERS, THRESHOLDS, prune, scorer_inputs, scorer_of
+from mtprune.pruning import METHODS, SCORERS, THRESHOLDS, parse_target, prune, scorer_inputs, scorer_of
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
@@ -169,6 +170,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
     score_kw = _scorer_inputs(args)
+    cost = plan_cost(model, args.target[0], size) if args.target else None
     plan = prune(
         model,
         args.method,
@@ -177,10 +179,28 @@ def _prune(args: argparse.Namespace) -> int:
         args.round_to,
         args.min_channels,
         rescale=not args.no_rescale,
+        target=args.target,
+        cost=cost,
         **score_kw,
     )
+    summary = _prune_summary(args, model, plan, before, size)
+    if scorer_of(args.method) == "thinet":
+        summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
+    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
+    meta = {"pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "target", "thinet") if k in summary}}
+    save_model(model, out, meta={**meta, "source": args.checkpoint or args.model})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_pruned(model, plan, summary, out)
+    return 0
+
+
+def _prune_summary(
+    args: argparse.Namespace, model: SegmentationModel, plan: Any, before: dict[str, int], size: tuple[int, int]
+) -> dict[str, Any]:
     after = {"params": count_params(model), "macs": count_macs(model, size)}
-    summary = {
+    summary: dict[str, Any] = {
         "method": args.method,
         "ratio": plan.ratio,
         "thresholds": plan.thresholds,
@@ -191,21 +211,18 @@ def _prune(args: argparse.Namespace) -> int:
         "macs_ratio": after["macs"] / before["macs"],
         "removed": {p: plan.removed_fraction(p) for p in (BACKBONE, DECODER)},
     }
-    if scorer_of(args.method) == "thinet":
-        summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
-    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
-    save_model(
-        model,
-        out,
-        meta={
-            "pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "thinet") if k in summary},
-            "source": args.checkpoint or args.model,
-        },
-    )
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    print(f"pruned {model.name} with {args.method}, ratio {plan.ratio} ({plan.thresholds} thresholds)")
+    if plan.target is not None:
+        summary["target"] = {k: v for k, v in plan.target.items() if k != "candidates"}
+    return summary
+
+
+def _print_pruned(model: SegmentationModel, plan: Any, summary: dict[str, Any], out: Path) -> None:
+    before, after, size = summary["before"], summary["after"], summary["size"]
+    print(f"pruned {model.name} with {summary['method']}, ratio {plan.ratio:.4g} ({plan.thresholds} thresholds)")
+    if plan.target is not None:
+        (metric, budget), reached = next(iter(plan.target.items())), plan.target["reached"]
+        tried = len(plan.target["candidates"])
+        print(f"  target {metric} ≤ {budget:g}×: ratio {plan.ratio:.4g} found in {tried} candidates, {reached:.4f}×")
     print(
         f"  removed: backbone {summary['removed'][BACKBONE]:.1%}, "
         f"decoder {summary['removed'][DECODER]:.1%} of prunable channels"
@@ -219,7 +236,13 @@ def _prune(args: argparse.Namespace) -> int:
         f"at {size[0]}×{size[1]}"
     )
     print(f"  wrote {out / 'plan.json'} and the pruned model in {out}")
-    return 0
+
+
+def _target(text: str) -> tuple[str, float]:
+    try:
+        return parse_target(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--target {text}: ")) from None
 
 
 def _ratio(text: str) -> float:
@@ -291,8 +314,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(set(SCORERS) | set(METHODS)),
         help="channel scores (bn, uniform, fpgm, thinet), or a run method (mtp, slimming: bn)",
     )
-    p.add_argument(
-        "--ratio", required=True, type=_ratio, metavar="P", help="fraction of prunable channels removed, in (0, 1)"
+    how_much = p.add_mutually_exclusive_group(required=True)
+    how_much.add_argument("--ratio", type=_ratio, metavar="P", help="fraction of prunable channels removed, in (0, 1)")
+    how_much.add_argument(
+        "--target",
+        type=_target,
+        metavar="METRIC=X",
+        help="instead of --ratio: the ratio whose pruned net keeps the largest fraction of macs (or params) not "
+        "above X at --size (bisection)",
     )
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
     p.add_argument("--round-to", type=int, default=1, metavar="K", help="round each kept count up to a multiple of K")

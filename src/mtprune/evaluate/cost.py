@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtprune.errors import UsageError
 from mtprune.models.base import eval_mode
+from mtprune.pruning.apply import apply_plan
 
 
 def count_params(model: nn.Module) -> int:
@@ -32,6 +33,26 @@ def count_params(model: nn.Module) -> int:
     if hasattr(model, "seg_num_params"):
         return int(model.seg_num_params())
     return sum(p.numel() for p in model.parameters())
+
+
+def plan_cost(model: nn.Module, metric: str, size: tuple[int, int]) -> Callable[[Any], float]:
+    """``plan → the pruned net's MACs (at ``size``) or params as a fraction of ``model``'s``: each plan is
+    applied to a copy of ``model`` on the meta device (shapes only, no weights: fast on any model)."""
+    if metric not in ("macs", "params"):
+        raise UsageError(f"the cost of a plan is its macs or params, not {metric}")
+
+    def measure(m: nn.Module) -> float:
+        return float(count_macs(m, size) if metric == "macs" else count_params(m))
+
+    shapes = copy.deepcopy(model).to("meta")
+    base = measure(shapes)
+
+    def ratio(plan: Any) -> float:
+        pruned = copy.deepcopy(shapes)
+        apply_plan(pruned, plan)
+        return measure(pruned) / base
+
+    return ratio
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,12 @@ import torch
 from mtprune import layout
 from mtprune.config import Config, save_config
 from mtprune.errors import UsageError
-from mtprune.io import folder_lock, write_json
+from mtprune.io import folder_lock, read_json, write_json
 from mtprune.layout import Variant, variants
 from mtprune.pipeline.budget import finetune_budget
 from mtprune.pipeline.runner import Say, execute, say_on_main
 from mtprune.pipeline.stages import evaluation, latency, pruning, training
-from mtprune.pruning import METHODS, THRESHOLDS
+from mtprune.pruning import METHODS, TARGET_METRICS, THRESHOLDS, plan_overlap
 from mtprune.report import write_report
 from mtprune.report.seeds import write_seeds_summary
 from mtprune.train import seed_everything
@@ -41,6 +42,9 @@ def check_run_config(cfg: Config) -> None:
     for p in r.ratios:
         if not 0 < p < 1:
             raise UsageError(f"run.ratios: {p} is outside (0, 1)")
+    for t in r.targets:
+        if len(t) != 1 or next(iter(t)) not in TARGET_METRICS or not 0 < next(iter(t.values())) < 1:
+            raise UsageError(f"run.targets: {t} is not one of {{macs: X}}, {{params: X}} with X in (0, 1)")
     if isinstance(r.without_cls_finetune, list):
         for m in r.without_cls_finetune:
             if m not in r.methods:
@@ -115,8 +119,10 @@ def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | 
     if cfg.run.equal_seg_steps:
         say(f"[budget] equal segmentation steps: fine-tuning steps {', '.join(f'{m} +{k}' for m, k in extra.items())}")
     for v in variants(cfg.run):
-        metrics = _variant(v, cfg, out, env, say, seg_epochs.get(v.method))
+        v, metrics = _variant(v, cfg, out, env, say, seg_epochs.get(v.method))
         rows.append(_row(v, metrics, dense, extra[v.method]))
+    if env.is_main:
+        _add_overlaps(rows, out)
     if env.is_main and cfg.run.latency:
         _add_latency(rows, cfg, out, env, say)
     if env.is_main:
@@ -127,13 +133,17 @@ def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | 
     return rows
 
 
-def _variant(v: Variant, cfg: Config, out: Path, env: DistEnv, say: Say, seg_epochs: float | None) -> dict:
-    """Prune, fine-tune and evaluate one variant; its eval metrics."""
+def _variant(
+    v: Variant, cfg: Config, out: Path, env: DistEnv, say: Say, seg_epochs: float | None
+) -> tuple[Variant, dict[str, Any]]:
+    """Prune, fine-tune and evaluate one variant; the variant with its ratio (found for a target) and its
+    eval metrics."""
     pruned = out / layout.prune_dir(v.tag)
     if env.is_main:
         src = out / layout.source_dir(v.method)
-        execute(pruning(src, v.method, v.ratio, v.thresholds, cfg, pruned), env, say)
+        execute(pruning(src, v.method, v.budget, v.thresholds, cfg, pruned), env, say)
     barrier(env)
+    v = replace(v, ratio=float(read_json(pruned / "plan.json")["ratio"]))
     ft_cfg = deepcopy(cfg)
     if not v.cls_finetune:
         ft_cfg.finetune.cls_epochs = 0
@@ -141,7 +151,17 @@ def _variant(v: Variant, cfg: Config, out: Path, env: DistEnv, say: Say, seg_epo
         ft_cfg.finetune.seg_epochs = seg_epochs
     tuned = out / layout.finetune_dir(v.tag)
     execute(training("finetune", ft_cfg, tuned, env, str(pruned)), env, say)
-    return execute(evaluation(tuned, cfg, env, out / layout.eval_dir(v.tag)), env, say)
+    return v, execute(evaluation(tuned, cfg, env, out / layout.eval_dir(v.tag)), env, say)
+
+
+def _add_overlaps(rows: list[dict[str, Any]], out: Path) -> None:
+    """``plan_overlap`` of every pruned row: the Jaccard overlap of its kept channels with those of every
+    other row at the same ratio or target (per part and ``all``); 1.0 when they prune the same channels."""
+    pruned = [r for r in rows if r["method"] != layout.DENSE]
+    plans = {r["tag"]: read_json(out / layout.prune_dir(r["tag"]) / "plan.json") for r in pruned}
+    for r in pruned:
+        others = [o for o in pruned if layout.budget_key(o) == layout.budget_key(r) and o["tag"] != r["tag"]]
+        r["plan_overlap"] = {o["tag"]: plan_overlap(plans[r["tag"]], plans[o["tag"]]) for o in others}
 
 
 def _add_latency(rows: list[dict[str, Any]], cfg: Config, out: Path, env: DistEnv, say: Say) -> None:
@@ -163,6 +183,7 @@ def _row(
     return {
         "method": v.method,
         "ratio": v.ratio,
+        "target": dict([v.target]) if v.target else None,
         "thresholds": v.thresholds,
         "cls_finetune": v.cls_finetune,
         "tag": tag or v.tag,

@@ -12,10 +12,10 @@ import torch
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
-from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency
+from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency, plan_cost
 from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
-from mtprune.layout import QUALITATIVE_FILE
+from mtprune.layout import QUALITATIVE_FILE, Budget
 from mtprune.pipeline.runner import Stage
 from mtprune.pruning import THRESHOLDS, get_method, prune, scorer_inputs
 from mtprune.recipe import config_keys, input_id, stage_recipe
@@ -37,37 +37,53 @@ def training(stage: str, cfg: Config, out: str | os.PathLike, env: DistEnv, init
     return Stage(out.name, out, stage_recipe(check_stage(stage), cfg, init), run, resumable=True)
 
 
-def prune_recipe(src: Path, method: str, ratio: float, thresholds: str, cfg: Config) -> dict[str, Any]:
-    """What a prune stage computes from: the source model, the method, ratio, thresholds and the ``run``
-    keys of the plan (ThiNet also draws images: the seed and the segmentation data)."""
+def cost_size(cfg: Config) -> tuple[int, int]:
+    """The input size of a run's cost figures (MACs, targets, latency): ``run.latency_size`` or the crop."""
+    return tuple(cfg.run.latency_size or cfg.data.seg.crop_size)  # type: ignore[return-value]
+
+
+def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config) -> dict[str, Any]:
+    """What a prune stage computes from: the source model, the method, ratio (or target), thresholds and the
+    ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data; a target is
+    measured at the cost size)."""
     keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
+    how: dict[str, Any] = {"ratio": budget}
+    if isinstance(budget, dict):
+        how = {"target": budget, "size": list(cost_size(cfg))}
     return {
         "stage": "prune",
         "input": input_id(src),
         "method": method,
-        "ratio": ratio,
+        **how,
         "thresholds": thresholds,
         "config": config_keys(cfg, keys),
     }
 
 
-def pruning(src: Path, method: str, ratio: float, thresholds: str, cfg: Config, out: Path) -> Stage:
-    """Prune the model of stage folder ``src`` with ``method`` into ``out`` (plan.json + model/ + done.json)."""
+def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config, out: Path) -> Stage:
+    """Prune the model of stage folder ``src`` with ``method`` to ``budget`` (a ratio, or a target the
+    ratio is searched for) into ``out`` (plan.json + model/ + done.json)."""
 
     def run() -> None:
         m = get_method(method)
         model = load_model(src)
         kw = scorer_inputs(m.scorer, src, cfg, cfg.run.thinet_samples)
         th = thresholds if thresholds in THRESHOLDS else "independent"
+        if isinstance(budget, dict):
+            target = next(iter(budget.items()))
+            kw.update(target=target, cost=plan_cost(model, target[0], cost_size(cfg)))
+        ratio = None if isinstance(budget, dict) else budget
         plan = prune(model, m.scorer, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
         write_json(out / "plan.json", plan.to_dict())
-        meta = {"pruned": {"method": method, "ratio": ratio, "thresholds": thresholds}, "source": str(src)}
-        save_model(model, out / "model", meta=meta)
-        write_json(out / DONE_FILE, {"stage": "prune", "method": method, "ratio": ratio, "thresholds": thresholds})
+        pruned = {"method": method, "ratio": plan.ratio, "thresholds": thresholds}
+        if isinstance(budget, dict):
+            pruned["target"] = budget
+        save_model(model, out / "model", meta={"pruned": pruned, "source": str(src)})
+        write_json(out / DONE_FILE, {"stage": "prune", **pruned})
 
-    return Stage(out.name, out, prune_recipe(src, method, ratio, thresholds, cfg), run)
+    return Stage(out.name, out, prune_recipe(src, method, budget, thresholds, cfg), run)
 
 
 def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def evaluation(src: Path, cfg: Config, env: DistEnv, out: Path) -> Stage:
         metrics = final_metrics(model, cfg, env, ("seg", "cls"), force=True)
         if env.is_main and cfg.run.qualitative > 0:
             save_predictions(model, cfg, cfg.run.qualitative, out / QUALITATIVE_FILE)
-        size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+        size = cost_size(cfg)
         model = model.cpu()
         metrics.update(params=count_params(model), macs=count_macs(model, size), cost_size=list(size))
         if env.is_main:
@@ -133,7 +149,7 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
     "ratio_iqr"}}``, the ratio paired per round. Redone (not refused) when a model or a setting changed."""
 
     def run() -> dict[str, dict[str, Any]]:
-        size = tuple(cfg.run.latency_size or cfg.data.seg.crop_size)
+        size = cost_size(cfg)
         models = {tag: load_model(src).cpu() for tag, src in sources.items()}
         threads = torch.get_num_threads()
         if cfg.run.latency_threads:

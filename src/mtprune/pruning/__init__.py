@@ -9,14 +9,17 @@ least-squares rescaling).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from mtprune.errors import UsageError
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes
 from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
 from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
-from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan
+from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
+from mtprune.pruning.search import TARGET_METRICS, parse_target, search_ratio
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
 
 
@@ -43,31 +46,71 @@ def make_plan(
 def prune(
     model: SegmentationModel,
     method: str,
-    ratio: float,
+    ratio: float | None,
     thresholds: str = "independent",
     round_to: int = 1,
     min_channels: int = 1,
     *,
     rescale: bool = True,
+    target: tuple[str, float] | None = None,
+    cost: Callable[[PruningPlan], float] | None = None,
     **score_kw: Any,
 ) -> PruningPlan:
     """Prune ``model`` in place (physically) and return the plan that was applied.
+
+    Exactly one of ``ratio`` (the fraction of prunable channels removed) and ``target`` (a budget such as
+    ``("macs", 0.5)``, with ``cost``: plan → the pruned net's metric as a fraction of the unpruned one's;
+    :func:`~mtprune.pruning.search.search_ratio` finds the ratio, recorded in ``plan.target``).
 
     ``thinet``: the statistics (``score_kw["stats"]``, or measured here from ``images=…``, see
     :func:`~mtprune.pruning.thinet.thinet_statistics`) choose the channels, and with ``rescale`` (default)
     the consumers' kept input channels are then rescaled by least squares (:func:`thinet_rescale`) — the
     pruned net then differs from the masked one, by design. ``rescale`` is ignored by other methods.
     """
+    if (ratio is None) == (target is None):
+        raise UsageError("give exactly one of a ratio and a target")
+    if target is not None and cost is None:
+        raise UsageError(f"a {target[0]} target needs the cost of a plan")
     scorer = scorer_of(method)
-    check_ratio(ratio)  # before ThiNet's statistics are measured
+    if ratio is not None:
+        check_ratio(ratio)  # before ThiNet's statistics are measured
     stats = None
     if scorer == "thinet":
         stats = score_kw.get("stats") or thinet_statistics(model, model.prunable_layers(), **score_kw)
         score_kw = {"stats": stats}
-    plan = make_plan(model, method, ratio, thresholds, round_to, min_channels, **score_kw)
+    if target is None:
+        plan = make_plan(model, method, float(ratio), thresholds, round_to, min_channels, **score_kw)
+    else:
+        plan = _plan_for_target(model, method, target, cost, thresholds, round_to, min_channels, **score_kw)
     apply_plan(model, plan)
     if stats is not None and rescale:
         thinet_rescale(model, plan, stats)
+    return plan
+
+
+def _plan_for_target(
+    model: SegmentationModel,
+    method: str,
+    target: tuple[str, float],
+    cost: Any,
+    thresholds: str,
+    round_to: int,
+    min_channels: int,
+    **score_kw: Any,
+) -> PruningPlan:
+    """The plan of the smallest ratio whose cost meets ``target`` (the scores computed once)."""
+    scorer = get_scorer(scorer_of(method))
+    layers = model.prunable_layers()
+    scores = scorer.fn(model, layers, **score_kw)
+
+    def plan_at(p: float) -> PruningPlan:
+        plan = compute_plan(scores, layers, p, scorer.scope, thresholds, min_channels, round_to, method=method)
+        plan.model = model.arch()
+        return plan
+
+    metric, budget = target
+    plan, reached, trail = search_ratio(plan_at, cost, budget, metric)
+    plan.target = {metric: budget, "reached": reached, "candidates": trail}
     return plan
 
 
@@ -76,6 +119,7 @@ __all__ = [
     "SCORERS",
     "THRESHOLDS",
     "Method",
+    "TARGET_METRICS",
     "PruningPlan",
     "ThiNetStats",
     "apply_plan",
@@ -86,11 +130,14 @@ __all__ = [
     "make_plan",
     "mask_plan",
     "module_shapes",
+    "parse_target",
+    "plan_overlap",
     "prune",
     "register_method",
     "register_scorer",
     "scorer_inputs",
     "scorer_of",
+    "search_ratio",
     "thinet_rescale",
     "thinet_statistics",
 ]

@@ -51,6 +51,7 @@ class PruningPlan:
     layers: dict[str, LayerPlan]
     tau: dict[str, float] = field(default_factory=dict)  # per ranking: the score of the last removed channel
     model: dict[str, Any] = field(default_factory=dict)  # the dense model's arch (build_model arguments)
+    target: dict[str, Any] | None = None  # pruned to a budget: {"macs": 0.5, "size": [H, W], "reached": 0.497, …}
 
     def removed_fraction(self, part: str | None = None) -> float:
         ls = [lp for lp in self.layers.values() if part is None or lp.part == part]
@@ -68,6 +69,7 @@ class PruningPlan:
             "round_to": self.round_to,
             "min_channels": self.min_channels,
             "tau": self.tau,
+            **({"target": self.target} if self.target is not None else {}),
             "removed_fraction": {
                 "all": self.removed_fraction(),
                 BACKBONE: self.removed_fraction(BACKBONE),
@@ -94,9 +96,28 @@ class PruningPlan:
                 layers=layers,
                 tau=dict(d.get("tau", {})),
                 model=dict(d.get("model", {})),
+                target=d.get("target"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"not a valid pruning plan ({type(e).__name__}: {e})") from None
+
+
+def plan_overlap(a: PruningPlan | dict[str, Any], b: PruningPlan | dict[str, Any]) -> dict[str, float]:
+    """Jaccard overlap |A ∩ B| / |A ∪ B| of the kept channels of two plans of one net, per part and overall
+    (``all``): 1.0 when they keep the same channels, 0.0 when they share none. Plans as objects or dicts."""
+    pa, pb = (p if isinstance(p, PruningPlan) else PruningPlan.from_dict(p) for p in (a, b))
+    if set(pa.layers) != set(pb.layers):
+        raise UsageError("plan_overlap: the two plans are of different nets (their prunable layers differ)")
+    out = {}
+    for part in (BACKBONE, DECODER, None):
+        inter = union = 0
+        for name, la in pa.layers.items():
+            if part is None or la.part == part:
+                ka, kb = set(la.kept), set(pb.layers[name].kept)
+                inter, union = inter + len(ka & kb), union + len(ka | kb)
+        if union:
+            out[part or "all"] = inter / union
+    return out
 
 
 def check_ratio(ratio: float) -> float:

@@ -24,12 +24,14 @@ from mtprune.layout import (
     EVAL_DENSE,
     PLOTS_DIR,
     QUALITATIVE_FILE,
+    budget_key,
     color,
     display_name,
     eval_dir,
     finetune_dir,
     has_thresholds,
     prune_dir,
+    sparse_dirs,
 )
 
 Row = dict[str, Any]
@@ -150,20 +152,58 @@ def make_plots(out: Path, cfg: Any, rows: list[Row]) -> dict[str, str]:
     if any(r.get("macs") for r in rows):
         plot_miou_vs_macs(rows, out / PLOTS_DIR / "miou_vs_macs.png")
         plots["mIoU against MACs"] = f"{PLOTS_DIR}/miou_vs_macs.png"
-    for ratio in sorted({r["ratio"] for r in rows if r["method"] != DENSE}):
-        plans = _plans(out, [r for r in rows if r["ratio"] == ratio])
+    for kind, x in sorted({budget_key(r) for r in rows if r["method"] != DENSE}):
+        plans = _plans(out, [r for r in rows if r["method"] != DENSE and budget_key(r) == (kind, x)])
         if plans:
-            name = f"{PLOTS_DIR}/channels_{ratio:g}.png"
+            name = f"{PLOTS_DIR}/channels_{x:g}.png" if kind == "ratio" else f"{PLOTS_DIR}/channels_{kind}{x:g}.png"
             plot_channels(plans, out / name)
-            plots[f"Channels kept per layer at ratio {ratio:g} (decoder shaded; Figs 5/7)"] = name
+            what = f"ratio {x:g}" if kind == "ratio" else f"{kind} target {x:g}×"
+            plots[f"Channels kept per layer at {what} (decoder shaded; Figs 5/7)"] = name
     curves = _curves(out, rows)
     if curves:
         plot_miou_vs_epochs(curves, out / PLOTS_DIR / "miou_vs_epochs.png")
         plots["Validation mIoU during segmentation fine-tuning (Fig. 4)"] = f"{PLOTS_DIR}/miou_vs_epochs.png"
+    if plot_gamma(_gamma_distributions(out), out / PLOTS_DIR / "gamma.png"):
+        plots["|γ| of the prunable layers before and after sparse training, per part"] = f"{PLOTS_DIR}/gamma.png"
     q = _qualitative(out, rows)
     if q:
         plots["Qualitative results (Fig. 8)"] = q
     return plots
+
+
+def _gamma_distributions(out: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """stage → {"before", "after"} → part → |γ| quantiles, from each sparse stage's done.json."""
+    found = {}
+    for stage in sparse_dirs():
+        done = out / stage / "done.json"
+        if done.is_file():
+            dist = json.loads(done.read_text()).get("metrics", {}).get("gamma_distribution")
+            if dist:
+                found[stage] = dist
+    return found
+
+
+def plot_gamma(dists: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> bool:
+    """The cumulative distribution of |γ| per part (one panel each), before (dashed) and after each sparse
+    stage: a stage that chose channels moves a share of them to ≈ 0. False when there is nothing to draw."""
+    parts = sorted({p for d in dists.values() for when in d.values() for p in when})
+    if not parts:
+        return False
+    fig, axes = _figure((5.0 * len(parts), 3.6), 1, len(parts), squeeze=False)
+    for ax, part in zip(axes[0], parts, strict=True):
+        for stage, d in dists.items():
+            for when, style in (("before", "--"), ("after", "-")):
+                q = d.get(when, {}).get(part)
+                if q:
+                    y = np.linspace(0, 1, len(q))
+                    ax.plot(q, y, style, color=color(stage.removeprefix("sparse-")), label=f"{stage} {when}")
+        ax.set_title(part)
+        ax.set_xlabel("|γ|")
+        ax.set_ylabel("fraction of channels")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
 
 
 def _plans(out: Path, rows: list[Row]) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mtprune.io import write_json, write_text
-from mtprune.layout import DENSE, display_name, variant_tag
+from mtprune.layout import DENSE, display_name, row_budget, variant_tag
 from mtprune.pruning.methods import METHODS
 from mtprune.report.tables import Row, _table
 
@@ -36,7 +36,7 @@ def _pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
     for r in rows:
         if r["method"] == DENSE:
             continue
-        m, p, th, cls = r["method"], r["ratio"], r["thresholds"], bool(r.get("cls_finetune", True))
+        m, p, th, cls = r["method"], row_budget(r), r["thresholds"], bool(r.get("cls_finetune", True))
         name = display_name(r)
         if m == "mtp":
             for other in (m for m in METHODS if m != "mtp"):

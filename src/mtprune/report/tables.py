@@ -3,12 +3,13 @@ Tables 5/6 (per-class IoU), Table 7 (top-1/top-5), Table 1 (with vs without clas
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from mtprune.io import write_text
-from mtprune.layout import DENSE, REPORT_FILE, display_name
+from mtprune.layout import DENSE, REPORT_FILE, budget_key, budget_label, display_name, sparse_dirs
 from mtprune.report.plots import make_plots
 
 Row = dict[str, Any]
@@ -58,18 +59,18 @@ def main_table(rows: list[Row]) -> str:
 
 
 def thresholds_table(rows: list[Row]) -> str | None:
-    """Table 4: unified against independent thresholds for the same method and ratio."""
-    pairs: dict[tuple[str, float], dict[str, Row]] = {}
+    """Table 4: unified against independent thresholds for the same method and ratio (or target)."""
+    pairs: dict[tuple[str, tuple[str, float]], dict[str, Row]] = {}
     for r in rows:
         if r["thresholds"] in ("independent", "unified") and r.get("cls_finetune", True):
-            pairs.setdefault((r["method"], r["ratio"]), {})[r["thresholds"]] = r
+            pairs.setdefault((r["method"], budget_key(r)), {})[r["thresholds"]] = r
     body = []
-    for (method, ratio), d in sorted(pairs.items()):
+    for (method, _), d in sorted(pairs.items()):
         if len(d) == 2:
             u, i = d["unified"], d["independent"]
             body.append(
                 [
-                    f"{method} {1 - ratio:.2g}×",
+                    f"{method} {budget_label(u)}",
                     _pct(u["miou"]),
                     _x(u["macs_ratio"]),
                     _pct(i["miou"]),
@@ -79,6 +80,32 @@ def thresholds_table(rows: list[Row]) -> str | None:
     if not body:
         return None
     return _table(["model", "unified mIoU %", "unified MACs", "independent mIoU %", "independent MACs"], body)
+
+
+#: plans this alike prune (nearly) the same channels: their mIoU difference is fine-tuning noise
+SAME_PLAN = 0.9
+
+
+def overlap_table(rows: list[Row]) -> str | None:
+    """The Jaccard overlap of the kept channels of every pair of models at one ratio or target."""
+    names = {r["tag"]: display_name(r) for r in rows}
+    seen, body = set(), []
+    for r in rows:
+        for other, ov in (r.get("plan_overlap") or {}).items():
+            pair = tuple(sorted((r["tag"], other)))
+            if pair in seen or other not in names:
+                continue
+            seen.add(pair)
+            flag = f"≥ {SAME_PLAN:g}: same channels" if ov.get("all", 0.0) >= SAME_PLAN else ""
+            cells = [_num(ov.get(k)) for k in ("all", "backbone", "decoder")]
+            body.append([names[pair[0]], names[pair[1]], *cells, flag])
+    if not body:
+        return None
+    return _table(["model", "model", "overlap", "backbone", "decoder", ""], body)
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def per_class_table(rows: list[Row]) -> str | None:
@@ -99,10 +126,10 @@ def topk_table(rows: list[Row]) -> str | None:
 
 def cls_finetune_table(rows: list[Row]) -> str | None:
     """Table 1: the same pruned model fine-tuned with and without classification epochs."""
-    by: dict[tuple[str, float, str], dict[bool, Row]] = {}
+    by: dict[tuple[str, tuple[str, float], str], dict[bool, Row]] = {}
     for r in rows:
         if r["method"] != DENSE:
-            by.setdefault((r["method"], r["ratio"], r["thresholds"]), {})[bool(r.get("cls_finetune", True))] = r
+            by.setdefault((r["method"], budget_key(r), r["thresholds"]), {})[bool(r.get("cls_finetune", True))] = r
     body = [
         [
             display_name(d[True]),
@@ -116,7 +143,9 @@ def cls_finetune_table(rows: list[Row]) -> str | None:
     return _table(["model", "with cls FT mIoU %", "without mIoU %", "Δ"], body) if body else None
 
 
-def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune run") -> str:
+def render_report(
+    rows: list[Row], plots: dict[str, str], title: str = "mtprune run", warnings: list[str] | None = None
+) -> str:
     parts = [
         f"# {title}\n",
         "mIoU, top-1 and top-5 in %, on the validation splits; Δ against the dense model; ×: ratio to the "
@@ -125,6 +154,8 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]
+    if warnings:
+        parts += ["## Warnings\n", "\n".join(f"- {w}" for w in warnings) + "\n"]
     extended = {display_name(r): r["extra_seg_steps"] for r in rows if r.get("extra_seg_steps")}
     if extended:
         parts.append(
@@ -134,6 +165,11 @@ def render_report(rows: list[Row], plots: dict[str, str], title: str = "mtprune 
         )
     for title_, table in (
         ("Unified vs independent thresholds (Table 4)", thresholds_table(rows)),
+        (
+            f"Plan overlap (Jaccard of the kept channels; pairs ≥ {SAME_PLAN:g} prune the same channels, so their "
+            "mIoU difference is fine-tuning noise)",
+            overlap_table(rows),
+        ),
         ("With vs without classification fine-tuning (Table 1)", cls_finetune_table(rows)),
         ("Per-class IoU (Tables 5/6)", per_class_table(rows)),
         ("Backbone top-1 / top-5 (Table 7)", topk_table(rows)),
@@ -152,5 +188,16 @@ def write_report(out: str | os.PathLike, cfg: Any, rows: list[Row]) -> Path:
     out = Path(out)
     plots = make_plots(out, cfg, rows)
     path = out / REPORT_FILE
-    write_text(path, render_report(rows, plots, title=f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}"))
+    title = f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}"
+    write_text(path, render_report(rows, plots, title=title, warnings=stage_warnings(out)))
     return path
+
+
+def stage_warnings(out: Path) -> list[str]:
+    """The warnings the run's sparse stages wrote in their done.json (sparse training that did not separate)."""
+    found = []
+    for stage in sparse_dirs():
+        done = out / stage / "done.json"
+        if done.is_file():
+            found += json.loads(done.read_text()).get("metrics", {}).get("warnings", [])
+    return found

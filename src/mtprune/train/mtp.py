@@ -50,6 +50,7 @@ from mtprune.method import (
     soft_threshold_,
 )
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
+from mtprune.train.diagnostics import report_sparsity, round_diagnostics
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     STAGE_TASKS,
@@ -75,13 +76,8 @@ from mtprune.train.engine import (
 )
 from mtprune.train.streams import BatchStream
 
-SPARSE_BELOW = 1e-2  # a γ below this counts as "pruned away" in the round logs
-
-
-def sparsity(gammas: list[torch.nn.Parameter]) -> float:
-    """Fraction of |γ| below 1e-2."""
-    g = torch.cat([x.detach().abs().flatten() for x in gammas])
-    return float((g < SPARSE_BELOW).float().mean())
+#: the ℓ1 weight of each part's γ, named in the sparsity warning
+ALPHA_KEYS = {BACKBONE: "sparse_mtp.alpha1", DECODER: "sparse_mtp.alpha2"}
 
 
 def check_mtp_config(cfg: Config) -> None:
@@ -214,11 +210,14 @@ class SparseMTP:
             "seg_loss": self.alm.sum_seg / max(c.steps_seg, 1),
             "mu": self.alm.mu,
             "alm": alm_value,
-            "sparse_backbone": sparsity(self.gamma1),
-            "sparse_decoder": sparsity(self.gamma2),
+            **round_diagnostics(self.parts(), self.cfg),
         }
         self.alm.sum_cls = self.alm.sum_seg = 0.0
         return record
+
+    def parts(self) -> dict[str, list[torch.Tensor]]:
+        """The γ the scores are read from, per part: γ1 of W1 (backbone), γ2 of W2 (decoder)."""
+        return {BACKBONE: list(self.gamma1), DECODER: list(self.gamma2)}
 
     def scores(self) -> dict[str, torch.Tensor]:
         """The pruning scores (Algorithm 1, line 9): |γ1| of W1 for the backbone, |γ2| of W2 for the decoder."""
@@ -281,6 +280,7 @@ def run_sparse_mtp(
     run.optimizers = {"w1": mtp.opt1, "w2": mtp.opt2, "w3": mtp.opt3}
     run.streams = {"cls": cls_stream, "seg": seg_stream}
     run.extra = mtp.alm
+    before = {part: [g.detach().clone() for g in gs] for part, gs in mtp.parts().items()}  # the dense net's
     run.start()
     try:
         set_train_mode(model, cfg)
@@ -291,22 +291,21 @@ def run_sparse_mtp(
     for m in (model, mtp.backbone1):
         sync_buffers(m, env)
         revert_sync_bn(m)
-    return _finish(run, mtp, evaluate, init)
+    return _finish(run, mtp, evaluate, init, before)
 
 
-def _finish(run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None) -> dict[str, Any]:
+def _finish(
+    run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None, before: dict[str, list[torch.Tensor]]
+) -> dict[str, Any]:
     """Export the net to prune with its scores (``model/scores.safetensors``) and the final metrics."""
     exported, scores = mtp.exported(), mtp.scores()
 
     def write_scores(model_dir: Path) -> None:
         save_tensors(model_dir / SCORES_FILE, scores, {"what": "gamma1 of W1 (backbone), gamma2 of W2 (decoder)"})
 
-    metrics = {
-        "gap": relative_gap(mtp.w1, mtp.w3),
-        "mu": mtp.alm.mu,
-        "sparse_backbone": sparsity(mtp.gamma1),
-        "sparse_decoder": sparsity(mtp.gamma2),
-    }
+    metrics = {"gap": relative_gap(mtp.w1, mtp.w3), "mu": mtp.alm.mu}
+    if run.env.is_main:
+        metrics.update(report_sparsity("sparse-mtp", before, mtp.parts(), run.cfg, ALPHA_KEYS))
     metrics.update(evaluate(exported, run.cfg, run.env, STAGE_TASKS["sparse-mtp"], False))
     meta = {"init": init, "backbone_from": run.cfg.sparse_mtp.backbone_from}
     return run.finish(exported, metrics, meta=meta, extra_files=write_scores)

@@ -15,7 +15,8 @@ from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.method import l1_penalty, soft_threshold_
-from mtprune.models.base import SegmentationModel
+from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
+from mtprune.train.diagnostics import report_sparsity
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     STAGE_TASKS,
@@ -170,6 +171,19 @@ def run_supervised(
     run.modules = {"model": model}
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
+    before = _gamma_parts(model, clone=True)  # the γ the stage starts from (before any resume)
     run_phases(run, phases, cfg, env, evaluate)
     sync_buffers(model, env)
-    return run.finish(model, evaluate(model, cfg, env, STAGE_TASKS[stage], False), meta={"init": init})
+    metrics = evaluate(model, cfg, env, STAGE_TASKS[stage], False)
+    if stage == "sparse-slimming" and env.is_main:
+        metrics = {**report_sparsity(stage, before, _gamma_parts(model), cfg, SLIMMING_ALPHA), **metrics}
+    return run.finish(model, metrics, meta={"init": init})
+
+
+#: the ℓ1 weight of Network Slimming's γ (both parts), named in the sparsity warning
+SLIMMING_ALPHA = {BACKBONE: "sparse_slimming.alpha", DECODER: "sparse_slimming.alpha"}
+
+
+def _gamma_parts(model: SegmentationModel, clone: bool = False) -> dict[str, list[torch.Tensor]]:
+    parts = {part: prunable_gammas(model, part) for part in (BACKBONE, DECODER)}
+    return {p: [g.detach().clone() for g in gs] if clone else list(gs) for p, gs in parts.items()}

@@ -1,0 +1,65 @@
+"""Pruning to a budget: the ratio p whose plan's cost (MACs, params or latency of the pruned net, as a
+fraction of the unpruned one's) is the largest not above a target, by bisection over p."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mtprune.errors import UsageError
+from mtprune.pruning.plan import PruningPlan
+
+#: the budgets a target can name; the cost of each is measured by the caller (evaluation sits above pruning)
+TARGET_METRICS = ("macs", "params")
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """``"macs=0.5"`` → ``("macs", 0.5)``; one line naming the value when it is not a budget in (0, 1)."""
+    metric, sep, value = text.partition("=")
+    metric = metric.strip()
+    if not sep or metric not in TARGET_METRICS:
+        raise UsageError(f"--target {text}: expected METRIC=X with METRIC one of {', '.join(TARGET_METRICS)}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise UsageError(f"--target {text}: '{value}' is not a number") from None
+    if not 0.0 < x < 1.0:
+        raise UsageError(f"--target {text}: {x:g} is outside (0, 1), the fraction of the unpruned net's {metric}")
+    return metric, x
+
+
+def search_ratio(
+    plan_at: Callable[[float], PruningPlan],
+    cost: Callable[[PruningPlan], float],
+    target: float,
+    metric: str = "macs",
+    tol: float = 1e-3,
+    max_ratio: float = 0.99,
+) -> tuple[PruningPlan, float, list[dict[str, Any]]]:
+    """Bisection over p ∈ (0, ``max_ratio``]: the smallest p (to ``tol``) whose plan ``plan_at(p)`` costs at
+    most ``target`` (``cost(plan)``: a fraction of the unpruned net's). Returns that plan, its cost, and every
+    candidate tried (``{"ratio", metric}``). The cost falls as p grows; a budget that not even ``max_ratio``
+    reaches is one line (exit 2)."""
+    trail: list[dict[str, Any]] = []
+
+    def tried(p: float) -> tuple[PruningPlan, float]:
+        plan = plan_at(p)
+        c = cost(plan)
+        trail.append({"ratio": p, metric: c})
+        return plan, c
+
+    best = tried(max_ratio)
+    if best[1] > target:
+        raise UsageError(
+            f"--target {metric}={target:g}: no plan reaches it (pruning {max_ratio:g} of the channels leaves "
+            f"{best[1]:.3f} of the {metric})"
+        )
+    lo, hi = 0.0, max_ratio
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        plan, c = tried(mid)
+        if c <= target:
+            best, hi = (plan, c), mid
+        else:
+            lo = mid
+    return best[0], best[1], trail

@@ -1,0 +1,101 @@
+"""Pruning to a budget (``--target macs=X``) and the overlap of two plans (issue 17)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.conftest import randomize_bn
+
+from mtprune.cli import main
+from mtprune.errors import UsageError
+from mtprune.evaluate.cost import count_macs, plan_cost
+from mtprune.models import build_model
+from mtprune.pruning import make_plan, plan_overlap, prune
+from mtprune.pruning.plan import LayerPlan, PruningPlan
+
+SIZE = (64, 64)
+
+
+def _net(seed: int = 0):
+    return randomize_bn(build_model("deeplabv3_resnet18", 6, 10, 0.5), seed)  # irregular |γ| scores
+
+
+@pytest.mark.parametrize(
+    ("method", "thresholds"), [("uniform", "independent"), ("bn", "unified"), ("bn", "independent")]
+)
+def test_a_macs_target_lands_just_below_it(method, thresholds):
+    model = _net()
+    dense = count_macs(model, SIZE)
+    plan = prune(model, method, None, thresholds, target=("macs", 0.5), cost=plan_cost(model, "macs", SIZE))
+    reached = count_macs(model, SIZE) / dense
+    assert 0.48 <= reached <= 0.50 and reached == pytest.approx(plan.target["reached"], abs=1e-12)
+    assert plan.target["macs"] == 0.5 and 0 < plan.ratio < 1 and len(plan.target["candidates"]) > 5
+
+
+def test_prune_cli_target_records_the_target_and_refuses_an_unreachable_one(tmp_path, capsys):
+    init = [
+        "init",
+        "--model",
+        "deeplabv3_resnet18",
+        "--num-classes",
+        "3",
+        "--width",
+        "0.5",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    assert main(init) == 0
+    capsys.readouterr()
+    base = ["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--size", "64", "64"]
+    assert main([*base, "--target", "macs=0.6", "--out", str(tmp_path / "p"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["target"]["macs"] == 0.6 and plan["ratio"] == out["ratio"] and 0.58 <= out["macs_ratio"] <= 0.6
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--target", "macs=0", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2
+    with pytest.raises(UsageError, match="no plan reaches it"):
+        m = _net()
+        prune(m, "uniform", None, target=("params", 0.0001), cost=plan_cost(m, "params", SIZE))
+
+
+def test_plan_overlap_is_one_for_the_same_plan_and_zero_for_disjoint_plans():
+    plan = make_plan(_net(), "bn", 0.5)
+    assert plan_overlap(plan, plan) == {"backbone": 1.0, "decoder": 1.0, "all": 1.0}
+    a = PruningPlan(
+        "x", 0.5, "independent", 1, 1, {"c1": LayerPlan("backbone", 4, [0, 1]), "c2": LayerPlan("decoder", 2, [0])}
+    )
+    b = PruningPlan(
+        "y", 0.5, "independent", 1, 1, {"c1": LayerPlan("backbone", 4, [2, 3]), "c2": LayerPlan("decoder", 2, [0])}
+    )
+    assert plan_overlap(a, b) == {"backbone": 0.0, "decoder": 1.0, "all": 1 / 5}
+    assert plan_overlap(a.to_dict(), b) == plan_overlap(a, b)
+
+
+def test_a_run_compares_methods_at_one_macs_target_with_their_plan_overlap(tmp_path):
+    from tests.test_pipeline import tiny_cfg
+
+    from mtprune.pipeline import run_pipeline
+
+    cfg = tiny_cfg(
+        "run.methods=[slimming, uniform]",
+        "run.ratios=[]",
+        "run.targets=[{macs: 0.6}]",
+        "run.thresholds=[independent, unified]",
+        "run.pretrain=false",
+        "run.qualitative=0",
+    )
+    rows = run_pipeline(cfg, tmp_path / "r", progress=lambda m: None)
+    pruned = {r["tag"]: r for r in rows[1:]}
+    assert sorted(pruned) == ["slimming-macs0.6-independent", "slimming-macs0.6-unified", "uniform-macs0.6"]
+    for tag, r in pruned.items():
+        assert r["target"] == {"macs": 0.6} and 0 < r["ratio"] < 1
+        assert 0.5 <= r["macs_ratio"] <= 0.6  # the eval stage's count, at the cost size the target used
+        assert sorted(r["plan_overlap"]) == sorted(set(pruned) - {tag})
+        for other, ov in r["plan_overlap"].items():
+            assert ov == pruned[other]["plan_overlap"][tag] and 0.0 <= ov["all"] <= 1.0
+    ind, uni = pruned["slimming-macs0.6-independent"], pruned["slimming-macs0.6-unified"]
+    assert ind["ratio"] != uni["ratio"]  # one cost, two threshold modes: two ratios
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "Plan overlap" in report and "slimming macs 0.6× (unified)" in report
