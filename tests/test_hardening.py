@@ -17,6 +17,7 @@ from tests.conftest import crash_at
 from tests.test_train import cfg
 
 from mtprune.cli import main
+from mtprune.cli.run_cmds import demo_config_path
 from mtprune.config import load_config
 from mtprune.errors import MtpruneError, UsageError, WriteError
 from mtprune.io import FolderBusy, append_line, folder_lock, read_lines, save_tensors, write_failure
@@ -119,6 +120,7 @@ def test_a_save_that_hits_a_file_size_limit_is_one_line_and_keeps_the_checkpoint
         f"""
         import resource, sys
         from mtprune.cli import main
+from mtprune.cli.run_cmds import demo_config_path
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
         sys.exit(main({["train", "train-seg", "--out", str(out), *sets]!r}))
         """
@@ -278,12 +280,28 @@ def test_an_out_that_is_a_file_is_one_line_for_every_command(tmp_path, capsys, d
         ["prune", "--checkpoint", str(dense), "--method", "uniform", "--ratio", "0.5", "--out", str(f)],
         ["train", "train-seg", "--out", str(f), *tiny],
         ["export", "--checkpoint", str(dense), "--onnx", str(f / "m.onnx"), "--size", "32", "32"],
+        ["run", str(demo_config_path()), "--out", str(f)],
     ):
         capsys.readouterr()
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code in (1, 2) and len(err) == 1 and str(f) in err[0], (argv[0], err)
     assert f.read_text() == "keep me"
+
+
+def test_a_read_only_place_is_one_line(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from mtprune import build_model, save_model
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)  # what a read-only mount answers (root ignores modes)
+    with pytest.raises(WriteError, match="read-only file system") as e:
+        save_model(build_model("deeplabv3_resnet18", 3, 4, 0.125), tmp_path / "m")
+    assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)
 
 
 def test_model_classes_are_checked_against_the_dataset_before_training(tmp_path):
