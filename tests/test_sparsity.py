@@ -22,6 +22,7 @@ def test_the_sparse_fraction_of_a_known_gamma_vector():
     s = gamma_summary(g)
     assert s["q05"] == pytest.approx(0.001) and (s["q95"], s["sparse"]) == (2.0, 40 / 120)
     assert sparse_fraction([torch.full((50,), 0.9)]) == 0.0  # all alike near 1: nothing switched off
+    assert sparse_fraction([torch.zeros(50)]) == 1.0  # all collapsed to 0 (a proximal ℓ1 too strong): all off
     assert gamma_quantiles([torch.arange(11.0)], n=3) == [0.0, 5.0, 10.0]
 
 

@@ -18,12 +18,18 @@ def _abs(gammas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.detach().abs().flatten().float().cpu() for g in gammas])
 
 
+def _off(g: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """The switched-off channels: |γ| below the bound, and every exact zero (a part whose γ all collapsed to 0
+    has a 95th percentile of 0 and is all switched off, not none)."""
+    return (g < below) | (g == 0)
+
+
 def sparse_fraction(gammas: Sequence[torch.Tensor], threshold: float = SPARSITY_THRESHOLD) -> float:
     """The fraction of ``|γ|`` below ``threshold`` × their 95th percentile (0.0 for no γ)."""
     if not gammas:
         return 0.0
     g = _abs(gammas)
-    return int((g < threshold * torch.quantile(g, 0.95)).sum()) / g.numel()
+    return int(_off(g, threshold * torch.quantile(g, 0.95)).sum()) / g.numel()
 
 
 def gamma_summary(gammas: Sequence[torch.Tensor], threshold: float = SPARSITY_THRESHOLD) -> dict[str, float]:
@@ -36,7 +42,7 @@ def gamma_summary(gammas: Sequence[torch.Tensor], threshold: float = SPARSITY_TH
         "q05": float(q[0]),
         "q50": float(q[1]),
         "q95": float(q[2]),
-        "sparse": int((g < threshold * q[2]).sum()) / g.numel(),
+        "sparse": int(_off(g, threshold * q[2]).sum()) / g.numel(),
     }
 
 
