@@ -120,7 +120,6 @@ def test_a_save_that_hits_a_file_size_limit_is_one_line_and_keeps_the_checkpoint
         f"""
         import resource, sys
         from mtprune.cli import main
-from mtprune.cli.run_cmds import demo_config_path
         resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
         sys.exit(main({["train", "train-seg", "--out", str(out), *sets]!r}))
         """
