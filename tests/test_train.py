@@ -368,3 +368,15 @@ def test_channels_last_training_matches_contiguous_and_reports_its_speed(tmp_pat
     done = json.loads((tmp_path / "nhwc" / "done.json").read_text())
     assert done["throughput"]["steps"] == 2 and done["throughput"]["images_per_s"]["seg"] > 0
     assert "train-seg: 2 steps in" in err and "seg" in err and "images/s" in err
+
+
+def test_a_key_added_since_at_its_default_is_not_a_recipe_change():
+    """A folder made before ``sparse_mtp.gamma_lr`` existed ran what gamma_lr 1 (its default) runs now."""
+    from mtprune.recipe import differences, stage_recipe
+
+    new = stage_recipe("sparse-mtp", cfg())
+    old = json.loads(json.dumps(new))
+    del old["config"]["sparse_mtp.gamma_lr"]
+    assert differences(old, new) == []
+    changed = stage_recipe("sparse-mtp", cfg("sparse_mtp.gamma_lr=10"))
+    assert differences(old, changed) == ['sparse_mtp.gamma_lr: "<unset>" → 10.0']

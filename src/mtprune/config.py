@@ -129,6 +129,10 @@ class SparseMTPConfig:
     seg_batch_size: int = 8
     mode: MTPMode = "joint"
     l1: L1Mode = "subgradient"
+    gamma_lr: float = 1.0  # the prunable γ's learning rate, as a multiple of lr_cls / lr_seg
+    # set alpha1 / alpha2 from the ℓ1 shrink budget instead: budget = l1_budget × each part's starting
+    # median |γ| (README, "Choosing α"; 1.2 is the rule); alpha1 / alpha2 are then ignored
+    l1_budget: float | None = None
     backbone_from: BackboneFrom = "w1"  # which copy the pruned net's backbone is taken from
     aux_weight: float = 0.4
 
@@ -142,6 +146,8 @@ class SparseSlimmingConfig:
     batch_size: int = 8
     alpha: float = 1e-3
     l1: L1Mode = "subgradient"
+    gamma_lr: float = 1.0  # the prunable γ's learning rate, as a multiple of lr
+    l1_budget: float | None = None  # set alpha from the shrink budget: l1_budget × the median prunable |γ|
     schedule: Schedule = "poly"
     aux_weight: float = 0.4
 
@@ -170,6 +176,11 @@ class EvalConfig:
 
 #: a γ below this × its part's 95th percentile counts as switched off (the sparse stages' diagnostics)
 SPARSITY_THRESHOLD = 0.05
+#: the smallest ℓ1 shrink budget (× the starting median |γ|) a sparse stage needs to switch channels off
+#: (:func:`mtprune.method.sparsity.l1_shrink`; measured on the demo, bench/README.md)
+L1_SHRINK_MIN = 1.1
+#: above this the ℓ1 term switches off more than the task can spare (the demo lost 2–7 mIoU at 1.5–1.6, more at 2)
+L1_SHRINK_MAX = 1.5
 #: training images ThiNet's statistics use by default (``run.thinet_samples``, ``mtprune prune --samples``)
 THINET_SAMPLES = 64
 
@@ -339,7 +350,7 @@ def _where(e: yaml.YAMLError) -> str:
 def _rule(key: str) -> tuple[str, float] | None:
     """The bound a numeric key must respect: ``(">", 0)``, ``(">=", 0)``, ``(">=", 1)``, or None."""
     name = key.rsplit(".", 1)[-1]
-    if name == "lr" or name.startswith("lr_"):
+    if name in ("lr", "gamma_lr", "l1_budget") or name.startswith("lr_"):
         return (">", 0.0)
     if name == "batch_size" or name.endswith("_batch_size") or name in ("rounds", "steps_seg", "log_every"):
         return (">=", 1)

@@ -67,6 +67,13 @@ def config_keys(cfg: Config, keys: tuple[str, ...]) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # tuples → lists, as they read back from recipe.json
 
 
+def _defaults() -> dict[str, Any]:
+    """Every configuration key's default value, flattened."""
+    out: dict[str, Any] = {}
+    _flat(config_to_dict(Config()), "", out)
+    return json.loads(json.dumps(out))
+
+
 def digest(recipe: dict[str, Any]) -> str:
     """A short, stable hash of a recipe (sorted-key JSON)."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -113,8 +120,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get(key) != new.get(key):
             what = "its input model (the stage it starts from was made differently)" if key == "input" else key
             out.append(f"{what}: {_show(old.get(key))} → {_show(new.get(key))}")
-    a, b = old.get("config", {}), new.get("config", {})
+    a, b, default = old.get("config", {}), new.get("config", {}), _defaults()
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in default and b.get(key) == default[key]:
+            continue  # a key added since, at its default: the stage was made with what the default does
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append(f"{key}: {_show(a.get(key, '<unset>'))} → {_show(b.get(key, '<unset>'))}")
     for key in sorted(set(old) | set(new)):

@@ -7,7 +7,7 @@ scale-free: the share of a part's prunable |γ| below ``threshold`` × that part
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -51,3 +51,28 @@ def gamma_quantiles(gammas: Sequence[torch.Tensor], n: int = 101) -> list[float]
     if not gammas:
         return []
     return [float(v) for v in torch.quantile(_abs(gammas), torch.linspace(0, 1, n))]
+
+
+def l1_shrink(alpha: float, lrs: Iterable[float], l1: str, momentum: float, gamma_lr: float = 1.0) -> float:
+    """The ℓ1 shrink budget of a stage: how far the ℓ1 term alone moves a γ towards 0, ``α·gamma_lr·Σ lr_t``
+    over its steps; for ``l1: subgradient`` × 1/(1 − β), since momentum β integrates the constant
+    ``α·sign(γ)`` into a step 1/(1 − β) larger (the proximal step is applied after the momentum update).
+
+    Why it decides whether a stage separates channels: a BN whose output reaches the loss only through
+    another conv + BN (every prunable layer inside a residual block, an ASPP branch) can be scaled as a
+    whole at no cost to the loss, so the ℓ1 term first shrinks all its γ together, unopposed, and the task
+    gradient (which grows as 1/scale) only starts to keep some channels and let the others go once the
+    scale is small. A stage whose budget is below the γ's starting median ends before that point: every
+    γ of a part smaller by about the same amount, the ranking still the dense net's (bench/README.md)."""
+    scale = gamma_lr / (1.0 - momentum) if l1 == "subgradient" else gamma_lr
+    return float(alpha * scale * sum(lrs))
+
+
+def median_abs(gammas: Sequence[torch.Tensor]) -> float:
+    """The median of ``|γ|`` (0.0 for no γ): the scale the ℓ1 shrink budget is measured against."""
+    return float(_abs(gammas).median()) if gammas else 0.0
+
+
+def budget_alpha(budget: float, median: float, unit_shrink: float) -> float:
+    """The α whose shrink budget (:func:`l1_shrink`) is ``budget`` × ``median``, given the shrink of α = 1."""
+    return budget * median / unit_shrink if unit_shrink > 0 else 0.0

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from mtprune.config import Config
-from mtprune.method.sparsity import gamma_quantiles, gamma_summary
+from mtprune.config import L1_SHRINK_MAX, L1_SHRINK_MIN, Config
+from mtprune.method.sparsity import gamma_quantiles, gamma_summary, median_abs
 from mtprune.models.base import BACKBONE, DECODER
 
 Parts = dict[str, list[torch.Tensor]]  # part → its prunable γ
@@ -56,14 +56,54 @@ def sparsity_warnings(stage: str, diag: dict[str, Any], cfg: Config, alpha_keys:
     return out
 
 
-def report_sparsity(stage: str, before: Parts, after: Parts, cfg: Config, alpha_keys: dict[str, str]) -> dict:
-    """The final diagnostics of a sparse stage (for its ``done.json``), its warnings said on stderr."""
+def shrink_check(
+    stage: str, before: Parts, shrink: dict[str, float], cfg: Config, alpha_keys: dict[str, str]
+) -> dict[str, Any]:
+    """At a sparse stage's start: ``l1_shrink`` (each part's ℓ1 shrink budget,
+    :func:`~mtprune.method.sparsity.l1_shrink`) and ``l1_shrink_ratio`` (÷ the part's starting median |γ|),
+    with a ``warning:`` line, said now, for each part whose ratio is below ``L1_SHRINK_MIN`` while the run
+    prunes (such a stage cannot switch channels off, whatever its length) or above ``L1_SHRINK_MAX`` (it
+    switches off more than the task can spare): the README's rule for α."""
+    out: dict[str, Any] = {"l1_shrink": dict(shrink), "l1_shrink_ratio": {}, "warnings": []}
+    for part, budget in shrink.items():
+        median = median_abs(before[part])
+        if median == 0:  # nothing to shrink: every γ of the part is already 0
+            out["l1_shrink_ratio"][part] = None
+            continue
+        ratio = out["l1_shrink_ratio"][part] = budget / median
+        if ratio < L1_SHRINK_MIN and pruned_share(cfg) > 0:
+            want = L1_SHRINK_MIN * median / budget if budget > 0 else math.inf
+            out["warnings"].append(
+                f"warning: {stage}: the ℓ1 term can shrink the {part}'s γ by at most {budget:.3g} over this stage, "
+                f"{ratio:.2f} × their median |γ| {median:.3g}; below {L1_SHRINK_MIN:g} × it few or no channels are "
+                f"switched off: raise {alpha_keys[part]} ×{want:.3g} (or gamma_lr, or the steps), or set l1_budget"
+            )
+        elif ratio > L1_SHRINK_MAX and pruned_share(cfg) > 0:
+            out["warnings"].append(
+                f"warning: {stage}: the ℓ1 term can shrink the {part}'s γ by {budget:.3g} over this stage, "
+                f"{ratio:.2f} × their median |γ| {median:.3g}; above {L1_SHRINK_MAX:g} × it switches off more than the "
+                f"task can spare: lower {alpha_keys[part]} (or set l1_budget: 1.2)"
+            )
+    for w in out["warnings"]:
+        print(w, file=sys.stderr)
+    return out
+
+
+def report_sparsity(
+    stage: str, before: Parts, after: Parts, cfg: Config, alpha_keys: dict[str, str], start: dict | None = None
+) -> dict:
+    """The final diagnostics of a sparse stage (for its ``done.json``), its warnings said on stderr; ``start``:
+    :func:`shrink_check`'s record (its warnings were said at the start)."""
     diag = round_diagnostics(after, cfg)
     diag["gamma_before"] = round_diagnostics(before, cfg)
     diag["gamma_distribution"] = {"before": distribution(before), "after": distribution(after)}
-    warnings = sparsity_warnings(stage, diag, cfg, alpha_keys)
-    for w in warnings:
+    start = dict(start or {})
+    early = start.pop("warnings", [])
+    diag.update(start)
+    late = sparsity_warnings(stage, diag, cfg, alpha_keys)
+    for w in late:
         print(w, file=sys.stderr)
+    warnings = early + late
     if warnings:
         diag["warnings"] = warnings
     return diag

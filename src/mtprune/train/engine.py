@@ -145,8 +145,22 @@ def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def sgd(params: Iterable[nn.Parameter], lr: float, cfg: Config) -> torch.optim.SGD:
-    return torch.optim.SGD(list(params), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+def sgd(
+    params: Iterable[nn.Parameter], lr: float, cfg: Config, gammas: Iterable[nn.Parameter] = (), gamma_lr: float = 1.0
+) -> torch.optim.SGD:
+    """SGD with the config's momentum and weight decay; ``gammas`` (ℓ1-regularised BN scales among
+    ``params``) learn at ``gamma_lr`` × the rate :func:`set_lr` gives the others."""
+    params, ids = list(params), {id(g) for g in gammas}
+    groups = [{"params": [p for p in params if id(p) not in ids], "lr_scale": 1.0}]
+    if ids:
+        groups.append({"params": [p for p in params if id(p) in ids], "lr_scale": float(gamma_lr)})
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate ``lr`` on every parameter group, times the group's ``lr_scale``."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def prunable_gammas(model: SegmentationModel, part: str | None = None) -> list[nn.Parameter]:

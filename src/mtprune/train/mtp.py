@@ -49,8 +49,9 @@ from mtprune.method import (
     relative_gap,
     soft_threshold_,
 )
+from mtprune.method.sparsity import budget_alpha, l1_shrink, median_abs
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.train.diagnostics import report_sparsity, round_diagnostics
+from mtprune.train.diagnostics import report_sparsity, round_diagnostics, shrink_check
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     STAGE_TASKS,
@@ -67,6 +68,7 @@ from mtprune.train.engine import (
     prunable_gammas,
     revert_sync_bn,
     seg_loss,
+    set_lr,
     set_train_mode,
     sgd,
     sync_buffers,
@@ -86,10 +88,11 @@ def check_mtp_config(cfg: Config) -> None:
     if c.rho < 1.0:
         raise UsageError(f"sparse_mtp.rho must be ≥ 1 (Eq. 10), got {c.rho}")
     limit = 2.0 * (1.0 + cfg.optim.momentum)
-    if max(c.lr_cls, c.lr_seg) * max(c.mu_max, c.mu0) >= limit:
+    lr = max(c.lr_cls, c.lr_seg) * max(c.gamma_lr, 1.0)  # the γ learn at gamma_lr × the rate
+    if lr * max(c.mu_max, c.mu0) >= limit:
         raise UsageError(
-            f"sparse_mtp: lr × mu_max = {max(c.lr_cls, c.lr_seg) * max(c.mu_max, c.mu0):.3g} ≥ {limit:.3g}: "
-            "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates)"
+            f"sparse_mtp: lr × mu_max = {lr * max(c.mu_max, c.mu0):.3g} ≥ {limit:.3g}: "
+            "SGD on the μ/2‖W1−W3‖² term diverges; lower mu_max (or the learning rates, or gamma_lr)"
         )
 
 
@@ -140,17 +143,27 @@ class SparseMTP:
         bns = [lay.bn.removeprefix("backbone.") for lay in model.prunable_layers() if lay.part == BACKBONE]
         self.gamma1 = [self.backbone1.get_submodule(n).weight for n in bns]
         self.gamma3, self.gamma2 = prunable_gammas(model, BACKBONE), prunable_gammas(model, DECODER)
-        self.opt1 = sgd(self.cls_net.parameters(), c.lr_cls, self.cfg)
-        self.opt2 = sgd(model.decoder.parameters(), c.lr_seg, self.cfg)
-        self.opt3 = sgd(model.backbone.parameters(), c.lr_seg, self.cfg)
+        self.opt1 = sgd(self.cls_net.parameters(), c.lr_cls, self.cfg, self.gamma1, c.gamma_lr)
+        self.opt2 = sgd(model.decoder.parameters(), c.lr_seg, self.cfg, self.gamma2, c.gamma_lr)
+        self.opt3 = sgd(model.backbone.parameters(), c.lr_seg, self.cfg, self.gamma3, c.gamma_lr)
         self.ddp_cls, self.ddp_seg = wrap_ddp(self.cls_net, self.env), wrap_ddp(self.seg_net, self.env)
+        self.l1_alpha = self._l1_alpha()  # α1 (backbone), α2 (decoder): as configured, or from l1_budget
         # the ℓ1 terms: in the gradient (subgradient) or as a soft-threshold after each step (proximal)
-        self.alpha1, self.alpha2 = (c.alpha1, c.alpha2) if c.l1 == "subgradient" else (0.0, 0.0)
+        grad = c.l1 == "subgradient"
+        self.alpha1, self.alpha2 = (self.l1_alpha[BACKBONE], self.l1_alpha[DECODER]) if grad else (0.0, 0.0)
+
+    def _l1_alpha(self) -> dict[str, float]:
+        """α1 and α2: ``alpha1`` / ``alpha2``, or with ``l1_budget`` the α whose shrink budget is l1_budget ×
+        the part's median |γ| in the net the stage starts from (README, "Choosing α")."""
+        c = self.cfg.sparse_mtp
+        if c.l1_budget is None:
+            return {BACKBONE: c.alpha1, DECODER: c.alpha2}
+        unit, parts = self.shrink({BACKBONE: 1.0, DECODER: 1.0}), self.parts()
+        return {part: budget_alpha(c.l1_budget, median_abs(parts[part]), unit[part]) for part in unit}
 
     def w1_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
         """One SGD step of W1 on Eq. 7 (classification batch ``x, y``); returns the classification loss."""
-        for g in self.opt1.param_groups:
-            g["lr"] = lr
+        set_lr(self.opt1, lr)
         with autocast(self.env.device, self.cfg.optim.amp):
             logits = self.ddp_cls(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -159,7 +172,7 @@ class SparseMTP:
         eq7_backward(loss, self.w1, self.w3, self.alm.E, self.alm.mu, self.gamma1, self.alpha1)
         clip(self.cls_net.parameters(), self.cfg)
         self.opt1.step()
-        self._proximal([self.gamma1], lr * self.cfg.sparse_mtp.alpha1)
+        self._proximal([self.gamma1], lr * self.cfg.sparse_mtp.gamma_lr * self.l1_alpha[BACKBONE])
         self.alm.sum_cls += float(loss.detach())
         return float(loss.detach())
 
@@ -167,8 +180,7 @@ class SparseMTP:
         """One SGD step on a segmentation batch: ``sub`` ``"w2"`` (Eq. 8), ``"w3"`` (Eq. 9) or ``"w2w3"``
         (both, from one forward/backward: ``joint`` mode); returns the segmentation loss."""
         for opt in (self.opt2, self.opt3):
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
         with autocast(self.env.device, self.cfg.optim.amp):
             outputs = self.ddp_seg(x)
         loss = seg_loss(outputs, y, self.cfg.sparse_mtp.aux_weight)
@@ -186,7 +198,7 @@ class SparseMTP:
         stepped = {"w2": [(self.opt2, self.gamma2)], "w3": [(self.opt3, self.gamma3)]}
         for opt, gam in stepped.get(sub, stepped["w2"] + stepped["w3"]):
             opt.step()
-            self._proximal([gam], lr * self.cfg.sparse_mtp.alpha2)
+            self._proximal([gam], lr * self.cfg.sparse_mtp.gamma_lr * self.l1_alpha[DECODER])
         if sub != "w3":
             self.alm.sum_seg += float(loss.detach())
         return float(loss.detach())
@@ -214,6 +226,20 @@ class SparseMTP:
         }
         self.alm.sum_cls = self.alm.sum_seg = 0.0
         return record
+
+    def shrink(self, alpha: dict[str, float] | None = None) -> dict[str, float]:
+        """Each part's ℓ1 shrink budget over the stage (:func:`~mtprune.method.sparsity.l1_shrink`): α1 over
+        W1's classification steps (the backbone's scores), α2 over W2's segmentation steps (the decoder's);
+        ``alpha``: other α than the stage's."""
+        c, beta = self.cfg.sparse_mtp, self.cfg.optim.momentum
+        alpha = alpha or self.l1_alpha
+        n_cls, n_seg = c.rounds * c.steps_cls, c.rounds * c.steps_seg
+        lrs_cls = [lr_at("linear", c.lr_cls, i, n_cls) for i in range(n_cls)]
+        lrs_seg = [lr_at("poly", c.lr_seg, i, n_seg) for i in range(n_seg)]
+        return {
+            BACKBONE: l1_shrink(alpha[BACKBONE], lrs_cls, c.l1, beta, c.gamma_lr),
+            DECODER: l1_shrink(alpha[DECODER], lrs_seg, c.l1, beta, c.gamma_lr),
+        }
 
     def parts(self) -> dict[str, list[torch.Tensor]]:
         """The γ the scores are read from, per part: γ1 of W1 (backbone), γ2 of W2 (decoder)."""
@@ -281,6 +307,8 @@ def run_sparse_mtp(
     run.streams = {"cls": cls_stream, "seg": seg_stream}
     run.extra = mtp.alm
     before = {part: [g.detach().clone() for g in gs] for part, gs in mtp.parts().items()}  # the dense net's
+    start = shrink_check("sparse-mtp", before, mtp.shrink(), cfg, ALPHA_KEYS) if env.is_main else {}
+    start["l1_alpha"] = dict(mtp.l1_alpha)
     run.start()
     try:
         set_train_mode(model, cfg)
@@ -291,11 +319,16 @@ def run_sparse_mtp(
     for m in (model, mtp.backbone1):
         sync_buffers(m, env)
         revert_sync_bn(m)
-    return _finish(run, mtp, evaluate, init, before)
+    return _finish(run, mtp, evaluate, init, before, start)
 
 
 def _finish(
-    run: StageRun, mtp: SparseMTP, evaluate: Evaluator, init: str | None, before: dict[str, list[torch.Tensor]]
+    run: StageRun,
+    mtp: SparseMTP,
+    evaluate: Evaluator,
+    init: str | None,
+    before: dict[str, list[torch.Tensor]],
+    start: dict[str, Any],
 ) -> dict[str, Any]:
     """Export the net to prune with its scores (``model/scores.safetensors``) and the final metrics."""
     exported, scores = mtp.exported(), mtp.scores()
@@ -305,7 +338,7 @@ def _finish(
 
     metrics = {"gap": relative_gap(mtp.w1, mtp.w3), "mu": mtp.alm.mu}
     if run.env.is_main:
-        metrics.update(report_sparsity("sparse-mtp", before, mtp.parts(), run.cfg, ALPHA_KEYS))
+        metrics.update(report_sparsity("sparse-mtp", before, mtp.parts(), run.cfg, ALPHA_KEYS, start))
     metrics.update(evaluate(exported, run.cfg, run.env, STAGE_TASKS["sparse-mtp"], False))
     meta = {"init": init, "backbone_from": run.cfg.sparse_mtp.backbone_from}
     return run.finish(exported, metrics, meta=meta, extra_files=write_scores)

@@ -15,8 +15,9 @@ from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.method import l1_penalty, soft_threshold_
+from mtprune.method.sparsity import budget_alpha, l1_shrink, median_abs
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
-from mtprune.train.diagnostics import report_sparsity
+from mtprune.train.diagnostics import report_sparsity, shrink_check
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     STAGE_TASKS,
@@ -32,6 +33,7 @@ from mtprune.train.engine import (
     place_model,
     prunable_gammas,
     seg_loss,
+    set_lr,
     set_train_mode,
     sgd,
     steps_for,
@@ -59,6 +61,7 @@ class Phase:
     gammas: list[nn.Parameter] = field(default_factory=list)  # ℓ1-regularised BN scales (slimming)
     alpha: float = 0.0
     l1: str = "subgradient"
+    gamma_lr: float = 1.0  # the γ's learning rate, as a multiple of ``lr``
 
 
 def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, evaluate: Evaluator) -> None:
@@ -72,8 +75,7 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
             while run.step < offset + ph.steps:
                 i = run.step - offset
                 lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
-                for g in ph.opt.param_groups:
-                    g["lr"] = lr
+                set_lr(ph.opt, lr)
                 x, y = to_device(next(ph.stream), cfg, env)
                 with autocast(env.device, cfg.optim.amp):
                     out = ph.net(x)
@@ -87,7 +89,7 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
                 clip(ph.net.parameters(), cfg)
                 ph.opt.step()
                 if ph.gammas and ph.l1 == "proximal":
-                    soft_threshold_(ph.gammas, lr * ph.alpha)
+                    soft_threshold_(ph.gammas, lr * ph.gamma_lr * ph.alpha)
                 run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
                 if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
                     epoch_eval(run, ph, cfg, env, evaluate, (i + 1) / ph.stream.steps_per_epoch)
@@ -126,7 +128,9 @@ def _phase(
     stream = training_stream(dataset, getattr(c, batch), seed, cfg, env, f"{section}.{batch}")
     head = model.decoder if task == "seg" else model.cls_head
     net = wrap_ddp(SegNet(model) if task == "seg" else ClsNet(model.backbone, model.cls_head), env)
-    opt = sgd(list(model.backbone.parameters()) + list(head.parameters()), getattr(c, lr), cfg)
+    gam = kw.get("gammas", ())
+    params = list(model.backbone.parameters()) + list(head.parameters())
+    opt = sgd(params, getattr(c, lr), cfg, gam, kw.get("gamma_lr", 1.0))
     schedule = getattr(c, "schedule", "poly" if task == "seg" else "linear")
     aux = getattr(c, "aux_weight", 0.4)
     return Phase(
@@ -144,8 +148,11 @@ def _stage_phases(
         return [_phase("seg", model, cfg, env, seg_ds, "train_seg")]
     if stage == "sparse-slimming":
         c = cfg.sparse_slimming
-        l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1}
-        return [_phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)]
+        l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1, "gamma_lr": c.gamma_lr}
+        ph = _phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)
+        if c.l1_budget is not None:  # one α, as Network Slimming's, from the median of all prunable |γ|
+            ph.alpha = budget_alpha(c.l1_budget, median_abs(ph.gammas), _phase_shrink(ph, cfg, 1.0))
+        return [ph]
     if stage == "finetune":
         f, phases = cfg.finetune, []
         if f.cls_epochs > 0:
@@ -172,16 +179,30 @@ def run_supervised(
     run.optimizers = {p.name: p.opt for p in phases}
     run.streams = {p.name: p.stream for p in phases}
     before = _gamma_parts(model, clone=True)  # the γ the stage starts from (before any resume)
+    start = _slimming_shrink(phases[0], before, cfg) if stage == "sparse-slimming" and env.is_main else {}
     run_phases(run, phases, cfg, env, evaluate)
     sync_buffers(model, env)
     metrics = evaluate(model, cfg, env, STAGE_TASKS[stage], False)
     if stage == "sparse-slimming" and env.is_main:
-        metrics = {**report_sparsity(stage, before, _gamma_parts(model), cfg, SLIMMING_ALPHA), **metrics}
+        metrics = {**report_sparsity(stage, before, _gamma_parts(model), cfg, SLIMMING_ALPHA, start), **metrics}
     return run.finish(model, metrics, meta={"init": init})
 
 
 #: the ℓ1 weight of Network Slimming's γ (both parts), named in the sparsity warning
 SLIMMING_ALPHA = {BACKBONE: "sparse_slimming.alpha", DECODER: "sparse_slimming.alpha"}
+
+
+def _phase_shrink(ph: Phase, cfg: Config, alpha: float) -> float:
+    """The ℓ1 shrink budget of phase ``ph`` with ``alpha`` (:func:`~mtprune.method.sparsity.l1_shrink`)."""
+    lrs = [lr_at(ph.schedule, ph.lr, i, ph.steps) for i in range(ph.steps)]
+    return l1_shrink(alpha, lrs, ph.l1, cfg.optim.momentum, ph.gamma_lr)
+
+
+def _slimming_shrink(ph: Phase, before: dict[str, list[torch.Tensor]], cfg: Config) -> dict[str, Any]:
+    """:func:`shrink_check` of Network Slimming's one phase (the same α on both parts)."""
+    budget = _phase_shrink(ph, cfg, ph.alpha)
+    out = shrink_check("sparse-slimming", before, {BACKBONE: budget, DECODER: budget}, cfg, SLIMMING_ALPHA)
+    return {**out, "l1_alpha": {BACKBONE: ph.alpha, DECODER: ph.alpha}}
 
 
 def _gamma_parts(model: SegmentationModel, clone: bool = False) -> dict[str, list[torch.Tensor]]:
