@@ -41,6 +41,24 @@ OPTIONS = {
 }  # fmt: skip
 
 
+def _with_gamma_lr(l1: str, alpha: float, gamma_lr: float) -> list[str]:
+    return [
+        f"sparse_mtp.l1={l1}", f"sparse_mtp.alpha1={alpha}", f"sparse_mtp.alpha2={alpha}",
+        f"sparse_mtp.gamma_lr={gamma_lr}", f"sparse_slimming.l1={l1}", f"sparse_slimming.alpha={alpha}",
+        f"sparse_slimming.gamma_lr={gamma_lr}",
+    ]  # fmt: skip
+
+
+OPTIONS |= {  # the γ's own learning rate (bench/README.md, first table)
+    "proximal α 1.5": _with_gamma_lr("proximal", 1.5, 1),
+    "proximal α 0.05 γlr 10": _with_gamma_lr("proximal", 0.05, 10),
+    "proximal α 0.2 γlr 10": _with_gamma_lr("proximal", 0.2, 10),
+    "proximal α 0.4 γlr 10": _with_gamma_lr("proximal", 0.4, 10),
+    "subgradient α 0.02 γlr 10": _with_gamma_lr("subgradient", 0.02, 10),
+    "subgradient α 0.05 γlr 10": _with_gamma_lr("subgradient", 0.05, 10),
+}
+
+
 def _plan(folder: Path, cfg, ratio: float):
     return make_plan(load_model(folder), "bn", ratio, **scorer_inputs("bn", folder, cfg))
 
