@@ -15,21 +15,14 @@ import torch
 import torch_pruning as tp
 
 from mtprune.errors import UsageError
-from mtprune.models.base import SegmentationModel, eval_mode
+from mtprune.models.base import SegmentationModel
+from mtprune.models.groups import dependency_graph
 from mtprune.pruning.plan import PruningPlan
-
-#: spatial size of the dummy input used to trace the model (≥ 6·8 so PSPNet's 6×6 bins see real pixels)
-TRACE_SIZE = (64, 64)
 
 
 def build_dependency_graph(model: SegmentationModel) -> tp.DependencyGraph:
     """Trace every output of ``model`` (segmentation, auxiliary heads, classification head) in eval mode."""
-    p = next(model.parameters())
-    x = torch.zeros(1, 3, *TRACE_SIZE, device=p.device, dtype=p.dtype)
-    with eval_mode(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=x, forward_fn=lambda m, inp: m.trace_outputs(inp), verbose=False
-        )
+    return dependency_graph(model)
 
 
 def _check_plan_fits(model: SegmentationModel, plan: PruningPlan) -> None:

@@ -1,0 +1,62 @@
+"""Prunable channel groups found from the dependency graph (issue 18): for every built-in net they equal
+the lists its class declares, so results do not change; the rule itself on small hand-made nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtprune import build_model
+from mtprune.models import MODELS
+from mtprune.models.base import PrunableLayer
+from mtprune.models.groups import dependency_graph, discover_prunable_layers
+
+PARTS = {"backbone": ["backbone"], "decoder": ["decoder"]}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_discovered_groups_equal_the_declared_lists_of_every_built_in_net(name):
+    model = build_model(name, 6, 10, 0.125)
+    found = discover_prunable_layers(model, PARTS, exclude=["backbone.conv1"])  # the paper keeps the stem
+    assert found == model.prunable_layers()
+
+
+def test_the_stem_of_a_bottleneck_resnet_is_untied_and_found_unless_excluded():
+    model = build_model("deeplabv3_resnet50", 6, 10, 0.125)
+    found = discover_prunable_layers(model, PARTS)
+    assert PrunableLayer("backbone.conv1", "backbone.bn1", "backbone") in found
+    basic = discover_prunable_layers(build_model("deeplabv3_resnet18", 6, 10, 0.125), PARTS)
+    assert all(lay.conv != "backbone.conv1" for lay in basic)  # BasicBlocks sum the stem's output: tied
+
+
+class _Net(nn.Module):
+    """conv-BN (a) → depthwise conv-BN → conv-BN (b) ⊕ conv-BN (c) (a sum ties b and c) → 1×1 logits; an
+    attention gate: conv-BN (d) × sigmoid(conv-BN (e))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def cbr(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+        self.backbone = nn.ModuleDict({"a": cbr(3, 8), "dw": cbr(8, 8, groups=8), "b": cbr(8, 8), "c": cbr(3, 8)})
+        self.decoder = nn.ModuleDict({"d": cbr(8, 8), "e": cbr(8, 8), "f": cbr(8, 8), "logits": nn.Conv2d(8, 5, 1)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bb, dec = self.backbone, self.decoder
+        h = torch.relu(bb["dw"](torch.relu(bb["a"](x))))
+        s = torch.relu(bb["b"](h) + bb["c"](x))
+        g = torch.relu(dec["d"](s)) * torch.sigmoid(dec["e"](s))
+        return dec["logits"](torch.relu(dec["f"](g)))
+
+
+def test_the_rule_on_a_hand_made_net():
+    net = _Net()
+    found = discover_prunable_layers(net, PARTS, dependency_graph(net, forward_fn=None, size=(16, 16)))
+    # a: followed by a BN and a depthwise conv (which follows it, no tie); b and c: tied by the sum;
+    # d and e: tied by the product; f: free; logits: no BN, and they are the output
+    assert found == [
+        PrunableLayer("backbone.a.0", "backbone.a.1", "backbone"),
+        PrunableLayer("decoder.f.0", "decoder.f.1", "decoder"),
+    ]
