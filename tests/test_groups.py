@@ -57,6 +57,6 @@ def test_the_rule_on_a_hand_made_net():
     # a: followed by a BN and a depthwise conv (which follows it, no tie); b and c: tied by the sum;
     # d and e: tied by the product; f: free; logits: no BN, and they are the output
     assert found == [
-        PrunableLayer("backbone.a.0", "backbone.a.1", "backbone"),
+        PrunableLayer("backbone.a.0", "backbone.a.1", "backbone", followers=("backbone.dw.1",)),
         PrunableLayer("decoder.f.0", "decoder.f.1", "decoder"),
     ]

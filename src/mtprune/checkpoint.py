@@ -35,11 +35,22 @@ FORMAT = "mtprune-model"
 
 def pruned_shapes(model: SegmentationModel) -> dict[str, list[int]]:
     """Channel counts of the modules of ``model`` that differ from its dense architecture."""
-    a = model.arch()
     with torch.device("meta"):
-        dense = build_model(a["model"], a["num_classes"], a["cls_classes"], a["width"])
+        dense = _build(model.arch())
     ref = module_shapes(dense)
     return {k: v for k, v in module_shapes(model).items() if ref.get(k) != v}
+
+
+def _build(arch: dict[str, Any]) -> SegmentationModel:
+    """The dense model an ``arch.json`` (or ``model.arch()``) describes."""
+    return build_model(
+        arch["model"],
+        int(arch["num_classes"]),
+        int(arch["cls_classes"]),
+        float(arch["width"]),
+        model_args=arch.get("model_args"),
+        parts=arch.get("parts"),
+    )
 
 
 def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -87,6 +98,13 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: '{key}' is {json.dumps(value)}, not a {_KIND[key]}")
     if not isinstance(arch.get("channels", {}), dict):
         raise CheckpointError(f"{path}: 'channels' must map module names to channel counts")
+    if not isinstance(arch.get("model_args", {}), dict):
+        raise CheckpointError(f"{path}: 'model_args' must be an object (the builder's keyword arguments)")
+    parts = arch.get("parts", {})
+    if not isinstance(parts, dict) or not all(
+        isinstance(v, list) and all(isinstance(n, str) for n in v) for v in parts.values()
+    ):
+        raise CheckpointError(f"{path}: 'parts' must map backbone / decoder to lists of module names")
     return arch
 
 
@@ -106,7 +124,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     arch = read_arch(directory)
     try:
         with torch.device("meta"):
-            model = build_model(arch["model"], int(arch["num_classes"]), int(arch["cls_classes"]), float(arch["width"]))
+            model = _build(arch)
             resize_modules(model, {k: list(v) for k, v in arch.get("channels", {}).items()})
     except MtpruneError as e:
         raise CheckpointError(f"{directory / ARCH_FILE}: {e}") from None

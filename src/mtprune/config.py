@@ -34,7 +34,11 @@ class ModelConfig:
     width: float = 0.25
     num_classes: int | None = None  # None: the segmentation dataset's number of classes
     cls_classes: int | None = None  # None: the classification dataset's number of classes
-    backbone_weights: str | None = None  # a local torchvision ImageNet .pth
+    backbone_weights: str | None = None  # a local torchvision ImageNet .pth (built-in nets)
+    # torchvision:NAME / python:FILE.py:FUNCTION models (name): the builder's keyword arguments, and the
+    # module names of their parts ({backbone: [MODULE], decoder: [MODULE, …]}; None: the default or found)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, list[str]] | None = None
 
 
 @dataclass

@@ -16,20 +16,64 @@ from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost, plan_cost
 from mtprune.io import write_json
-from mtprune.models import build_model, list_models
+from mtprune.models import build_model, list_models, load_weights
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
+from mtprune.models.specs import is_spec
 from mtprune.pruning import METHODS, SCORERS, THRESHOLDS, parse_target, prune, scorer_inputs, scorer_of
+
+MODEL_HELP = (
+    f"a built-in net ({', '.join(list_models())}), torchvision:NAME (a torchvision.models.segmentation builder, "
+    "weights=None) or python:FILE.py:FUNCTION / python:package.module:FUNCTION (FUNCTION(num_classes, **model_args))"
+)
+
+
+def _model_spec_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    g.add_argument(
+        "--model-args", type=_json_object, default=None, metavar="JSON", help="the builder's keyword arguments"
+    )
+    g.add_argument(
+        "--parts",
+        nargs="+",
+        type=_part,
+        metavar="PART=MODULE[,MODULE…]",
+        help="backbone=MODULE decoder=MODULE[,MODULE…] (module names in the model); default: torchvision's, or a "
+        "backbone/encoder child and the other children",
+    )
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
     src = p.add_argument_group("model (either --model … or --checkpoint DIR)")
-    src.add_argument("--model", metavar="NAME", help=f"registered model name ({', '.join(list_models())})")
+    src.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     src.add_argument("--num-classes", type=int, metavar="N", help="segmentation classes (with --model)")
     src.add_argument(
         "--cls-classes", type=int, default=1000, metavar="M", help="classification head classes (default 1000)"
     )
-    src.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor (default 1.0)")
+    src.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor of a built-in net")
+    _model_spec_args(src)
     src.add_argument("--checkpoint", metavar="DIR", help="a model directory (arch.json + model.safetensors)")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text}")
+    return value
+
+
+def _part(text: str) -> tuple[str, list[str]]:
+    part, sep, modules = text.partition("=")
+    if not sep or part not in (BACKBONE, DECODER) or not modules:
+        raise argparse.ArgumentTypeError(f"'{text}': expected backbone=MODULE or decoder=MODULE[,MODULE…]")
+    return part, [m for m in modules.split(",") if m]
+
+
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    """build_model's keyword arguments for --model-args / --parts."""
+    parts = dict(args.parts) if args.parts else None
+    return {"model_args": args.model_args, "parts": parts}
 
 
 def _model_from_args(args: argparse.Namespace) -> SegmentationModel:
@@ -41,14 +85,19 @@ def _model_from_args(args: argparse.Namespace) -> SegmentationModel:
         raise UsageError("a model is needed: --model NAME --num-classes N, or --checkpoint DIR")
     if args.num_classes is None:
         raise UsageError("--model needs --num-classes N")
-    return build_model(args.model, args.num_classes, args.cls_classes, args.width)
+    return build_model(args.model, args.num_classes, args.cls_classes, args.width, **_spec(args))
 
 
 # --- init ------------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
     fresh_out(args.out, args.overwrite)
-    model = build_model(args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights)
+    model = build_model(
+        args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights, **_spec(args)
+    )
     meta = {"backbone_weights": str(args.backbone_weights)} if args.backbone_weights else {}
+    if args.weights:
+        load_weights(model, args.weights)
+        meta["weights"] = str(args.weights)
     save_model(model, args.out, meta=meta)
     print(f"wrote {args.model} ({count_params(model) / 1e6:.3f} M params) to {args.out}")
     return 0
@@ -258,20 +307,29 @@ def _ratio(text: str) -> float:
 
 
 def _model_name(text: str) -> str:
-    if text not in list_models():
-        raise argparse.ArgumentTypeError(f"unknown model '{text}' (choose from {', '.join(list_models())})")
+    if text not in list_models() and not is_spec(text):
+        raise argparse.ArgumentTypeError(
+            f"unknown model '{text}' (choose from {', '.join(list_models())}, "
+            "or torchvision:NAME, python:FILE.py:FUNCTION)"
+        )
     return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a checkpoint of a freshly initialised model")
-    p.add_argument("--model", required=True, type=_model_name, metavar="NAME", help="registered model name")
+    p.add_argument("--model", required=True, type=_model_name, metavar="SPEC", help=MODEL_HELP)
     p.add_argument("--num-classes", required=True, type=int, metavar="N", help="segmentation classes")
     p.add_argument(
         "--cls-classes", type=int, default=1000, metavar="M", help="classification head classes (default 1000)"
     )
-    p.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor (default 1.0)")
-    p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision ImageNet .pth for the backbone")
+    p.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor of a built-in net")
+    _model_spec_args(p)
+    p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision ImageNet .pth for a built-in backbone")
+    p.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a trained state dict of the whole model (.pth, read with weights_only=True, or .safetensors), strict",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds (it is cleared first)")
     p.set_defaults(func=_init)

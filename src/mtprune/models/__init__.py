@@ -8,7 +8,9 @@ Families: ``deeplabv3`` (ASPP, output stride 16), ``pspnet`` (pyramid pooling, o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER, PrunableLayer, SegmentationModel
@@ -16,6 +18,8 @@ from mtprune.models.bisenet import BiSeNet
 from mtprune.models.deeplabv3 import DeepLabV3
 from mtprune.models.pspnet import PSPNet
 from mtprune.models.resnet import DEPTHS, load_torchvision_weights
+from mtprune.models.specs import build_spec, is_spec
+from mtprune.models.weights import load_weights
 
 FAMILIES: dict[str, type[SegmentationModel]] = {"deeplabv3": DeepLabV3, "pspnet": PSPNet, "bisenet": BiSeNet}
 MODELS: dict[str, tuple[type[SegmentationModel], int]] = {
@@ -35,17 +39,30 @@ def build_model(
     cls_classes: int = 1000,
     width: float = 1.0,
     backbone_weights: str | Path | None = None,
+    model_args: dict[str, Any] | None = None,
+    parts: dict[str, Sequence[str]] | None = None,
 ) -> SegmentationModel:
-    """Build a dense model by registry name.
+    """Build a dense model by registry name, or by spec (``torchvision:NAME``, ``python:FILE.py:FUNCTION``:
+    :mod:`mtprune.models.specs`; ``model_args`` go to its builder, ``parts`` name its backbone and decoder).
 
     ``num_classes``: segmentation classes; ``cls_classes``: classes of the classification head (1000
-    for ImageNet); ``width``: channel multiplier of backbone and decoder; ``backbone_weights``: a local
-    torchvision ImageNet ``.pth`` for the backbone (and ``cls_head`` when it has 1000 classes).
+    for ImageNet); ``width``: channel multiplier of backbone and decoder (built-in nets only);
+    ``backbone_weights``: a local torchvision ImageNet ``.pth`` for the backbone (and ``cls_head`` when it
+    has 1000 classes; built-in nets only).
     """
-    if name not in MODELS:
-        raise UsageError(f"unknown model '{name}'; choose from {', '.join(list_models())}")
     if num_classes < 1 or cls_classes < 1:
         raise UsageError(f"number of classes must be ≥ 1 (got num_classes={num_classes}, cls_classes={cls_classes})")
+    if is_spec(name):
+        if width != 1.0 or backbone_weights is not None:
+            raise UsageError(f"{name}: width and backbone_weights apply to the built-in nets only")
+        return build_spec(name, num_classes, cls_classes, model_args, parts)
+    if model_args or parts:
+        raise UsageError(f"{name}: model_args and parts apply to torchvision: and python: models only")
+    if name not in MODELS:
+        raise UsageError(
+            f"unknown model '{name}'; choose from {', '.join(list_models())}, "
+            "or torchvision:NAME, python:FILE.py:FUNCTION"
+        )
     if not 0 < width <= 4:
         raise UsageError(f"width must be in (0, 4] (got {width})")
     cls, depth = MODELS[name]
@@ -63,4 +80,5 @@ __all__ = [
     "SegmentationModel",
     "build_model",
     "list_models",
+    "load_weights",
 ]

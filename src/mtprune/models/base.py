@@ -38,6 +38,8 @@ class PrunableLayer:
     conv: str
     bn: str
     part: str
+    #: further BatchNorms whose channels go with these (after a depthwise conv that follows the conv)
+    followers: tuple[str, ...] = ()
 
 
 class ClassificationHead(nn.Module):
@@ -90,7 +92,7 @@ class SegmentationModel(nn.Module):
         return self.seg_outputs(x, aux=False)["out"]
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls_head(self.backbone(x)["c5"])
+        return self.cls_head(last_feature(self.backbone(x)))
 
     def trace_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every output of the model (segmentation, auxiliary, classification) for dependency tracing.
@@ -122,6 +124,18 @@ class SegmentationModel(nn.Module):
             "cls_classes": self.cls_classes,
             "width": self.width,
         }
+
+
+def last_feature(features: Any) -> torch.Tensor:
+    """The last feature map of what a backbone returns: a tensor, a list/tuple, or a dict (the last value,
+    e.g. ResNetBackbone's ``c5``, torchvision's IntermediateLayerGetter's ``out``)."""
+    if isinstance(features, torch.Tensor):
+        return features
+    if isinstance(features, dict):
+        return list(features.values())[-1]
+    if isinstance(features, list | tuple):
+        return features[-1]
+    raise TypeError(f"a backbone returned {type(features).__name__}: a tensor, list, tuple or dict expected")
 
 
 @contextlib.contextmanager

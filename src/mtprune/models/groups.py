@@ -96,5 +96,5 @@ def discover_prunable_layers(
         ties = [m for m in members if m is not conv and isinstance(m, nn.Linear | nn.Conv2d) and not _is_depthwise(m)]
         if not bns or ties or _reaches_output(dg, members):
             continue
-        out.append(PrunableLayer(name, names[bns[0]], part))
+        out.append(PrunableLayer(name, names[bns[0]], part, tuple(names[b] for b in bns[1:])))
     return out

@@ -33,10 +33,13 @@ def resize_modules(model: nn.Module, shapes: dict[str, list[int]]) -> None:
         dev = next(iter(m.parameters())).device if any(True for _ in m.parameters()) else torch.device("cpu")
         if isinstance(m, nn.Conv2d):
             cin, cout = shape
-            if m.groups != 1:
-                raise UsageError(f"cannot resize grouped conv '{name}'")
+            depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
+            if m.groups != 1 and not (depthwise and cin == cout):
+                raise UsageError(f"cannot resize grouped conv '{name}' ({m.groups} groups) to {cin} → {cout} channels")
             m.in_channels, m.out_channels = cin, cout
-            m.weight = nn.Parameter(torch.empty(cout, cin, *m.kernel_size, device=dev))
+            if depthwise:
+                m.groups = cin
+            m.weight = nn.Parameter(torch.empty(cout, cin // m.groups, *m.kernel_size, device=dev))
             if m.bias is not None:
                 m.bias = nn.Parameter(torch.empty(cout, device=dev))
         elif isinstance(m, nn.Linear):

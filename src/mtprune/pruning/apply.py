@@ -58,10 +58,11 @@ def apply_plan(model: SegmentationModel, plan: PruningPlan, dg: tp.DependencyGra
 def mask_plan(model: SegmentationModel, plan: PruningPlan) -> SegmentationModel:
     """Zero γ and β of every channel ``plan`` drops (in place): the masked equivalent of :func:`apply_plan`."""
     _check_plan_fits(model, plan)
-    bn_of = {layer.conv: layer.bn for layer in model.prunable_layers()}
+    layers = {layer.conv: layer for layer in model.prunable_layers()}
     for name, lp in plan.layers.items():
-        bn = model.get_submodule(bn_of[name])
         drop = sorted(set(range(lp.channels)) - set(lp.kept))
-        bn.weight[drop] = 0.0
-        bn.bias[drop] = 0.0
+        for bn_name in (layers[name].bn, *layers[name].followers):  # a depthwise conv's BN goes with it
+            bn = model.get_submodule(bn_name)
+            bn.weight[drop] = 0.0
+            bn.bias[drop] = 0.0
     return model

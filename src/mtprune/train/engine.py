@@ -30,7 +30,8 @@ from mtprune.data import IGNORE_INDEX, SkipBadSamples
 from mtprune.errors import MtpruneError, UsageError, WriteError
 from mtprune.io import append_line, ensure_dir, read_lines, sweep_temp_files, write_json, write_text
 from mtprune.models import build_model
-from mtprune.models.base import SegmentationModel
+from mtprune.models.base import SegmentationModel, last_feature
+from mtprune.models.specs import is_spec
 from mtprune.train.distributed import DistEnv, barrier
 from mtprune.train.progress import Progress
 from mtprune.train.speed import SpeedMeter
@@ -91,7 +92,7 @@ class ClsNet(nn.Module):
         self.backbone, self.cls_head = backbone, cls_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls_head(self.backbone(x)["c5"])
+        return self.cls_head(last_feature(self.backbone(x)))
 
 
 def set_train_mode(module: nn.Module, cfg: Config) -> None:
@@ -202,7 +203,9 @@ def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_cl
     cc = m.cls_classes or cls_classes
     if nc is None or cc is None:
         raise UsageError("model.num_classes and model.cls_classes are needed (or the datasets that give them)")
-    return build_model(m.name, nc, cc, m.width, m.backbone_weights)
+    if is_spec(m.name):  # model.width and backbone_weights belong to the built-in nets
+        return build_model(m.name, nc, cc, model_args=m.model_args, parts=m.parts)
+    return build_model(m.name, nc, cc, m.width, m.backbone_weights, model_args=m.model_args, parts=m.parts)
 
 
 # --- the run --------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Model specs beyond the built-in names: ``torchvision:NAME`` and ``python:FILE.py:FUNCTION``.
+
+- ``torchvision:NAME`` — a builder of :mod:`torchvision.models.segmentation` (``fcn_resnet50``,
+  ``deeplabv3_resnet50``, ``deeplabv3_mobilenet_v3_large``, ``lraspp_mobilenet_v3_large`` …), built with
+  ``weights=None, weights_backbone=None`` (nothing is downloaded) and ``model_args`` (e.g. ``aux_loss``).
+  Parts: ``backbone``; ``classifier`` (+ ``aux_classifier`` when the builder made one).
+- ``python:FILE.py:FUNCTION`` or ``python:package.module:FUNCTION`` — the user's factory,
+  ``FUNCTION(num_classes, **model_args) -> nn.Module``. Parts as given, or found: a ``backbone`` or
+  ``encoder`` child is the backbone and every other child with parameters is the decoder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mtprune.errors import UsageError
+from mtprune.models.base import BACKBONE, DECODER
+from mtprune.models.generic import WrappedSegmentationModel
+
+KINDS = ("torchvision", "python")
+
+
+def is_spec(name: str) -> bool:
+    """``name`` is a ``kind:…`` spec (not a built-in name)."""
+    return name.split(":", 1)[0] in KINDS and ":" in name
+
+
+def _torchvision(name: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.Module, dict[str, list[str]]]:
+    from torchvision import models
+    from torchvision.models import segmentation
+
+    builders = sorted(models.list_models(module=segmentation))
+    if name not in builders:
+        raise UsageError(f"torchvision:{name}: not a torchvision segmentation builder ({', '.join(builders)})")
+    kwargs = {"weights": None, "weights_backbone": None, **args, "num_classes": num_classes}
+    try:
+        net = models.get_model(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"torchvision:{name}: {e}") from None
+    decoder = ["classifier"] + (["aux_classifier"] if getattr(net, "aux_classifier", None) is not None else [])
+    return net, {BACKBONE: ["backbone"], DECODER: decoder}
+
+
+def _load_factory(target: str) -> Any:
+    """``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` → the function."""
+    where, _, func = target.rpartition(":")
+    if not where or not func:
+        raise UsageError(f"python:{target}: expected python:FILE.py:FUNCTION or python:package.module:FUNCTION")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"python:{target}: file {path} not found")
+        spec = importlib.util.spec_from_file_location(f"mtprune_user_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # the user's code: any failure is theirs, said in one line
+            raise UsageError(f"python:{target}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise UsageError(f"python:{target}: cannot import {where}: {e}") from None
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise UsageError(f"python:{target}: {where} has no function '{func}'")
+    return fn
+
+
+def found_parts(net: nn.Module, spec: str) -> dict[str, list[str]]:
+    """A ``backbone`` (or ``encoder``) child as the backbone, the other children with parameters as the
+    decoder; one line saying what to pass otherwise."""
+    children = dict(net.named_children())
+    trunk = next((n for n in ("backbone", "encoder") if n in children), None)
+    if trunk is None:
+        raise UsageError(
+            f"{spec}: the model has no 'backbone' or 'encoder' child (children: {', '.join(children)}); "
+            "pass --parts backbone=MODULE decoder=MODULE[,MODULE…]"
+        )
+    rest = [n for n, m in children.items() if n != trunk and any(True for _ in m.parameters())]
+    if not rest:
+        raise UsageError(f"{spec}: no module besides '{trunk}' has parameters: pass --parts … decoder=MODULE")
+    return {BACKBONE: [trunk], DECODER: rest}
+
+
+def _python(target: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.Module, dict[str, list[str]] | None]:
+    fn = _load_factory(target)
+    try:
+        net = fn(num_classes, **args)
+    except Exception as e:  # the user's code
+        raise UsageError(f"python:{target}({num_classes}, **{args}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"python:{target} returned {type(net).__name__}, not an nn.Module")
+    return net, None
+
+
+def build_spec(
+    spec: str,
+    num_classes: int,
+    cls_classes: int,
+    model_args: dict[str, Any] | None = None,
+    parts: dict[str, Sequence[str]] | None = None,
+) -> WrappedSegmentationModel:
+    """The model named by ``spec`` (see the module docstring), wrapped with its parts."""
+    kind, _, rest = spec.partition(":")
+    args = dict(model_args or {})
+    if kind == "torchvision":
+        net, default = _torchvision(rest, num_classes, args)
+    elif kind == "python":
+        net, default = _python(rest, num_classes, args)
+    else:
+        raise UsageError(f"unknown model kind '{kind}' in '{spec}' ({', '.join(KINDS)})")
+    chosen = {k: list(v) for k, v in parts.items()} if parts else default or found_parts(net, spec)
+    return WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args)

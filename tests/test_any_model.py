@@ -1,0 +1,210 @@
+"""Any segmentation model (issue 18): torchvision's builders and the user's own factory, wrapped with
+their parts, pruned physically (equal to the masked net), saved and loaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mtprune import build_model, load_model, save_model
+from mtprune.errors import UsageError
+from mtprune.pruning import prune, scorer_inputs
+from mtprune.pruning.apply import mask_plan
+
+TV = "torchvision:deeplabv3_mobilenet_v3_large"
+
+
+def _spread_gammas(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lay in model.prunable_layers():
+            for name in (lay.bn, *lay.followers):
+                bn = model.get_submodule(name)
+                bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.1)
+                bn.bias.copy_(torch.rand(bn.bias.shape, generator=g) * 0.2 - 0.1)
+
+
+@pytest.fixture(scope="module")
+def tv_model():
+    torch.manual_seed(0)
+    model = build_model(TV, 5, 10, model_args={"aux_loss": True})
+    _spread_gammas(model)
+    return model.eval()
+
+
+def test_a_torchvision_model_gives_torchvision_s_logits(tv_model):
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    own = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5, aux_loss=True).eval()
+    own.load_state_dict(tv_model._net.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(tv_model(x), own(x)["out"], atol=1e-5)
+        seg = tv_model.seg_outputs(x, aux=True)
+        assert len(seg["aux"]) == 1 and torch.allclose(seg["aux"][0], own(x)["aux"], atol=1e-5)
+        assert tv_model.forward_cls(x).shape == (2, 10)
+
+
+def test_its_groups_are_found_in_both_parts_with_depthwise_followers(tv_model):
+    layers = tv_model.prunable_layers()
+    parts = {lay.part for lay in layers}
+    assert parts == {"backbone", "decoder"}
+    # MobileNetV3's expand convs (blocks without squeeze-excitation) carry the depthwise conv's BN along
+    assert any(lay.followers for lay in layers if lay.part == "backbone")
+    # squeeze-excitation multiplies a block's channels: those blocks' expand convs are tied, not listed
+    assert not any(".block.0.0" in lay.conv and lay.conv.startswith("backbone.4.") for lay in layers)
+
+
+@pytest.mark.parametrize("method", ["uniform", "bn"])
+def test_the_pruned_torchvision_model_computes_what_the_masked_one_does(tv_model, method, tmp_path):
+    masked, pruned = copy.deepcopy(tv_model), copy.deepcopy(tv_model)
+    plan = prune(pruned, method, 0.5)
+    mask_plan(masked, plan)
+    x = torch.randn(2, 3, 64, 64)
+    dense_params = sum(p.numel() for p in tv_model.parameters())
+    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * dense_params
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), masked(x), atol=1e-5)
+        assert torch.allclose(pruned.forward_cls(x), masked.forward_cls(x), atol=1e-5)
+    save_model(pruned, tmp_path / "ck")
+    arch = json.loads((tmp_path / "ck" / "arch.json").read_text())
+    assert arch["model"] == TV and arch["model_args"] == {"aux_loss": True}
+    assert arch["parts"] == {"backbone": ["backbone"], "decoder": ["classifier", "aux_classifier"]}
+    back = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(back(x), pruned(x))
+
+
+def test_a_model_without_prunable_decoder_groups_prunes_its_backbone():
+    model = build_model("torchvision:lraspp_mobilenet_v3_large", 3, 10)
+    assert {lay.part for lay in model.prunable_layers()} == {"backbone"}  # LR-ASPP gates its only conv-BN
+    plan = prune(model, "uniform", 0.5)
+    assert plan.layers and model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, width=8):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(2 * width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, num_classes, 1),
+        )
+
+    def forward(self, x):
+        return self.head(self.encoder(x))  # logits at 1/4 of the input: the wrapper resizes them
+
+
+def make(num_classes, **kw):
+    return Net(num_classes, **kw)
+"""
+
+
+def test_a_python_factory_with_found_parts(tmp_path):
+    path = tmp_path / "mynet.py"
+    path.write_text(FACTORY)
+    model = build_model(f"python:{path}:make", 4, 10, model_args={"width": 8}).eval()
+    assert model.parts == {"backbone": ["encoder"], "decoder": ["head"]}
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+    assert [(lay.conv, lay.part) for lay in model.prunable_layers()] == [
+        ("backbone.0", "backbone"),
+        ("backbone.3", "backbone"),
+        ("decoder.head.0", "decoder"),
+    ]
+    explicit = build_model(f"python:{path}:make", 4, 10, parts={"backbone": ["encoder"], "decoder": ["head"]})
+    assert explicit.parts == model.parts
+
+
+def test_bad_specs_are_one_line(tmp_path):
+    (tmp_path / "flat.py").write_text(
+        "from torch import nn\ndef make(n):\n    return nn.Sequential(nn.Conv2d(3, n, 1))\n"
+    )
+    with pytest.raises(UsageError, match="no 'backbone' or 'encoder' child.*--parts"):
+        build_model(f"python:{tmp_path / 'flat.py'}:make", 4)
+    with pytest.raises(UsageError, match="not a torchvision segmentation builder"):
+        build_model("torchvision:resnet50", 4)
+    with pytest.raises(UsageError, match="has no function 'nope'"):
+        build_model(f"python:{tmp_path / 'flat.py'}:nope", 4)
+    with pytest.raises(UsageError, match="file .* not found"):
+        build_model(f"python:{tmp_path / 'missing.py'}:make", 4)
+    (tmp_path / "mynet.py").write_text(FACTORY)
+    with pytest.raises(UsageError, match="parameter 'head.0.weight' is in no part"):
+        build_model(f"python:{tmp_path / 'mynet.py'}:make", 4, parts={"backbone": ["encoder"], "decoder": ["head.3"]})
+
+
+def test_cli_init_with_weights_then_prune_and_cost(tmp_path, capsys):
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    from mtprune.cli import main
+
+    torch.manual_seed(1)
+    own = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3).eval()
+    torch.save(own.state_dict(), tmp_path / "trained.pth")
+    ck, pr = tmp_path / "ck", tmp_path / "pr"
+    spec = ["--model", "torchvision:lraspp_mobilenet_v3_large", "--num-classes", "3", "--cls-classes", "4"]
+    assert main(["init", *spec, "--weights", str(tmp_path / "trained.pth"), "--out", str(ck)]) == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(load_model(ck)(x), own(x)["out"], atol=1e-5)  # the trained logits, imported
+    assert main(["prune", "--checkpoint", str(ck), "--method", "uniform", "--ratio", "0.5", "--out", str(pr)]) == 0
+    capsys.readouterr()
+    assert main(["cost", "--checkpoint", str(pr), "--size", "64", "64", "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)
+    assert 0 < cost["params"] < sum(p.numel() for p in own.parameters())
+
+
+def test_cli_init_weights_errors_are_one_line(tmp_path, capsys):
+    from mtprune.cli import main
+
+    spec = ["init", "--model", "torchvision:lraspp_mobilenet_v3_large", "--num-classes", "3"]
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    state = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5).state_dict()
+    torch.save(state, tmp_path / "five.pth")  # 5 classes: the logits convs do not fit 3
+    assert main([*spec, "--weights", str(tmp_path / "five.pth"), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "'classifier.low_classifier.weight' has shape (5, 40, 1, 1)" in err[0]
+        and "five.pth" in err[0]
+    )
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert main([*spec, "--weights", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "b")]) == 2
+    assert "cannot read a state dict" in capsys.readouterr().err
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # an object: refused, never unpickled
+    assert main([*spec, "--weights", str(tmp_path / "pickled.pth"), "--out", str(tmp_path / "c")]) == 2
+    assert "cannot read a state dict" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "arch.json").exists()
+
+
+def test_a_config_trains_a_torchvision_model(tmp_path):
+    from tests.test_train import cfg
+
+    from mtprune.pipeline import run_stage
+
+    c_sets = ("model.name=torchvision:deeplabv3_mobilenet_v3_large", 'model.model_args={"aux_loss": true}')
+    c = cfg(*c_sets, "train_seg.epochs=0.05")
+    run_stage("train-seg", c, tmp_path / "seg")
+    model = load_model(tmp_path / "seg")
+    assert model.name == "torchvision:deeplabv3_mobilenet_v3_large" and model.model_args == {"aux_loss": True}
+    steps = [json.loads(line) for line in (tmp_path / "seg" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and all(r["loss"] > 0 for r in steps if "loss" in r)
+    assert model(torch.randn(1, 3, 64, 64)).shape[1] == model.num_classes
+    mtp = cfg(*c_sets, "sparse_mtp.rounds=1", "sparse_mtp.steps_cls=2", "sparse_mtp.steps_seg=2")
+    m = run_stage("sparse-mtp", mtp, tmp_path / "mtp", init=str(tmp_path / "seg"))
+    assert set(m["l1_shrink"]) == {"backbone", "decoder"}
+    pruned = load_model(tmp_path / "mtp")
+    plan = prune(pruned, "bn", 0.5, **scorer_inputs("bn", tmp_path / "mtp", mtp))
+    assert plan.layers and pruned(torch.randn(1, 3, 64, 64)).shape[1] == model.num_classes
