@@ -208,3 +208,20 @@ def test_a_config_trains_a_torchvision_model(tmp_path):
     pruned = load_model(tmp_path / "mtp")
     plan = prune(pruned, "bn", 0.5, **scorer_inputs("bn", tmp_path / "mtp", mtp))
     assert plan.layers and pruned(torch.randn(1, 3, 64, 64)).shape[1] == model.num_classes
+
+
+def test_a_python_model_checkpoint_carries_its_factory(tmp_path):
+    src = tmp_path / "mynet.py"
+    src.write_text(FACTORY)
+    model = build_model(f"python:{src}:make", 4, 10).eval()
+    prune(model, "uniform", 0.5)
+    save_model(model, tmp_path / "ck")
+    assert (tmp_path / "ck" / "model_src.py").read_text() == FACTORY
+    src.write_text(FACTORY.replace("width=8", "width=16"))  # the original changes, then disappears
+    src.unlink()
+    back = load_model(tmp_path / "ck")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    save_model(back, tmp_path / "again")  # a loaded model saves its copy on
+    assert (tmp_path / "again" / "model_src.py").read_text() == FACTORY

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mtprune.errors import CheckpointError, MtpruneError
-from mtprune.io import ensure_dir, read_json, save_tensors, write_json
+from mtprune.io import ensure_dir, read_json, save_tensors, write_json, write_text
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes, resize_modules
@@ -36,13 +36,17 @@ FORMAT = "mtprune-model"
 def pruned_shapes(model: SegmentationModel) -> dict[str, list[int]]:
     """Channel counts of the modules of ``model`` that differ from its dense architecture."""
     with torch.device("meta"):
-        dense = _build(model.arch())
+        dense = _build(model.arch(), getattr(model, "source_file", None))
     ref = module_shapes(dense)
     return {k: v for k, v in module_shapes(model).items() if ref.get(k) != v}
 
 
-def _build(arch: dict[str, Any]) -> SegmentationModel:
-    """The dense model an ``arch.json`` (or ``model.arch()``) describes."""
+#: the copy of a ``python:`` model's factory file a checkpoint carries (it is the user's code: it runs on load)
+MODEL_SOURCE_FILE = "model_src.py"
+
+
+def _build(arch: dict[str, Any], source: Path | None = None) -> SegmentationModel:
+    """The dense model an ``arch.json`` (or ``model.arch()``) describes (``source``: its factory's file)."""
     return build_model(
         arch["model"],
         int(arch["num_classes"]),
@@ -50,6 +54,7 @@ def _build(arch: dict[str, Any]) -> SegmentationModel:
         float(arch["width"]),
         model_args=arch.get("model_args"),
         parts=arch.get("parts"),
+        source=source,
     )
 
 
@@ -64,6 +69,9 @@ def save_model(model: SegmentationModel, directory: str | os.PathLike, meta: dic
         "meta": meta or {},
     }
     save_tensors(directory / WEIGHTS_FILE, model.state_dict(), {"format": FORMAT, "model": model.name})
+    source = getattr(model, "source_file", None)
+    if source is not None:  # the factory goes with the weights: the checkpoint loads without the original file
+        write_text(directory / MODEL_SOURCE_FILE, Path(source).read_text())
     write_json(directory / ARCH_FILE, arch)
     return directory
 
@@ -122,9 +130,10 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     """
     directory = resolve_checkpoint(directory)
     arch = read_arch(directory)
+    source = directory / MODEL_SOURCE_FILE
     try:
         with torch.device("meta"):
-            model = _build(arch)
+            model = _build(arch, source if source.is_file() else None)
             resize_modules(model, {k: list(v) for k, v in arch.get("channels", {}).items()})
     except MtpruneError as e:
         raise CheckpointError(f"{directory / ARCH_FILE}: {e}") from None

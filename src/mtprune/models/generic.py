@@ -16,6 +16,7 @@ The prunable channel groups are found from the dependency graph (:mod:`mtprune.m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +94,7 @@ class WrappedSegmentationModel(SegmentationModel):
         _check_covered(net, self.parts, spec)
         self.cls_head = ClassificationHead(self._feature_channels(), cls_classes)
         self._groups: list[PrunableLayer] | None = None
+        self.source_file: Path | None = None  # a python: factory's file (a checkpoint carries a copy)
 
     def _feature_channels(self) -> int:
         p = next(self.backbone.parameters())

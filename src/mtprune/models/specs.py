@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -48,16 +49,20 @@ def _torchvision(name: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.
     return net, {BACKBONE: ["backbone"], DECODER: decoder}
 
 
-def _load_factory(target: str) -> Any:
-    """``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` → the function."""
+def _load_factory(target: str, source: Path | None = None) -> tuple[Any, Path | None]:
+    """``FILE.py:FUNCTION`` or ``package.module:FUNCTION`` → the function and the file that defines it;
+    ``source``: read the function from this file instead (a checkpoint's copy, ``model_src.py``)."""
     where, _, func = target.rpartition(":")
     if not where or not func:
         raise UsageError(f"python:{target}: expected python:FILE.py:FUNCTION or python:package.module:FUNCTION")
+    if source is not None:
+        where = str(source)
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"python:{target}: file {path} not found")
-        spec = importlib.util.spec_from_file_location(f"mtprune_user_{path.stem}", path)
+        tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(f"mtprune_user_{path.stem}_{tag}", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -73,7 +78,8 @@ def _load_factory(target: str) -> Any:
     fn = getattr(module, func, None)
     if not callable(fn):
         raise UsageError(f"python:{target}: {where} has no function '{func}'")
-    return fn
+    file = getattr(module, "__file__", None)
+    return fn, Path(file) if file else None
 
 
 def found_parts(net: nn.Module, spec: str) -> dict[str, list[str]]:
@@ -92,15 +98,17 @@ def found_parts(net: nn.Module, spec: str) -> dict[str, list[str]]:
     return {BACKBONE: [trunk], DECODER: rest}
 
 
-def _python(target: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.Module, dict[str, list[str]] | None]:
-    fn = _load_factory(target)
+def _python(
+    target: str, num_classes: int, args: dict[str, Any], source: Path | None
+) -> tuple[nn.Module, dict[str, list[str]] | None, Path | None]:
+    fn, file = _load_factory(target, source)
     try:
         net = fn(num_classes, **args)
     except Exception as e:  # the user's code
         raise UsageError(f"python:{target}({num_classes}, **{args}) failed: {type(e).__name__}: {e}") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"python:{target} returned {type(net).__name__}, not an nn.Module")
-    return net, None
+    return net, None, file
 
 
 def build_spec(
@@ -109,15 +117,20 @@ def build_spec(
     cls_classes: int,
     model_args: dict[str, Any] | None = None,
     parts: dict[str, Sequence[str]] | None = None,
+    source: Path | None = None,
 ) -> WrappedSegmentationModel:
-    """The model named by ``spec`` (see the module docstring), wrapped with its parts."""
+    """The model named by ``spec`` (see the module docstring), wrapped with its parts; ``source``: for a
+    ``python:`` spec, the file to take the factory from (a checkpoint's ``model_src.py``)."""
     kind, _, rest = spec.partition(":")
     args = dict(model_args or {})
+    file = None
     if kind == "torchvision":
         net, default = _torchvision(rest, num_classes, args)
     elif kind == "python":
-        net, default = _python(rest, num_classes, args)
+        net, default, file = _python(rest, num_classes, args, source)
     else:
         raise UsageError(f"unknown model kind '{kind}' in '{spec}' ({', '.join(KINDS)})")
     chosen = {k: list(v) for k, v in parts.items()} if parts else default or found_parts(net, spec)
-    return WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args)
+    model = WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args)
+    model.source_file = file
+    return model
