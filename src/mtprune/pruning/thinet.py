@@ -108,6 +108,8 @@ def find_consumers(
             if any(i is None for i in mapping):
                 raise UsageError(f"thinet: cannot map the channels of '{name}' onto its consumer '{cname}'")
             if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                if mod.groups == mod.in_channels == mod.out_channels:
+                    continue  # a depthwise conv follows the channels (pruned with them): its consumers count
                 raise UsageError(f"thinet: consumer '{cname}' of '{name}' is a grouped conv (not supported)")
             found[cname] = mapping  # type: ignore[assignment]
         if not found:
