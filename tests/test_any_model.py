@@ -239,3 +239,27 @@ def test_a_python_model_checkpoint_carries_its_factory(tmp_path):
         assert torch.equal(back(x), model(x))
     save_model(back, tmp_path / "again")  # a loaded model saves its copy on
     assert (tmp_path / "again" / "model_src.py").read_text() == FACTORY
+
+
+def test_an_smp_unet_prunes_saves_and_loads(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    args = {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+    model = build_model("smp:Unet", 4, 10, model_args=args)
+    assert model.parts == {"backbone": ["encoder"], "decoder": ["decoder", "segmentation_head"]}
+    layers = model.prunable_layers()
+    assert {lay.part for lay in layers} == {"backbone", "decoder"}
+    assert "decoder.decoder.blocks.0.conv1.0" in [lay.conv for lay in layers]
+    _spread_gammas(model)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    mask_plan(masked, prune(pruned, "bn", 0.5))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().mean() > 0.1
+        assert torch.allclose(pruned(x), masked(x), atol=1e-5)
+    save_model(pruned, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))
+    with pytest.raises(UsageError, match="encoder_weights must be null"):
+        build_model("smp:Unet", 4, model_args={"encoder_weights": "imagenet"})
+    with pytest.raises(UsageError, match="smp:Nope: .*Wrong architecture"):
+        build_model("smp:Nope", 4)

@@ -1,9 +1,12 @@
-"""Model specs beyond the built-in names: ``torchvision:NAME`` and ``python:FILE.py:FUNCTION``.
+"""Model specs beyond the built-in names: ``torchvision:NAME``, ``smp:ARCH`` and ``python:FILE.py:FUNCTION``.
 
 - ``torchvision:NAME`` — a builder of :mod:`torchvision.models.segmentation` (``fcn_resnet50``,
   ``deeplabv3_resnet50``, ``deeplabv3_mobilenet_v3_large``, ``lraspp_mobilenet_v3_large`` …), built with
   ``weights=None, weights_backbone=None`` (nothing is downloaded) and ``model_args`` (e.g. ``aux_loss``).
   Parts: ``backbone``; ``classifier`` (+ ``aux_classifier`` when the builder made one).
+- ``smp:ARCH`` — ``segmentation_models_pytorch.create_model(ARCH, encoder_weights=None, classes=…,
+  **model_args)`` (the optional ``smp`` extra; e.g. ``{"encoder_name": "resnet18"}``). Parts: ``encoder``;
+  ``decoder`` + ``segmentation_head`` (+ ``classification_head`` with ``aux_params``).
 - ``python:FILE.py:FUNCTION`` or ``python:package.module:FUNCTION`` — the user's factory,
   ``FUNCTION(num_classes, **model_args) -> nn.Module``. Parts as given, or found: a ``backbone`` or
   ``encoder`` child is the backbone and every other child with parameters is the decoder.
@@ -25,7 +28,7 @@ from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER
 from mtprune.models.generic import WrappedSegmentationModel
 
-KINDS = ("torchvision", "python")
+KINDS = ("torchvision", "smp", "python")
 
 
 def is_spec(name: str) -> bool:
@@ -47,6 +50,26 @@ def _torchvision(name: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.
         raise UsageError(f"torchvision:{name}: {e}") from None
     decoder = ["classifier"] + (["aux_classifier"] if getattr(net, "aux_classifier", None) is not None else [])
     return net, {BACKBONE: ["backbone"], DECODER: decoder}
+
+
+def _smp(arch: str, num_classes: int, args: dict[str, Any]) -> tuple[nn.Module, dict[str, list[str]]]:
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError:
+        raise UsageError(
+            f"smp:{arch}: segmentation_models_pytorch is not installed (pip install 'mtprune[smp]')"
+        ) from None
+    if args.get("encoder_weights") is not None:
+        raise UsageError(f"smp:{arch}: encoder_weights must be null (nothing is downloaded; use init --weights)")
+    kwargs = {**args, "encoder_weights": None, "classes": num_classes}
+    try:
+        net = smp.create_model(arch, **kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"smp:{arch}: {str(e).strip(chr(39))}") from None
+    decoder = ["decoder", "segmentation_head"]
+    if getattr(net, "classification_head", None) is not None:
+        decoder.append("classification_head")
+    return net, {BACKBONE: ["encoder"], DECODER: decoder}
 
 
 def _load_factory(target: str, source: Path | None = None) -> tuple[Any, Path | None]:
@@ -126,6 +149,8 @@ def build_spec(
     file = None
     if kind == "torchvision":
         net, default = _torchvision(rest, num_classes, args)
+    elif kind == "smp":
+        net, default = _smp(rest, num_classes, args)
     elif kind == "python":
         net, default, file = _python(rest, num_classes, args, source)
     else:
