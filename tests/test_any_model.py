@@ -263,3 +263,28 @@ def test_an_smp_unet_prunes_saves_and_loads(tmp_path):
         build_model("smp:Unet", 4, model_args={"encoder_weights": "imagenet"})
     with pytest.raises(UsageError, match="smp:Nope: .*Wrong architecture"):
         build_model("smp:Nope", 4)
+
+
+def test_coupled_group_prunes_a_mobilenet_s_residual_and_gated_channels(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TV, 5, 10, coupled="group")
+    skip = build_model(TV, 5, 10)
+    tied = [lay for lay in model.prunable_layers() if lay.tied]
+    assert tied and len(model.prunable_layers()) > len(skip.prunable_layers())
+    _spread_gammas(model)
+    from mtprune.pruning.scores import bn_scores  # a tied group's score: the sum of its BNs' |γ|
+
+    s = bn_scores(model, tied[:1])[tied[0].conv]
+    want = sum(model.get_submodule(n).weight.detach().abs() for n in tied[0].scored)
+    assert torch.allclose(s, want)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    mask_plan(masked, prune(pruned, "bn", 0.5))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().mean() > 0.1
+        assert torch.allclose(pruned(x), masked(x), atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    save_model(pruned, tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "arch.json").read_text())["coupled"] == "group"
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))

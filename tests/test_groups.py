@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mtprune import build_model
+from mtprune.errors import UsageError
 from mtprune.models import MODELS
 from mtprune.models.base import PrunableLayer
 from mtprune.models.groups import dependency_graph, discover_prunable_layers
@@ -60,3 +61,19 @@ def test_the_rule_on_a_hand_made_net():
         PrunableLayer("backbone.a.0", "backbone.a.1", "backbone", followers=("backbone.dw.1",)),
         PrunableLayer("decoder.f.0", "decoder.f.1", "decoder"),
     ]
+
+
+def test_coupled_group_prunes_tied_channels_together():
+    net = _Net()
+    dg = dependency_graph(net, forward_fn=None, size=(16, 16))
+    found = discover_prunable_layers(net, PARTS, dg, coupled="group")
+    # the sum ties b and c (one group, named by b), the product ties d and e; a and f as before
+    assert found == [
+        PrunableLayer("backbone.a.0", "backbone.a.1", "backbone", followers=("backbone.dw.1",)),
+        PrunableLayer("backbone.b.0", "backbone.b.1", "backbone", tied=("backbone.c.1",)),
+        PrunableLayer("decoder.d.0", "decoder.d.1", "decoder", tied=("decoder.e.1",)),
+        PrunableLayer("decoder.f.0", "decoder.f.1", "decoder"),
+    ]
+    assert found[1].scored == ("backbone.b.1", "backbone.c.1")
+    with pytest.raises(UsageError, match="coupled must be skip or group"):
+        discover_prunable_layers(net, PARTS, dg, coupled="all")

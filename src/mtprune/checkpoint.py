@@ -55,6 +55,7 @@ def _build(arch: dict[str, Any], source: Path | None = None) -> SegmentationMode
         model_args=arch.get("model_args"),
         parts=arch.get("parts"),
         source=source,
+        coupled=arch.get("coupled", "skip"),
     )
 
 

@@ -39,6 +39,7 @@ class ModelConfig:
     # module names of their parts ({backbone: [MODULE], decoder: [MODULE, …]}; None: the default or found)
     model_args: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, list[str]] | None = None
+    coupled: Literal["skip", "group"] = "skip"  # channels tied by a sum or product: not pruned, or together
 
 
 @dataclass

@@ -39,6 +39,13 @@ def _model_spec_args(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> No
         help="backbone=MODULE decoder=MODULE[,MODULE…] (module names in the model); default: torchvision's, or a "
         "backbone/encoder child and the other children",
     )
+    g.add_argument(
+        "--coupled",
+        choices=["skip", "group"],
+        default="skip",
+        help="channels tied by a residual sum or a product: not pruned (skip, the paper's rule; default) or pruned "
+        "together, scored by the sum of their |γ| (group)",
+    )
 
 
 def _add_model_source(p: argparse.ArgumentParser, required_out: bool = False) -> None:
@@ -73,7 +80,7 @@ def _part(text: str) -> tuple[str, list[str]]:
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
     """build_model's keyword arguments for --model-args / --parts."""
     parts = dict(args.parts) if args.parts else None
-    return {"model_args": args.model_args, "parts": parts}
+    return {"model_args": args.model_args, "parts": parts, "coupled": args.coupled}
 
 
 def _model_from_args(args: argparse.Namespace) -> SegmentationModel:

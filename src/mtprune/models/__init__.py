@@ -42,6 +42,7 @@ def build_model(
     model_args: dict[str, Any] | None = None,
     parts: dict[str, Sequence[str]] | None = None,
     source: str | Path | None = None,
+    coupled: str = "skip",
 ) -> SegmentationModel:
     """Build a dense model by registry name, or by spec (``torchvision:NAME``, ``python:FILE.py:FUNCTION``:
     :mod:`mtprune.models.specs`; ``model_args`` go to its builder, ``parts`` name its backbone and decoder).
@@ -50,16 +51,17 @@ def build_model(
     for ImageNet); ``width``: channel multiplier of backbone and decoder (built-in nets only);
     ``backbone_weights``: a local torchvision ImageNet ``.pth`` for the backbone (and ``cls_head`` when it
     has 1000 classes; built-in nets only); ``source``: a ``python:`` factory's file to use instead of the
-    spec's (a checkpoint's copy).
+    spec's (a checkpoint's copy); ``coupled``: ``skip`` (the paper's rule: channels tied by a sum or product
+    are not pruned) or ``group`` (pruned together, scored by the sum of their |γ|), for specs.
     """
     if num_classes < 1 or cls_classes < 1:
         raise UsageError(f"number of classes must be ≥ 1 (got num_classes={num_classes}, cls_classes={cls_classes})")
     if is_spec(name):
         if width != 1.0 or backbone_weights is not None:
             raise UsageError(f"{name}: width and backbone_weights apply to the built-in nets only")
-        return build_spec(name, num_classes, cls_classes, model_args, parts, Path(source) if source else None)
-    if model_args or parts:
-        raise UsageError(f"{name}: model_args and parts apply to torchvision: and python: models only")
+        return build_spec(name, num_classes, cls_classes, model_args, parts, Path(source) if source else None, coupled)
+    if model_args or parts or coupled != "skip":
+        raise UsageError(f"{name}: model_args, parts and coupled apply to torchvision:, smp: and python: models")
     if name not in MODELS:
         raise UsageError(
             f"unknown model '{name}'; choose from {', '.join(list_models())}, "

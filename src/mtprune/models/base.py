@@ -40,6 +40,19 @@ class PrunableLayer:
     part: str
     #: further BatchNorms whose channels go with these (after a depthwise conv that follows the conv)
     followers: tuple[str, ...] = ()
+    #: the BNs of other convs whose outputs a sum or product ties to these (``coupled: group``): pruned with
+    #: them, and their |γ| added to the score
+    tied: tuple[str, ...] = ()
+
+    @property
+    def scored(self) -> tuple[str, ...]:
+        """The BNs whose |γ| (summed) score the channels: ``bn`` and the tied ones."""
+        return (self.bn, *self.tied)
+
+    @property
+    def all_bns(self) -> tuple[str, ...]:
+        """Every BN whose channels the group removes."""
+        return (self.bn, *self.tied, *self.followers)
 
 
 class ClassificationHead(nn.Module):

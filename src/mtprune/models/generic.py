@@ -82,12 +82,16 @@ class WrappedSegmentationModel(SegmentationModel):
         cls_classes: int,
         parts: dict[str, Sequence[str]],
         model_args: dict[str, Any] | None = None,
+        coupled: str = "skip",
     ) -> None:
         super().__init__(spec, num_classes, cls_classes, 1.0)
         if len(parts.get(BACKBONE, ())) != 1 or not parts.get(DECODER):
             raise UsageError(f"{spec}: parts need one backbone module and at least one decoder module, got {parts}")
         self.parts = {BACKBONE: list(parts[BACKBONE]), DECODER: list(parts[DECODER])}
         self.model_args = dict(model_args or {})
+        if coupled not in ("skip", "group"):
+            raise UsageError(f"{spec}: coupled must be skip or group, got '{coupled}'")
+        self.coupled = coupled  # channels tied by a sum or product: left alone (skip) or pruned together (group)
         self.backbone = _module(net, self.parts[BACKBONE][0], spec)
         self.decoder = nn.ModuleDict({_key(n): _module(net, n, spec) for n in self.parts[DECODER]})
         object.__setattr__(self, "_net", net)  # runs the forward; its modules are the parts above
@@ -114,8 +118,9 @@ class WrappedSegmentationModel(SegmentationModel):
 
     def prunable_layers(self) -> list[PrunableLayer]:
         if self._groups is None:  # traced once per model: the groups do not change when channels are removed
-            self._groups = discover_prunable_layers(self, {BACKBONE: ["backbone"], DECODER: ["decoder"]})
+            parts = {BACKBONE: ["backbone"], DECODER: ["decoder"]}
+            self._groups = discover_prunable_layers(self, parts, coupled=self.coupled)
         return list(self._groups)
 
     def arch(self) -> dict[str, Any]:
-        return {**super().arch(), "model_args": self.model_args, "parts": self.parts}
+        return {**super().arch(), "model_args": self.model_args, "parts": self.parts, "coupled": self.coupled}

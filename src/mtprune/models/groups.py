@@ -22,6 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from mtprune.errors import UsageError
 from mtprune.models.base import PrunableLayer, eval_mode
 
 #: spatial size of the dummy input used to trace a model (≥ 6·8 so PSPNet's 6×6 bins see real pixels)
@@ -69,32 +70,67 @@ def _owner(name: str, parts: dict[str, Sequence[str]]) -> str | None:
     return None
 
 
+def _source(dg: tp.DependencyGraph, bn: nn.Module) -> nn.Module | None:
+    """The module whose output a BatchNorm normalises (None when it is not a single module's)."""
+    inputs = dg.module2node[bn].inputs if bn in dg.module2node else []
+    sources = {id(n.module): n.module for n in inputs}  # a module traced twice (seg and cls) appears twice
+    return next(iter(sources.values())) if len(sources) == 1 else None
+
+
+def _group(
+    dg: tp.DependencyGraph, conv: nn.Conv2d, coupled: str
+) -> tuple[nn.BatchNorm2d, list[nn.Module], list[nn.BatchNorm2d], list[nn.BatchNorm2d]] | None:
+    """``conv``'s channel group as (its BN, the tied convs, their BNs, the depthwise followers' BNs), or None
+    when it is not prunable: tied while ``coupled`` is ``skip``, a conv of it without its own BN, a BN of
+    anything else (a concatenation's), a linear layer or a model output in it."""
+    members = _group_members(dg, conv)
+    if _reaches_output(dg, members) or any(isinstance(m, nn.Linear) for m in members):
+        return None
+    full = [m for m in members if isinstance(m, nn.Conv2d) and not _is_depthwise(m)]
+    if len(full) > 1 and coupled == "skip":
+        return None
+    bn_of = {}
+    for bn in (m for m in members if isinstance(m, nn.BatchNorm2d)):
+        bn_of.setdefault(_source(dg, bn), []).append(bn)
+    own = {c: bn_of.get(c, []) for c in full}
+    if any(len(b) != 1 for b in own.values()):
+        return None
+    followers = [bn for src, bns in bn_of.items() if src not in own for bn in bns]
+    if any(not _is_depthwise(_source(dg, bn)) for bn in followers):
+        return None
+    ties = [c for c in full if c is not conv]
+    return own[conv][0], ties, [own[c][0] for c in ties], followers
+
+
 def discover_prunable_layers(
     model: nn.Module,
     parts: dict[str, Sequence[str]],
     dg: tp.DependencyGraph | None = None,
     exclude: Sequence[str] = (),
+    coupled: str = "skip",
 ) -> list[PrunableLayer]:
     """The prunable channel groups of ``model`` (module order), each tagged with the part (a key of ``parts``:
     part → module-name prefixes) that owns its conv; convs outside every part, and those named in
-    ``exclude``, are not pruned."""
+    ``exclude``, are not pruned. ``coupled``: ``skip`` leaves channels tied by a sum or product alone (the
+    paper's rule), ``group`` prunes them together — one entry, named by the group's first conv, its other
+    convs' BNs in ``tied``."""
+    if coupled not in ("skip", "group"):
+        raise UsageError(f"coupled must be skip or group, got '{coupled}'")
     dg = dg or dependency_graph(model)
     names = {m: n for n, m in model.named_modules()}
-    out = []
+    out, covered = [], set()
     for name, conv in model.named_modules():
         part = _owner(name, parts)
-        if (
-            part is None
-            or name in exclude
-            or not isinstance(conv, nn.Conv2d)
-            or _is_depthwise(conv)
-            or conv not in dg.module2node
-        ):
+        if part is None or name in exclude or not isinstance(conv, nn.Conv2d) or _is_depthwise(conv):
             continue
-        members = _group_members(dg, conv)
-        bns = [m for m in members if isinstance(m, nn.BatchNorm2d)]
-        ties = [m for m in members if m is not conv and isinstance(m, nn.Linear | nn.Conv2d) and not _is_depthwise(m)]
-        if not bns or ties or _reaches_output(dg, members):
+        if conv in covered or conv not in dg.module2node:  # already in a tied group; not on the traced path
             continue
-        out.append(PrunableLayer(name, names[bns[0]], part, tuple(names[b] for b in bns[1:])))
+        found = _group(dg, conv, coupled)
+        if found is None or any(_owner(names[c], parts) is None or names[c] in exclude for c in found[1]):
+            continue
+        bn, ties, tied_bns, followers = found
+        covered.update(ties)
+        out.append(
+            PrunableLayer(name, names[bn], part, tuple(names[b] for b in followers), tuple(names[b] for b in tied_bns))
+        )
     return out

@@ -141,6 +141,7 @@ def build_spec(
     model_args: dict[str, Any] | None = None,
     parts: dict[str, Sequence[str]] | None = None,
     source: Path | None = None,
+    coupled: str = "skip",
 ) -> WrappedSegmentationModel:
     """The model named by ``spec`` (see the module docstring), wrapped with its parts; ``source``: for a
     ``python:`` spec, the file to take the factory from (a checkpoint's ``model_src.py``)."""
@@ -156,6 +157,6 @@ def build_spec(
     else:
         raise UsageError(f"unknown model kind '{kind}' in '{spec}' ({', '.join(KINDS)})")
     chosen = {k: list(v) for k, v in parts.items()} if parts else default or found_parts(net, spec)
-    model = WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args)
+    model = WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args, coupled)
     model.source_file = file
     return model

@@ -61,7 +61,7 @@ def mask_plan(model: SegmentationModel, plan: PruningPlan) -> SegmentationModel:
     layers = {layer.conv: layer for layer in model.prunable_layers()}
     for name, lp in plan.layers.items():
         drop = sorted(set(range(lp.channels)) - set(lp.kept))
-        for bn_name in (layers[name].bn, *layers[name].followers):  # a depthwise conv's BN goes with it
+        for bn_name in layers[name].all_bns:  # a depthwise conv's BN, a tied conv's, go with it
             bn = model.get_submodule(bn_name)
             bn.weight[drop] = 0.0
             bn.bias[drop] = 0.0

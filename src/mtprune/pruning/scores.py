@@ -120,10 +120,14 @@ def bn_scores(
                 raise UsageError(f"the scores file has no entry for '{layer.bn}'")
             out[layer.conv] = scores[layer.bn].detach().abs().float().cpu()
             continue
-        bn = model.get_submodule(layer.bn)
-        if not isinstance(bn, nn.BatchNorm2d) or bn.weight is None:
-            raise UsageError(f"layer '{layer.bn}' is not an affine BatchNorm2d: it cannot give γ scores")
-        out[layer.conv] = bn.weight.detach().abs().float().cpu()
+        total = None
+        for name in layer.scored:  # a tied group (coupled: group) sums its BNs' |γ|
+            bn = model.get_submodule(name)
+            if not isinstance(bn, nn.BatchNorm2d) or bn.weight is None:
+                raise UsageError(f"layer '{name}' is not an affine BatchNorm2d: it cannot give γ scores")
+            g = bn.weight.detach().abs().float().cpu()
+            total = g if total is None else total + g
+        out[layer.conv] = total
     return out
 
 

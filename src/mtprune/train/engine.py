@@ -166,7 +166,8 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def prunable_gammas(model: SegmentationModel, part: str | None = None) -> list[nn.Parameter]:
     """BN scales γ of the prunable layers (of one part): the parameters the ℓ1 terms act on."""
-    return [model.get_submodule(lay.bn).weight for lay in model.prunable_layers() if part in (None, lay.part)]
+    layers = [lay for lay in model.prunable_layers() if part in (None, lay.part)]
+    return [model.get_submodule(name).weight for lay in layers for name in lay.scored]
 
 
 #: how a stage validates its model: ``evaluate(model, cfg, env, tasks, force)`` → metrics (``miou``,
@@ -204,8 +205,10 @@ def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_cl
     if nc is None or cc is None:
         raise UsageError("model.num_classes and model.cls_classes are needed (or the datasets that give them)")
     if is_spec(m.name):  # model.width and backbone_weights belong to the built-in nets
-        return build_model(m.name, nc, cc, model_args=m.model_args, parts=m.parts)
-    return build_model(m.name, nc, cc, m.width, m.backbone_weights, model_args=m.model_args, parts=m.parts)
+        return build_model(m.name, nc, cc, model_args=m.model_args, parts=m.parts, coupled=m.coupled)
+    return build_model(
+        m.name, nc, cc, m.width, m.backbone_weights, model_args=m.model_args, parts=m.parts, coupled=m.coupled
+    )
 
 
 # --- the run --------------------------------------------------------------------------------------

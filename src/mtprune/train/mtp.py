@@ -140,7 +140,9 @@ class SparseMTP:
         self.cls_net, self.seg_net = ClsNet(self.backbone1, model.cls_head), SegNet(model)
         self.w1, self.w3 = list(self.backbone1.parameters()), list(model.backbone.parameters())
         self.alm = ALMState([torch.zeros_like(p) for p in self.w1], c.mu0)
-        bns = [lay.bn.removeprefix("backbone.") for lay in model.prunable_layers() if lay.part == BACKBONE]
+        bns = [
+            n.removeprefix("backbone.") for lay in model.prunable_layers() if lay.part == BACKBONE for n in lay.scored
+        ]
         self.gamma1 = [self.backbone1.get_submodule(n).weight for n in bns]
         self.gamma3, self.gamma2 = prunable_gammas(model, BACKBONE), prunable_gammas(model, DECODER)
         self.opt1 = sgd(self.cls_net.parameters(), c.lr_cls, self.cfg, self.gamma1, c.gamma_lr)
@@ -249,9 +251,9 @@ class SparseMTP:
         """The pruning scores (Algorithm 1, line 9): |γ1| of W1 for the backbone, |γ2| of W2 for the decoder."""
         out = {}
         for lay in self.model.prunable_layers():
-            bn = self.backbone1.get_submodule(lay.bn.removeprefix("backbone.")) if lay.part == BACKBONE else None
-            gamma = (bn if bn is not None else self.model.get_submodule(lay.bn)).weight
-            out[lay.bn] = gamma.detach().abs().cpu().contiguous()
+            net, prefix = (self.backbone1, "backbone.") if lay.part == BACKBONE else (self.model, "")
+            gammas = [net.get_submodule(n.removeprefix(prefix)).weight.detach().abs() for n in lay.scored]
+            out[lay.bn] = torch.stack(gammas).sum(0).cpu().contiguous()  # a tied group: the sum of its |γ|
         return out
 
     def exported(self) -> SegmentationModel:
