@@ -288,3 +288,28 @@ def test_coupled_group_prunes_a_mobilenet_s_residual_and_gated_channels(tmp_path
     assert json.loads((tmp_path / "ck" / "arch.json").read_text())["coupled"] == "group"
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))
+
+
+def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
+    """The whole pipeline on torchvision's LR-ASPP (its decoder has no prunable group: the independent
+    decoder threshold has nothing to cut), then ONNX export of a pruned net."""
+    from tests.test_pipeline import TINY
+
+    from mtprune.cli import main
+
+    cfg_path = tmp_path / "tv.yaml"
+    cfg_path.write_text("run:\n  methods: [mtp, uniform]\n  ratios: [0.5]\n  latency: false\n")
+    argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
+    for s in [*TINY, "model.name=torchvision:lraspp_mobilenet_v3_large", "eval.every_epoch=false"]:
+        if not s.startswith(("run.", "model.width")):
+            argv += ["--set", s]
+    assert main(argv) == 0
+    rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
+    assert set(rows) == {"dense", "mtp-0.5-independent", "uniform-0.5"}
+    assert all(0 < rows[t]["params_ratio"] < 1 for t in ("mtp-0.5-independent", "uniform-0.5"))
+    capsys.readouterr()
+    pytest.importorskip("onnxruntime")
+    onnx = tmp_path / "m.onnx"
+    ck = str(tmp_path / "run" / "finetune-uniform-0.5")
+    assert main(["export", "--checkpoint", ck, "--onnx", str(onnx), "--size", "64", "64", "--check"]) == 0
+    assert onnx.is_file() and onnx.stat().st_size > 0
