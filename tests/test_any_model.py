@@ -40,6 +40,23 @@ def _spread_gammas(model: nn.Module) -> None:
         model.eval()
 
 
+def _pruned_equals_masked_and_reloads(model: nn.Module, tmp_path, method: str = "bn", **kw) -> nn.Module:
+    """Prune a copy of ``model`` (whose output depends on its channels) and mask another with the same plan:
+    the removed channels change the output, exactly as masking them does; the pruned net saves and loads."""
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    mask_plan(masked, prune(pruned, method, 0.5, **kw))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().mean() > 0.1  # the removed channels mattered …
+        assert torch.allclose(pruned(x), masked(x), atol=1e-5)  # … exactly as masking them does
+        assert torch.allclose(pruned.forward_cls(x), masked.forward_cls(x), atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    save_model(pruned, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))
+    return pruned
+
+
 @pytest.fixture(scope="module")
 def tv_model():
     torch.manual_seed(0)
@@ -73,24 +90,12 @@ def test_its_groups_are_found_in_both_parts_with_depthwise_followers(tv_model):
 
 @pytest.mark.parametrize("method", ["uniform", "bn", "thinet"])
 def test_the_pruned_torchvision_model_computes_what_the_masked_one_does(tv_model, method, tmp_path):
-    masked, pruned = copy.deepcopy(tv_model), copy.deepcopy(tv_model)
     kw = {"images": torch.randn(4, 3, 64, 64), "rescale": False} if method == "thinet" else {}
-    plan = prune(pruned, method, 0.5, **kw)  # ThiNet measures through the depthwise convs' consumers
-    mask_plan(masked, plan)
-    x = torch.randn(2, 3, 64, 64)
-    dense_params = sum(p.numel() for p in tv_model.parameters())
-    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * dense_params
-    with torch.no_grad():
-        assert (pruned(x) - tv_model(x)).abs().mean() > 0.1  # the removed channels mattered …
-        assert torch.allclose(pruned(x), masked(x), atol=1e-5)  # … exactly as masking them does
-        assert torch.allclose(pruned.forward_cls(x), masked.forward_cls(x), atol=1e-5)
-    save_model(pruned, tmp_path / "ck")
+    pruned = _pruned_equals_masked_and_reloads(tv_model, tmp_path, method, **kw)  # ThiNet: via the dw consumers
+    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * sum(p.numel() for p in tv_model.parameters())
     arch = json.loads((tmp_path / "ck" / "arch.json").read_text())
     assert arch["model"] == TV and arch["model_args"] == {"aux_loss": True}
     assert arch["parts"] == {"backbone": ["backbone"], "decoder": ["classifier", "aux_classifier"]}
-    back = load_model(tmp_path / "ck")
-    with torch.no_grad():
-        assert torch.equal(back(x), pruned(x))
 
 
 def test_a_model_without_prunable_decoder_groups_prunes_its_backbone():
@@ -250,15 +255,7 @@ def test_an_smp_unet_prunes_saves_and_loads(tmp_path):
     assert {lay.part for lay in layers} == {"backbone", "decoder"}
     assert "decoder.decoder.blocks.0.conv1.0" in [lay.conv for lay in layers]
     _spread_gammas(model)
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    mask_plan(masked, prune(pruned, "bn", 0.5))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().mean() > 0.1
-        assert torch.allclose(pruned(x), masked(x), atol=1e-5)
-    save_model(pruned, tmp_path / "ck")
-    with torch.no_grad():
-        assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))
+    _pruned_equals_masked_and_reloads(model, tmp_path)
     with pytest.raises(UsageError, match="encoder_weights must be null"):
         build_model("smp:Unet", 4, model_args={"encoder_weights": "imagenet"})
     with pytest.raises(UsageError, match="smp:Nope: .*Wrong architecture"):
@@ -277,17 +274,8 @@ def test_coupled_group_prunes_a_mobilenet_s_residual_and_gated_channels(tmp_path
     s = bn_scores(model, tied[:1])[tied[0].conv]
     want = sum(model.get_submodule(n).weight.detach().abs() for n in tied[0].scored)
     assert torch.allclose(s, want)
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    mask_plan(masked, prune(pruned, "bn", 0.5))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().mean() > 0.1
-        assert torch.allclose(pruned(x), masked(x), atol=1e-5)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-    save_model(pruned, tmp_path / "ck")
+    _pruned_equals_masked_and_reloads(model, tmp_path)
     assert json.loads((tmp_path / "ck" / "arch.json").read_text())["coupled"] == "group"
-    with torch.no_grad():
-        assert torch.equal(load_model(tmp_path / "ck")(x), pruned(x))
 
 
 def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):

@@ -20,6 +20,7 @@ from torchvision.models import resnet as tvr
 
 from mtprune.errors import CheckpointError
 from mtprune.models.base import BACKBONE, PrunableLayer, scaled
+from mtprune.models.weights import check_state
 
 
 class BasicBlock(tvr.BasicBlock):
@@ -136,15 +137,8 @@ def load_torchvision_weights(model: nn.Module, path: str | Path) -> list[str]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     backbone = model.backbone.state_dict()
-    skipped = []
-    for key, ref in backbone.items():
-        if key not in state:
-            raise CheckpointError(f"{path}: tensor '{key}' of the backbone is missing from the file")
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path}: tensor '{key}' has shape {tuple(state[key].shape)}, "
-                f"the backbone expects {tuple(ref.shape)} (another depth or width?)"
-            )
+    skipped: list[str] = []
+    check_state(state, backbone, path, "the backbone", CheckpointError)  # another depth or width: a mismatch
     model.backbone.load_state_dict({k: state[k] for k in backbone}, strict=True)
     fc = model.cls_head.fc
     if "fc.weight" in state and tuple(state["fc.weight"].shape) == tuple(fc.weight.shape):

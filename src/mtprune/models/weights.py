@@ -27,6 +27,19 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, what: str, error: type = UsageError
+) -> None:
+    """Every tensor of ``expected`` (``what``'s state dict) is in ``state`` with its shape: else one line."""
+    for name, ref in expected.items():
+        if name not in state:
+            raise error(f"{path}: tensor '{name}' of {what} is missing from the file")
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise error(
+                f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, {what} expects {tuple(ref.shape)}"
+            )
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load ``path`` into ``model``: into the wrapped net (its own tensor names, e.g. torchvision's) for a
     ``torchvision:``/``python:`` model, into the model itself for a built-in net. Strict: one line naming the
@@ -37,13 +50,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     state = _read(path)
     target = getattr(model, "_net", model)
     expected = target.state_dict()
-    for name, ref in expected.items():
-        if name not in state:
-            raise UsageError(f"{path}: tensor '{name}' of the model is missing from the file")
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise UsageError(
-                f"{path}: tensor '{name}' has shape {tuple(state[name].shape)}, the model's is {tuple(ref.shape)}"
-            )
+    check_state(state, expected, path, "the model")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise UsageError(f"{path}: unexpected tensor '{extra[0]}' (not in the model)")
