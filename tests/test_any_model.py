@@ -301,3 +301,26 @@ def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
     ck = str(tmp_path / "run" / "finetune-uniform-0.5")
     assert main(["export", "--checkpoint", ck, "--onnx", str(onnx), "--size", "64", "64", "--check"]) == 0
     assert onnx.is_file() and onnx.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "spec, args",
+    [
+        ("torchvision:deeplabv3_resnet50", {"aux_loss": True}),
+        ("smp:DeepLabV3Plus", {"encoder_name": "mobilenet_v2"}),
+    ],
+)
+def test_every_method_s_plan_equals_the_masked_net(spec, args, tmp_path):
+    if spec.startswith("smp:"):
+        pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = build_model(spec, 4, 10, model_args=args)
+    assert {lay.part for lay in model.prunable_layers()} == {"backbone", "decoder"}
+    _spread_gammas(model)
+    for method, kw in (
+        ("uniform", {}),
+        ("bn", {}),
+        ("fpgm", {}),
+        ("thinet", {"images": torch.randn(2, 3, 64, 64), "rescale": False}),
+    ):
+        _pruned_equals_masked_and_reloads(model, tmp_path / method, method, **kw)
