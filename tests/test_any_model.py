@@ -57,6 +57,13 @@ def _pruned_equals_masked_and_reloads(model: nn.Module, tmp_path, method: str = 
     return pruned
 
 
+def every_method_equals_masked(model: nn.Module, tmp_path) -> None:
+    """:func:`_pruned_equals_masked_and_reloads` for the uniform, bn, FPGM and ThiNet plans."""
+    thinet = {"images": torch.randn(2, 3, 64, 64), "rescale": False}
+    for method, kw in (("uniform", {}), ("bn", {}), ("fpgm", {}), ("thinet", thinet)):
+        _pruned_equals_masked_and_reloads(model, tmp_path / method, method, **kw)
+
+
 @pytest.fixture(scope="module")
 def tv_model():
     torch.manual_seed(0)
@@ -317,10 +324,4 @@ def test_every_method_s_plan_equals_the_masked_net(spec, args, tmp_path):
     model = build_model(spec, 4, 10, model_args=args)
     assert {lay.part for lay in model.prunable_layers()} == {"backbone", "decoder"}
     _spread_gammas(model)
-    for method, kw in (
-        ("uniform", {}),
-        ("bn", {}),
-        ("fpgm", {}),
-        ("thinet", {"images": torch.randn(2, 3, 64, 64), "rescale": False}),
-    ):
-        _pruned_equals_masked_and_reloads(model, tmp_path / method, method, **kw)
+    every_method_equals_masked(model, tmp_path)

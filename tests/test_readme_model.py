@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.test_any_model import _pruned_equals_masked_and_reloads, _spread_gammas
+from tests.test_any_model import _spread_gammas, every_method_equals_masked
 from tests.test_pipeline import TINY
 
 from mtprune import build_model, load_model
@@ -58,13 +58,7 @@ def test_its_groups_and_every_method_s_plan(mynet):
         "decoder.decoder.fuse.0",
     ]
     _spread_gammas(model)
-    for method, kw in (
-        ("uniform", {}),
-        ("bn", {}),
-        ("fpgm", {}),
-        ("thinet", {"images": torch.randn(4, 3, 64, 64), "rescale": False}),
-    ):
-        _pruned_equals_masked_and_reloads(model, mynet / method, method, **kw)
+    every_method_equals_masked(model, mynet)
 
 
 def test_mtprune_run_with_every_method_on_it(mynet):
