@@ -1,7 +1,7 @@
 """Real speed-up against MACs: dense against pruned nets of the paper's models at the paper's sizes.
 
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
-                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16]
+                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
                             [--size H W] [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
                             [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
@@ -9,10 +9,11 @@
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
 ``--round-to``, the pruned net. All nets of a model, in every layout and variant, are timed round-robin
-(``mtprune.evaluate.cost.interleaved_latency``: one batch-1 forward of each per round, CUDA synchronised),
-so the machine's drift hits them alike; each cell is the median and IQR over rounds, and ratios are paired
-per round. "Best against best" compares each net in its fastest setup with dense in its fastest — the
-figure a deployment engineer ships. ``--render FILE…`` prints saved ``--json`` files as markdown.
+(``mtprune.evaluate.cost.latency_against``, as ``mtprune cost --against``: one batch-1 forward of each
+per round, CUDA synchronised), so the machine's drift hits them alike; each cell is the median and IQR
+over rounds, and ratios are paired per round. "Best against best" compares each net in its fastest setup
+with dense in its fastest — the figure a deployment engineer ships. ``--render FILE…`` prints saved
+``--json`` files as markdown.
 Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
 deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing). ``--profile`` prints the
 self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
@@ -31,7 +32,8 @@ from dataclasses import asdict
 
 import torch
 
-from mtprune.evaluate.cost import Setup, count_macs, count_params, interleaved_latency, layer_latency, paired_ratio
+from mtprune.evaluate.cost import Setup, count_macs, count_params, latency_against, layer_latency, setup_dict
+from mtprune.evaluate.fit import LatencyTable, latency_fit
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
 
@@ -73,7 +75,11 @@ def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
                             if isinstance(m, torch.nn.BatchNorm2d):
                                 m.weight.uniform_(0.0, 1.0)
                 method = "bn" if plan_kind == "irregular" else "uniform"
-                plan = make_plan(model, method, ratio, round_to=rt)
+                fit = None
+                if rt == "auto":  # the counts this machine likes, timed in the last layout asked for
+                    table = LatencyTable(device=a.device, channels_last=a.layouts[-1] == "channels_last")
+                    fit = latency_fit(model, size, table)
+                plan = make_plan(model, method, ratio, round_to=1 if rt == "auto" else rt, fit=fit)
                 label = f"{plan_kind} {ratio} rt{rt}"
                 key = (plan_kind, ratio, tuple(sorted((k, len(lp.kept)) for k, lp in plan.layers.items())))
                 if key in seen:
@@ -85,6 +91,33 @@ def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
                 row.update({"params": count_params(model), "macs": count_macs(model, size)})
                 nets[label] = (row, model)
     return nets
+
+
+def timing_row(label: str, timed: dict, sts: dict[str, Setup]) -> dict:
+    """A net's cells from :func:`latency_against`'s result; ``dense``: the reference's own figures."""
+    label_of = {tuple(setup_dict(st).values()): lbl for lbl, st in sts.items()}
+    t = timed.get(label) or next(iter(timed.values()))
+    configs = dict(zip(sts, t["configs"], strict=True))
+    row = {"dense_best_setup": label_of[tuple(t["against_config"].values())]}
+    if label == "dense":
+        return row | {
+            "latency": {
+                st: {"ms": c["against_latency_ms"], "iqr": c["against_latency_iqr_ms"]} for st, c in configs.items()
+            },
+            "same_setup_ratio": dict.fromkeys(sts, 1.0),
+            "best_setup": row["dense_best_setup"],
+            "best_ratio": 1.0,
+            "best_ratio_iqr": 0.0,
+            "times_ms": {st: c["against_times_ms"] for st, c in configs.items()},
+        }
+    return row | {
+        "latency": {st: {"ms": c["latency_ms"], "iqr": c["latency_iqr_ms"]} for st, c in configs.items()},
+        "same_setup_ratio": {st: c["same_setup_ratio"] for st, c in configs.items()},
+        "best_setup": label_of[tuple(t["config"].values())],
+        "best_ratio": t["latency_ratio"],
+        "best_ratio_iqr": t["latency_ratio_iqr"],
+        "times_ms": {st: c["times_ms"] for st, c in configs.items()},
+    }
 
 
 @torch.no_grad()
@@ -189,7 +222,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SIZES))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     ap.add_argument("--plans", nargs="+", default=["uniform", "irregular"], choices=["uniform", "irregular"])
-    ap.add_argument("--round-to", nargs="+", type=int, default=[1, 8, 16])
+    ap.add_argument("--round-to", nargs="+", type=lambda v: v if v == "auto" else int(v), default=[1, 8, 16],
+                    help="multiples K, or auto (mtprune prune --round-to auto)")  # fmt: skip
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
@@ -243,46 +277,17 @@ def main() -> None:
         for dtype in a.dtypes:
             timed = {}
             if not a.skip_timing:
-                entries = {f"{label}|{st}": m for label, (_, m) in nets.items() for st in sts}
-                timed = interleaved_latency(
-                    entries,
-                    size,
-                    device=a.device,
-                    dtype=dtype,
-                    warmup=a.warmup,
-                    runs=a.runs,
-                    setups={f"{label}|{st}": s_ for label in nets for st, s_ in sts.items()},
-                )
-                for _, m in nets.values():
-                    m.to("cpu", memory_format=torch.contiguous_format)
-            dense_best = min(sts, key=lambda st: timed[f"dense|{st}"]["latency_ms"]) if timed else None
+                others = {label: m for label, (_, m) in nets.items() if label != "dense"}
+                timed = latency_against(others, nets["dense"][1], size, list(sts.values()), a.device, dtype,
+                                        a.runs, a.warmup)  # fmt: skip
             for label, (row, _) in nets.items():
                 r = {"model": name, "dtype": dtype, **row, "macs_ratio": row["macs"] / dmacs}
                 cells = ""
                 if timed:
-                    lat = {st: timed[f"{label}|{st}"] for st in sts}
-                    best = min(sts, key=lambda st: lat[st]["latency_ms"])
-                    same = {
-                        st: paired_ratio(lat[st]["times_ms"], timed[f"dense|{st}"]["times_ms"])["ratio"] for st in sts
-                    }
-                    bb = paired_ratio(lat[best]["times_ms"], timed[f"dense|{dense_best}"]["times_ms"])
-                    r.update(
-                        {
-                            "latency": {
-                                st: {"ms": v["latency_ms"], "iqr": v["latency_iqr_ms"]} for st, v in lat.items()
-                            },
-                            "same_setup_ratio": same,
-                            "best_setup": best,
-                            "dense_best_setup": dense_best,
-                            "best_ratio": bb["ratio"],
-                            "best_ratio_iqr": bb["ratio_iqr"],
-                            "times_ms": {st: v["times_ms"] for st, v in lat.items()},
-                        }
-                    )
-                    cells = " ".join(
-                        f"{lat[st]['latency_ms']:8.1f}±{lat[st]['latency_iqr_ms']:5.1f} ({same[st]:.3f})" for st in sts
-                    )
-                    cells += f"  {best:28s} {bb['ratio']:6.3f} ± {bb['ratio_iqr']:.3f}"
+                    r.update(timing_row(label, timed, sts))
+                    lat, same = r["latency"], r["same_setup_ratio"]
+                    cells = " ".join(f"{lat[st]['ms']:8.1f}±{lat[st]['iqr']:5.1f} ({same[st]:.3f})" for st in sts)
+                    cells += f"  {r['best_setup']:28s} {r['best_ratio']:6.3f} ± {r['best_ratio_iqr']:.3f}"
                 results["rows"].append(r)
                 print(
                     f"{name:20s} {dtype:8s} {label:22s} {r['macs_ratio']:6.3f} {cells}",

@@ -60,6 +60,58 @@ def test_prune_cli_target_records_the_target_and_refuses_an_unreachable_one(tmp_
         prune(m, "uniform", None, target=("params", 0.0001), cost=plan_cost(m, "params", SIZE))
 
 
+def _fake_timing(monkeypatch, gap: float = 0.05) -> list[dict]:
+    """Replace the clock by arithmetic: a pruned net "takes" its MACs ratio + ``gap`` of the unpruned one's."""
+    import mtprune.evaluate.cost as cost_mod
+
+    calls: list[dict] = []
+
+    def latency_against(models, against, size, **kw):
+        calls.append(kw)
+        ratio = count_macs(models["pruned"], size) / count_macs(against, size) + gap
+        return {"pruned": {"latency_ratio": ratio, "latency_ratio_iqr": 0.01}}
+
+    monkeypatch.setattr(cost_mod, "latency_against", latency_against)
+    return calls
+
+
+def test_a_latency_target_bisects_over_timed_candidates_with_their_macs(monkeypatch):
+    from mtprune.pruning.search import LATENCY_TOL
+
+    calls, seen = _fake_timing(monkeypatch), []
+    model = _net()
+    dense = count_macs(model, SIZE)
+    cost = plan_cost(model, "latency", SIZE, runs=20)
+    plan = prune(model, "bn", None, target=("latency", 0.6), cost=cost, on_candidate=seen.append)
+    cands = plan.target["candidates"]
+    assert seen == cands and len(cands) == len(calls) and calls[0] == {"runs": 20}
+    assert all(c["latency"] == pytest.approx(c["macs"] + 0.05) and c["latency_iqr"] == 0.01 for c in cands)
+    # the plan applied is the candidate whose latency is the largest not above 0.6: MACs ≈ 0.55
+    reached = plan.target["reached"]
+    assert reached <= 0.6 and reached == pytest.approx(count_macs(model, SIZE) / dense + 0.05)
+    assert reached == max(c["latency"] for c in cands if c["latency"] <= 0.6) > 0.58
+    assert len(cands) <= 2 + 7  # p to LATENCY_TOL: about log2(0.99 / 0.01) halvings
+    assert LATENCY_TOL == 0.01
+
+
+def test_prune_cli_latency_target_prints_each_candidate_and_records_them(tmp_path, capsys, monkeypatch):
+    calls = _fake_timing(monkeypatch)
+    d = str(tmp_path / "d")
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
+    base = ["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--size", "64", "64"]
+    capsys.readouterr()
+    assert main([*base, "--target", "latency=0.7", "--best", "--runs", "30", "--out", str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    cands = plan["target"]["candidates"]
+    assert text.count("candidate p=") == len(cands) and "target latency ≤ 0.7×" in text
+    assert {"ratio", "latency", "latency_iqr", "macs"} == set(cands[0]) and plan["target"]["reached"] <= 0.7
+    assert len(calls[0]["setups"]) == 4 and calls[0]["runs"] == 30 and calls[0]["device"] == "cpu"
+    assert main([*base, "--ratio", "0.5", "--best", "--out", str(tmp_path / "q")]) == 2
+    assert "--best: only with --target latency=X" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # refused before anything is written
+
+
 def test_plan_overlap_is_one_for_the_same_plan_and_zero_for_disjoint_plans():
     plan = make_plan(_net(), "bn", 0.5)
     assert plan_overlap(plan, plan) == {"backbone": 1.0, "decoder": 1.0, "all": 1.0}
@@ -99,3 +151,26 @@ def test_a_run_compares_methods_at_one_macs_target_with_their_plan_overlap(tmp_p
     assert ind["ratio"] != uni["ratio"]  # one cost, two threshold modes: two ratios
     report = (tmp_path / "r" / "report.md").read_text()
     assert "Plan overlap" in report and "slimming macs 0.6× (unified)" in report
+
+
+def test_a_run_s_prune_stage_takes_a_latency_target(tmp_path, monkeypatch):
+    from tests.test_pipeline import tiny_cfg
+
+    import mtprune.pipeline.stages as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.pipeline import execute
+    from mtprune.pipeline.run import check_run_config
+
+    calls = _fake_timing(monkeypatch, gap=0.1)
+    cfg = tiny_cfg("run.targets=[{latency: 0.7}]", "run.latency_runs=25", "run.latency_threads=1")
+    check_run_config(cfg)  # {latency: X} is a target a run accepts
+    model = _net()
+    save_model(model, tmp_path / "d")
+    execute(pl.pruning(tmp_path / "d", "uniform", {"latency": 0.7}, "independent", cfg, tmp_path / "p"))
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["target"]["latency"] == 0.7 and plan["target"]["reached"] <= 0.7
+    assert calls[0] == {"device": "cpu", "runs": 25}
+    pruned = json.loads((tmp_path / "p" / "done.json").read_text())
+    assert pruned["target"] == {"latency": 0.7}
+    macs = count_macs(pl.load_model(tmp_path / "p" / "model"), pl.cost_size(cfg)) / count_macs(model, pl.cost_size(cfg))
+    assert macs + 0.1 == pytest.approx(plan["target"]["reached"])

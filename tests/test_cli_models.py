@@ -184,3 +184,23 @@ def test_checkpoint_of_another_arch_is_one_line_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "tensor 'backbone.conv1.weight' has shape (32, 3, 7, 7), arch.json expects (16, 3, 7, 7)" in err
+
+
+def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, capsys):
+    base = ["--size", "32", "32"]
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125",
+          "--out", str(tmp_path / "d")])  # fmt: skip
+    main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", *base,
+          "--out", str(tmp_path / "p")])  # fmt: skip
+    capsys.readouterr()
+    args = ["cost", "--checkpoint", str(tmp_path / "p"), "--against", str(tmp_path / "d"), *base]
+    assert main([*args, "--latency", "--best", "--threads", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("latency_ratio", "latency_ratio_iqr", "latency_ms", "against_latency_ms", "macs_ratio", "params_ratio"):
+        assert out[key] > 0
+    assert out["gap"] == out["latency_ratio"] - out["macs_ratio"] and out["macs_ratio"] < 0.7
+    assert out["config"]["layout"] in ("contiguous", "channels_last") and len(out["configs"]) == 4
+    assert main(args) == 0
+    assert "MACs" in capsys.readouterr().out
+    assert main([*args, "--latency", "--per-layer"]) == 2
+    assert "--per-layer profiles one net" in capsys.readouterr().err

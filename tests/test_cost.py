@@ -142,6 +142,51 @@ def test_interleaved_latency_with_a_fake_clock_gives_exact_medians_iqrs_and_pair
     assert out["b"]["runs"] == 20 and out["b"]["device"].startswith("cpu")
 
 
+class LayoutNet(nn.Module):
+    """Each forward "takes" ``contiguous`` or ``channels_last`` steps on ``clock``, by its input's layout."""
+
+    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int) -> None:
+        super().__init__()
+        self.clock, self.steps = clock, {True: channels_last, False: contiguous}
+
+    def forward(self, x):
+        self.clock.now += self.steps[x.is_contiguous(memory_format=torch.channels_last)] * STEP_S
+        return x
+
+
+def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monkeypatch):
+    from mtprune.evaluate.cost import Setup, latency_against
+
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)  # copies share it
+    setups = [Setup(), Setup(channels_last=True)]
+    pruned, dense = LayoutNet(clock, 4, 3), LayoutNet(clock, 10, 6)
+    out = latency_against({"p": pruned}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)["p"]
+    # best against best: 3 / 6 (both channels_last), not 3 / 10 or the same-setup 4 / 10
+    assert out["latency_ratio"] == 0.5 and out["latency_ratio_iqr"] == 0.0
+    assert out["latency_ms"] == 3 * STEP_MS and out["against_latency_ms"] == 6 * STEP_MS
+    assert out["config"] == out["against_config"] == {"layout": "channels_last", "fold_bn": False, "compile": False}
+    assert [c["same_setup_ratio"] for c in out["configs"]] == [0.4, 0.5]
+    mixed = latency_against({"p": LayoutNet(clock, 2, 3)}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
+    assert mixed["p"]["latency_ratio"] == 2 / 6 and mixed["p"]["config"]["layout"] == "contiguous"
+    with pytest.raises(UsageError, match="'against' names the reference"):
+        latency_against({"against": pruned}, dense, (4, 4), setups, runs=20)
+
+
+def test_compare_cost_gives_the_ratios_of_two_real_nets_and_the_gap():
+    from mtprune.evaluate.cost import compare_cost
+    from mtprune.pruning import prune
+
+    dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
+    prune(pruned, "uniform", 0.5)
+    out = compare_cost(pruned, dense, (32, 32), runs=20, warmup=1)
+    assert out["macs_ratio"] == count_macs(pruned, (32, 32)) / count_macs(dense, (32, 32)) < 0.7
+    assert out["params_ratio"] == count_params(pruned) / count_params(dense)
+    assert out["gap"] == out["latency_ratio"] - out["macs_ratio"] and out["latency_ratio"] > 0
+    assert len(out["times_ms"]) == len(out["against_times_ms"]) == 20
+    assert "latency_ratio" not in compare_cost(pruned, dense, (32, 32), latency=False)
+
+
 def test_measure_latency_with_a_fake_clock_gives_the_exact_median_and_iqr():
     clock, log = FakeClock(), []
     steps = [500, 500] + [21 - k for k in range(21)]  # two warm-up runs, then 21, 20 … 1

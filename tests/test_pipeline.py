@@ -216,7 +216,7 @@ def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, mon
     assert lat["dense"]["ratio"] == 1.0 and lat["uniform-0.5"]["ratio"] > 0
     assert lat["uniform-0.5"]["latency_ms"] > 0 and lat["dense"]["latency_device"] == "cpu (1 threads)"
     calls = []
-    monkeypatch.setattr(pl, "interleaved_latency", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(pl, "latency_against", lambda *a, **k: calls.append(a) or {})
     again = execute(pl.latency({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency"))
     assert again == lat and not calls  # the same models: reused
     # the same tags but another model behind one of them: timed again (here by the stub, which returns {})

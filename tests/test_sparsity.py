@@ -147,3 +147,16 @@ def test_l1_budget_sets_alpha_from_the_rule(tmp_path, stage, sets):
         assert m["l1_alpha"]["backbone"] == m["l1_alpha"]["decoder"] > 0
         assert m["l1_shrink"]["backbone"] == pytest.approx(1.2 * 0.5)
         assert m["l1_shrink_ratio"] == pytest.approx({"backbone": 1.2, "decoder": 2.4})
+
+
+def test_the_not_separated_warning_says_why_by_whether_the_shrink_budget_met_the_rule():
+    from mtprune.train.diagnostics import sparsity_warnings
+
+    c = cfg("run.ratios=[0.5]")
+    keys = {"backbone": "sparse_mtp.alpha1", "decoder": "sparse_mtp.alpha2"}
+    diag = {"sparse_backbone": 0.0, "sparse_decoder": 0.6, "l1_shrink_ratio": {"backbone": 0.3, "decoder": 1.2}}
+    (short,) = sparsity_warnings("sparse-mtp", diag, c, keys)  # the decoder separated: no warning for it
+    assert "only 0.0 % of the backbone's" in short and "raise sparse_mtp.alpha1 (or set l1_budget)" in short
+    diag = {"sparse_backbone": 0.0, "l1_shrink_ratio": {"backbone": 1.15}}
+    (held,) = sparsity_warnings("sparse-mtp", diag, c, keys)
+    assert "met the rule (1.15 × the median |γ|)" in held and "raise l1_budget, or start from a trained net" in held

@@ -380,3 +380,21 @@ def test_a_key_added_since_at_its_default_is_not_a_recipe_change():
     assert differences(old, new) == []
     changed = stage_recipe("sparse-mtp", cfg("sparse_mtp.gamma_lr=10"))
     assert differences(old, changed) == ['sparse_mtp.gamma_lr: "<unset>" → 10.0']
+
+
+def test_the_final_line_of_a_stage_shows_scalars_and_small_dicts_not_distributions():
+    from mtprune.cli.train_cmds import _metric_line
+
+    metrics = {
+        "gap": 0.0033041,
+        "sparse_backbone": 0.0,
+        "gamma_backbone": {"q05": 0.36358, "q50": 0.37876},
+        "l1_shrink_ratio": {"backbone": 1.15, "decoder": None},
+        "gamma_distribution": {"before": {"backbone": [1.0] * 101}},
+        "warnings": ["warning: …"],
+        "miou": 0.02664,
+    }
+    assert _metric_line(metrics) == (
+        "gap=0.003304, sparse_backbone=0, gamma_backbone.q05=0.3636, gamma_backbone.q50=0.3788, "
+        "l1_shrink_ratio.backbone=1.15, l1_shrink_ratio.decoder=None, miou=0.02664"
+    )

@@ -205,7 +205,7 @@ class RunConfig:
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
     equal_seg_steps: bool = False
     pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
-    round_to: int = 1
+    round_to: int | Literal["auto"] = 1  # auto: counts the CPU likes (latency_fit; timed with latency_threads)
     min_channels: int = 1
     thinet_samples: int = THINET_SAMPLES
     latency: bool = True

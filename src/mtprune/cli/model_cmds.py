@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,18 @@ from mtprune.checkpoint import load_model, save_model
 from mtprune.cli.args import fresh_out, positive_int
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import best_latency, count_macs, count_params, layer_latency, model_cost, plan_cost
+from mtprune.evaluate.cost import (
+    Setup,
+    all_setups,
+    best_latency,
+    compare_cost,
+    count_macs,
+    count_params,
+    layer_latency,
+    model_cost,
+    plan_cost,
+)
+from mtprune.evaluate.fit import LatencyTable, latency_fit
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models, load_weights
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
@@ -119,6 +131,8 @@ def _cost(args: argparse.Namespace) -> int:
     if args.best and (args.channels_last or args.fold_bn):
         raise UsageError("--best tries every layout and BN folding itself: drop --channels-last / --fold-bn")
     size = (args.size[0], args.size[1])
+    if args.against:
+        return _cost_against(args, model, load_model(args.against), size)
     cost = model_cost(
         model,
         size,
@@ -159,12 +173,46 @@ def _cost(args: argparse.Namespace) -> int:
     if args.best:
         print("latency by configuration (median ± IQR):")
         for c in cost["configs"]:
-            tag = c["layout"] + (", BN folded" if c["fold_bn"] else "") + (", torch.compile" if c["compile"] else "")
+            tag = _setup_text(c)
             mark = "  ← fastest" if c is cost["best"] else ""
             print(f"  {tag:40s} {c['latency_ms']:9.2f} ± {c['latency_iqr_ms']:.2f} ms{mark}")
     if layers is not None:
         print(_layer_table(layers, cost["layers_total_ms"], args.top))
     return 0
+
+
+def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: SegmentationModel, size) -> int:
+    """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side."""
+    if args.per_layer:
+        raise UsageError("--per-layer profiles one net: drop --against, or run it on each checkpoint")
+    setups = all_setups(args.compile) if args.best else [Setup(args.channels_last, args.fold_bn, args.compile)]
+    kw = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
+    cost = compare_cost(model, against, size, latency=args.latency, setups=setups, **kw)
+    if args.json:
+        print(json.dumps(cost))
+        return 0
+    print(f"size    {size[0]}×{size[1]}      {'this':>12s} {'against':>12s} {'ratio':>8s}")
+    print(f"params  {cost['params'] / 1e6:10.2f} M {cost['against_params'] / 1e6:10.2f} M {cost['params_ratio']:8.3f}")
+    print(f"MACs    {cost['macs'] / 1e9:10.3f} G {cost['against_macs'] / 1e9:10.3f} G {cost['macs_ratio']:8.3f}")
+    if args.latency:
+        print(
+            f"latency {cost['latency_ms']:9.2f} ms {cost['against_latency_ms']:9.2f} ms {cost['latency_ratio']:8.3f}"
+            f" ± {cost['latency_ratio_iqr']:.3f} (median and IQR of {cost['runs']} paired rounds, {cost['device']})"
+        )
+        print(f"gap     latency ratio − MACs ratio = {cost['gap']:+.3f}")
+        print(f"setup   this: {_setup_text(cost['config'])}; against: {_setup_text(cost['against_config'])}")
+        if len(cost["configs"]) > 1:
+            print("by setup (this / against ms, same-setup ratio):")
+            for c in cost["configs"]:
+                print(
+                    f"  {_setup_text(c):40s} {c['latency_ms']:9.2f} / {c['against_latency_ms']:9.2f}"
+                    f"  {c['same_setup_ratio']:.3f}"
+                )
+    return 0
+
+
+def _setup_text(c: dict[str, Any]) -> str:
+    return c["layout"] + (", BN folded" if c["fold_bn"] else "") + (", torch.compile" if c["compile"] else "")
 
 
 def _layer_table(layers: list, total_ms: float, top: int) -> str:
@@ -208,6 +256,11 @@ def _prune(args: argparse.Namespace) -> int:
     if args.checkpoint and Path(args.checkpoint).resolve().is_relative_to(out.resolve()):
         raise UsageError("--out must not be --checkpoint or hold it (the dense model would be overwritten)")
     model = _model_from_args(args)
+    latency_kw = _latency_kw(args)
+    if args.round_to != "auto" and (args.latency_table or args.channels_last):
+        raise UsageError("--latency-table, --channels-last: only with --round-to auto")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fresh_out(out, args.overwrite)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
@@ -226,17 +279,19 @@ def _prune(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
     score_kw = _scorer_inputs(args)
-    cost = plan_cost(model, args.target[0], size) if args.target else None
+    cost = plan_cost(model, args.target[0], size, **latency_kw) if args.target else None
     plan = prune(
         model,
         args.method,
         args.ratio,
         args.thresholds,
-        args.round_to,
+        1 if args.round_to == "auto" else args.round_to,
         args.min_channels,
         rescale=not args.no_rescale,
         target=args.target,
         cost=cost,
+        on_candidate=_candidate_printer(args),
+        fit=_fit(args, model, size),
         **score_kw,
     )
     summary = _prune_summary(args, model, plan, before, size)
@@ -250,6 +305,50 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         _print_pruned(model, plan, summary, out)
     return 0
+
+
+def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
+    """How ``--target latency=X`` times each candidate against the unpruned net (``cost --against``'s way)."""
+    device_used = args.device != "cpu" and args.round_to != "auto"
+    flags = (("--best", args.best), ("--compile", args.compile), ("--device", device_used))
+    given = [f for f, v in flags if v]
+    if not args.target or args.target[0] != "latency":
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --target latency=X (--device: or --round-to auto)")
+        return {}
+    setups = all_setups(args.compile) if args.best else [Setup(compile=args.compile)]
+    return {"setups": setups, "device": args.device, "runs": args.runs}
+
+
+def _fit(args: argparse.Namespace, model: SegmentationModel, size: tuple[int, ...]) -> Any:
+    """``--round-to auto``: the counts the device at hand likes (:func:`~mtprune.evaluate.fit.latency_fit`)."""
+    if args.round_to != "auto":
+        return None
+    table = LatencyTable(args.latency_table, args.device, args.channels_last)
+    print(f"--round-to auto: timing convs on {args.device} (table {table.path})", file=sys.stderr, flush=True)
+    return latency_fit(model, (size[0], size[1]), table)
+
+
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a multiple K or auto") from None
+
+
+def _candidate_printer(args: argparse.Namespace) -> Any:
+    """Each candidate of a target search as one line, as it is measured (stderr with --json)."""
+    if not args.target:
+        return None
+    stream = sys.stderr if args.json else sys.stdout
+
+    def show(c: dict[str, Any]) -> None:
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in c.items() if k != "ratio")
+        print(f"  candidate p={c['ratio']:.4f}: {figures}", file=stream, flush=True)
+
+    return show
 
 
 def _prune_summary(
@@ -275,6 +374,8 @@ def _prune_summary(
 def _print_pruned(model: SegmentationModel, plan: Any, summary: dict[str, Any], out: Path) -> None:
     before, after, size = summary["before"], summary["after"], summary["size"]
     print(f"pruned {model.name} with {summary['method']}, ratio {plan.ratio:.4g} ({plan.thresholds} thresholds)")
+    for name, r in (plan.rounding or {}).items():
+        print(f"  round-to auto: {name} {r['from']} → {r['to']} channels ({r['ms_from']:.3f} → {r['ms_to']:.3f} ms)")
     if plan.target is not None:
         (metric, budget), reached = next(iter(plan.target.items())), plan.target["reached"]
         tried = len(plan.target["candidates"])
@@ -345,6 +446,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_source(p)
     p.add_argument("--size", required=True, type=positive_int, nargs=2, metavar=("H", "W"), help="input size")
     p.add_argument("--latency", action="store_true", help="also measure latency (batch 1, median of --runs)")
+    p.add_argument(
+        "--against",
+        metavar="DIR",
+        help="a second checkpoint (the unpruned net): ratios of params, MACs and, with --latency, of latency, both "
+        "nets timed round-robin (one forward of each per round); with --best each in its fastest setup",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="latency device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="latency dtype")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for latency")
@@ -385,11 +492,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target",
         type=_target,
         metavar="METRIC=X",
-        help="instead of --ratio: the ratio whose pruned net keeps the largest fraction of macs (or params) not "
-        "above X at --size (bisection)",
+        help="instead of --ratio: the ratio whose pruned net keeps the largest fraction of macs, params or latency "
+        "not above X at --size (bisection; latency: each candidate timed against the unpruned net, as cost --against)",
     )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--target latency: where to time")
+    p.add_argument("--best", action="store_true", help="--target latency: each net in its fastest setup (cost --best)")
+    p.add_argument("--compile", action="store_true", help="--target latency: time torch.compile'd nets")
+    p.add_argument("--runs", type=int, default=20, help="--target latency: paired rounds per candidate (≥ 20)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads while timing (default: torch's)")
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
-    p.add_argument("--round-to", type=int, default=1, metavar="K", help="round each kept count up to a multiple of K")
+    p.add_argument(
+        "--round-to",
+        type=_round_to,
+        default=1,
+        metavar="K|auto",
+        help="round each kept count up to a multiple of K; auto: to the count (up to the next multiple of 32) whose "
+        "conv and consumers run fastest on --device, timed once per shape and cached",
+    )
+    p.add_argument("--latency-table", metavar="FILE", help="--round-to auto: the table of timings (default in "
+                   "~/.cache/mtprune, per device, threads, layout and torch version)")  # fmt: skip
+    p.add_argument("--channels-last", action="store_true", help="--round-to auto: time in channels_last layout")
     p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every layer keeps at least")
     p.add_argument(
         "--size", type=positive_int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from mtprune.config import load_config
 from mtprune.pipeline import run_stage
@@ -19,13 +20,20 @@ def _train(args: argparse.Namespace) -> int:
     metrics = run_stage(args.stage, cfg, args.out, init=args.init)
     cleanup()
     shown = {k: v for k, v in metrics.items() if k != "per_class"}
-    print(
-        json.dumps(shown)
-        if args.json
-        else f"{args.stage} done: "
-        + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-    )
+    print(json.dumps(shown) if args.json else f"{args.stage} done: {_metric_line(shown)} (all in {args.out}/done.json)")
     return 0
+
+
+def _metric_line(metrics: dict[str, Any]) -> str:
+    """The scalar metrics, and dicts of scalars as ``key.sub``, as one short line (4 significant digits);
+    distributions, lists and the warnings (already printed) stay in done.json."""
+    flat: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict) and all(isinstance(x, int | float | None) for x in v.values()):
+            flat.update({f"{k}.{sub}": x for sub, x in v.items()})
+        elif isinstance(v, int | float | str | None):
+            flat[k] = v
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,11 +35,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def plan_cost(model: nn.Module, metric: str, size: tuple[int, int]) -> Callable[[Any], float]:
+def plan_cost(model: nn.Module, metric: str, size: tuple[int, int], **latency_kw: Any) -> Callable[[Any], Any]:
     """``plan → the pruned net's MACs (at ``size``) or params as a fraction of ``model``'s``: each plan is
-    applied to a copy of ``model`` on the meta device (shapes only, no weights: fast on any model)."""
+    applied to a copy of ``model`` on the meta device (shapes only, no weights: fast on any model). For
+    ``latency``: ``plan → {"latency", "latency_iqr", "macs"}``, the pruned copy timed against ``model``
+    (:func:`latency_against` with ``latency_kw``: ``setups``, ``device``, ``runs``, ``warmup``)."""
+    if metric == "latency":
+        return _latency_cost(model, size, **latency_kw)
     if metric not in ("macs", "params"):
-        raise UsageError(f"the cost of a plan is its macs or params, not {metric}")
+        raise UsageError(f"the cost of a plan is its macs, params or latency, not {metric}")
 
     def measure(m: nn.Module) -> float:
         return float(count_macs(m, size) if metric == "macs" else count_params(m))
@@ -53,6 +57,18 @@ def plan_cost(model: nn.Module, metric: str, size: tuple[int, int]) -> Callable[
         return measure(pruned) / base
 
     return ratio
+
+
+def _latency_cost(model: nn.Module, size: tuple[int, int], **latency_kw: Any) -> Callable[[Any], dict[str, float]]:
+    """``plan → {"latency": paired latency ratio of the pruned net against model, "latency_iqr", "macs"}``."""
+    macs = plan_cost(model, "macs", size)
+
+    def cost(plan: Any) -> dict[str, float]:
+        pruned = apply_plan(copy.deepcopy(model), plan)
+        r = latency_against({"pruned": pruned}, model, size, **latency_kw)["pruned"]
+        return {"latency": r["latency_ratio"], "latency_iqr": r["latency_ratio_iqr"], "macs": macs(plan)}
+
+    return cost
 
 
 @torch.no_grad()
@@ -389,6 +405,19 @@ def layer_latency(
 LAYOUTS = ("contiguous", "channels_last")
 
 
+def all_setups(compile: bool = False) -> list[Setup]:
+    """Every configuration a deployment would try: both memory layouts, with and without BatchNorm folded
+    into the convolutions (and ``torch.compile`` with freezing, channels_last, if asked)."""
+    variants = [(False, False), (True, False)] + ([(True, True)] if compile else [])
+    return [Setup(layout == "channels_last", f, c) for layout in LAYOUTS for f, c in variants]
+
+
+def setup_dict(st: Setup) -> dict[str, object]:
+    """``{"layout", "fold_bn", "compile"}`` of a :class:`Setup` (the JSON form)."""
+    layout = "channels_last" if st.channels_last else "contiguous"
+    return {"layout": layout, "fold_bn": st.fold_bn, "compile": st.compile}
+
+
 def best_latency(
     model: nn.Module,
     size: tuple[int, int],
@@ -398,34 +427,128 @@ def best_latency(
     warmup: int = 5,
     compile: bool = False,
 ) -> dict[str, object]:
-    """The net in its fastest configuration — the figure a deployment engineer ships: every memory layout
-    (contiguous, channels_last) with and without BatchNorm folded into the convolutions (and with
-    ``torch.compile`` too if asked), timed round-robin (:func:`interleaved_latency`), and which was fastest.
+    """The net in its fastest configuration — the figure a deployment engineer ships: every setup of
+    :func:`all_setups`, timed round-robin (:func:`interleaved_latency`), and which was fastest.
 
     Returns ``{"best": {"layout", "fold_bn", "compile", "latency_ms", "latency_iqr_ms", "device"},
     "configs": [...]}``.
     """
-    variants = [(False, False), (True, False)] + ([(True, True)] if compile else [])
-    setups = {
-        Setup(layout == "channels_last", f, c).label: Setup(layout == "channels_last", f, c)
-        for layout in LAYOUTS
-        for f, c in variants
-    }
+    setups = {st.label: st for st in all_setups(compile)}
     timed = interleaved_latency(
         dict.fromkeys(setups, model), size, device, dtype, warmup=warmup, runs=runs, setups=setups
     )
     model.to(memory_format=torch.contiguous_format)
     configs = [
-        {
-            "layout": "channels_last" if st.channels_last else "contiguous",
-            "fold_bn": st.fold_bn,
-            "compile": st.compile,
-            **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device")},
-        }
+        {**setup_dict(st), **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device")}}
         for name, st in setups.items()
     ]
     best = min(configs, key=lambda c: c["latency_ms"])
     return {"best": best, "configs": configs}
+
+
+AGAINST = "against"
+
+
+def latency_against(
+    models: dict[str, nn.Module],
+    against: nn.Module,
+    size: tuple[int, int],
+    setups: Sequence[Setup] = (Setup(),),
+    device: str = "cpu",
+    dtype: str = "float32",
+    runs: int = 20,
+    warmup: int = 5,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict[str, Any]]:
+    """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
+    setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`); every net, the
+    reference too, then takes its fastest setup, and the ratio is paired per round — with
+    ``setups=all_setups()`` best against best, the figure a user ships. Used by ``mtprune cost --against``,
+    the latency stage of ``mtprune run``, ``prune --target latency=X`` and ``bench/latency.py``.
+
+    Returns ``{name: {"latency_ratio", "latency_ratio_iqr" (median and IQR over rounds of the per-round
+    ratio), "latency_ms", "latency_iqr_ms", "against_latency_ms", "against_latency_iqr_ms", "config",
+    "against_config" (each net's fastest setup), "device", "runs", "times_ms", "configs": [{**setup,
+    "latency_ms", "latency_iqr_ms", "same_setup_ratio", "times_ms"}]}}``.
+    """
+    if AGAINST in models:
+        raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
+    nets = {**models, AGAINST: against}
+    entries = {f"{n}|{st.label}": (m, st) for n, m in nets.items() for st in setups}
+    timed = interleaved_latency(
+        {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
+        setups={k: st for k, (_, st) in entries.items()}, clock=clock,
+    )  # fmt: skip
+    for m in nets.values():
+        m.to(memory_format=torch.contiguous_format)
+
+    def fastest(n: str) -> Setup:
+        return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])
+
+    ref = fastest(AGAINST)
+    return {n: _against_entry(timed, n, fastest(n), ref, setups) for n in models}
+
+
+def _against_entry(
+    timed: dict[str, dict[str, Any]], name: str, best: Setup, ref: Setup, setups: Sequence[Setup]
+) -> dict[str, Any]:
+    """One net's figures of :func:`latency_against` from the round-robin timings ``timed``."""
+    t, a = timed[f"{name}|{best.label}"], timed[f"{AGAINST}|{ref.label}"]
+    r = paired_ratio(t["times_ms"], a["times_ms"])
+    configs = [_config_row(st, timed[f"{name}|{st.label}"], timed[f"{AGAINST}|{st.label}"]) for st in setups]
+    return {
+        "latency_ratio": r["ratio"],
+        "latency_ratio_iqr": r["ratio_iqr"],
+        "latency_ms": t["latency_ms"],
+        "latency_iqr_ms": t["latency_iqr_ms"],
+        "against_latency_ms": a["latency_ms"],
+        "against_latency_iqr_ms": a["latency_iqr_ms"],
+        "config": setup_dict(best),
+        "against_config": setup_dict(ref),
+        "device": t["device"],
+        "runs": t["runs"],
+        "times_ms": t["times_ms"],
+        "against_times_ms": a["times_ms"],
+        "configs": configs,
+    }
+
+
+def _config_row(st: Setup, net: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
+    """A net and the reference in the same setup: both latencies and their paired ratio."""
+    return {
+        **setup_dict(st),
+        "latency_ms": net["latency_ms"],
+        "latency_iqr_ms": net["latency_iqr_ms"],
+        "against_latency_ms": against["latency_ms"],
+        "against_latency_iqr_ms": against["latency_iqr_ms"],
+        "same_setup_ratio": paired_ratio(net["times_ms"], against["times_ms"])["ratio"],
+        "times_ms": net["times_ms"],
+        "against_times_ms": against["times_ms"],
+    }
+
+
+def compare_cost(
+    model: nn.Module,
+    against: nn.Module,
+    size: tuple[int, int],
+    latency: bool = True,
+    setups: Sequence[Setup] = (Setup(),),
+    **latency_kw: Any,
+) -> dict[str, Any]:
+    """``model`` (e.g. the pruned net) against ``against`` (the unpruned one): ``params``, ``macs`` of both,
+    ``params_ratio``, ``macs_ratio`` and, with ``latency``, :func:`latency_against`'s figures and ``gap``
+    (= ``latency_ratio − macs_ratio``: how much less the net speeds up than its work shrinks) — the keys of
+    ``mtprune cost --against --json``."""
+    out: dict[str, Any] = {"size": list(size)}
+    for key, net in (("", model), ("against_", against)):
+        out[f"{key}params"], out[f"{key}macs"] = count_params(net), count_macs(net, size)
+    out["params_ratio"] = out["params"] / out["against_params"]
+    out["macs_ratio"] = out["macs"] / out["against_macs"]
+    if latency:
+        out.update(latency_against({"model": model}, against, size, setups, **latency_kw)["model"])
+        out["gap"] = out["latency_ratio"] - out["macs_ratio"]
+    return out
 
 
 def model_cost(

@@ -8,51 +8,24 @@ A :class:`SegmentationModel` holds
 - ``cls_head``: global average pooling + a linear layer, with its own number of classes, so that
   backbone + ``cls_head`` is the classification net N1.
 
-and declares its prunable channel groups (:meth:`prunable_layers`), each tagged ``backbone`` or
-``decoder``. The rules that choose them are written where each model implements them.
+and finds its prunable channel groups (:meth:`prunable_layers`), each tagged ``backbone`` or
+``decoder``, from Torch-Pruning's dependency graph (:mod:`mtprune.models.groups`): the same rule for the
+built-in nets and for any net a user brings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKBONE = "backbone"
-DECODER = "decoder"
-
-
-@dataclass(frozen=True)
-class PrunableLayer:
-    """One prunable channel group: the output channels of ``conv`` and of the BatchNorm ``bn`` after it.
-
-    ``conv`` and ``bn`` are module names in the whole model (``model.get_submodule(name)``); the BN
-    scale γ of ``bn`` is the channel's importance score. ``part`` is ``"backbone"`` or ``"decoder"``.
-    """
-
-    conv: str
-    bn: str
-    part: str
-    #: further BatchNorms whose channels go with these (after a depthwise conv that follows the conv)
-    followers: tuple[str, ...] = ()
-    #: the BNs of other convs whose outputs a sum or product ties to these (``coupled: group``): pruned with
-    #: them, and their |γ| added to the score
-    tied: tuple[str, ...] = ()
-
-    @property
-    def scored(self) -> tuple[str, ...]:
-        """The BNs whose |γ| (summed) score the channels: ``bn`` and the tied ones."""
-        return (self.bn, *self.tied)
-
-    @property
-    def all_bns(self) -> tuple[str, ...]:
-        """Every BN whose channels the group removes."""
-        return (self.bn, *self.tied, *self.followers)
+# the names of the MTP split and its channel groups are defined with the groups; imported from here too
+from mtprune.models.groups import BACKBONE, DECODER, PrunableLayer, model_groups  # noqa: F401
 
 
 class ClassificationHead(nn.Module):
@@ -89,6 +62,9 @@ class SegmentationModel(nn.Module):
 
     #: the model's registered family name (``deeplabv3``, ``pspnet``, ``bisenet``)
     family: str = ""
+    #: channels tied by a residual sum or a product: left alone (``skip``, the paper's rule) or pruned
+    #: together (``group``)
+    coupled: str = "skip"
 
     def __init__(self, name: str, num_classes: int, cls_classes: int, width: float) -> None:
         super().__init__()
@@ -96,6 +72,7 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.cls_classes = cls_classes
         self.width = width
+        self._groups: list[PrunableLayer] | None = None
 
     # --- forwards -------------------------------------------------------------------------------
     def seg_outputs(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, Any]:
@@ -117,8 +94,21 @@ class SegmentationModel(nn.Module):
 
     # --- MTP split ------------------------------------------------------------------------------
     def prunable_layers(self) -> list[PrunableLayer]:
-        """The prunable channel groups, in a fixed order (backbone first, then decoder)."""
-        raise NotImplementedError
+        """The prunable channel groups in module order, found once from the dependency graph
+        (:func:`mtprune.models.groups.model_groups`); they do not change when channels are removed."""
+        if self._groups is None:
+            self._groups = model_groups(self)
+        return list(self._groups)
+
+    def kept_modules(self) -> list[str]:
+        """Convs never pruned though the rule would allow it: the backbone's ``kept_modules`` (a ResNet's
+        stem, as in the paper), as names in the whole model."""
+        return [f"backbone.{n}" for n in getattr(self.backbone, "kept_modules", ())]
+
+    def groups_key(self) -> str | None:
+        """Models with the same key have the same groups (traced once per process): a built-in net's follow
+        from its :meth:`arch`. None: trace this model itself."""
+        return json.dumps(self.arch(), sort_keys=True)
 
     def training_only_modules(self) -> list[str]:
         """Modules that the deployed segmentation net does not run (not counted in its parameters)."""

@@ -14,9 +14,10 @@
   and ``conv_head32``, used in training only. Channel counts follow TorchSeg (ycszen), the
   implementation the paper used (its footnote 3).
 
-Prunable decoder channels (rule: a conv followed by a BN whose output is not the logits and is not tied
-to another conv's output by an element-wise sum or product): the three spatial-path convs, ``conv_head16``
-(feeds a concatenation and an auxiliary head) and the 3×3 conv of each of the three heads. Not prunable:
+Prunable decoder channels, as :mod:`mtprune.models.groups` finds them (a conv followed by a BN whose
+output is not the logits and is not tied to another conv's output by an element-wise sum or product):
+the three spatial-path convs, ``conv_head16`` (feeds a concatenation and an auxiliary head) and the 3×3
+conv of each of the three heads. Not prunable:
 the ARM convs and their attention convs (product, then sum), the global-context conv and
 ``conv_head32`` (sums), the FFM's convs (product and sum; the attention convs have no BN).
 """
@@ -30,10 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtprune.models.base import (
-    DECODER,
     ClassificationHead,
     ConvBNReLU,
-    PrunableLayer,
     SegmentationModel,
     scaled,
     upsample_to,
@@ -140,19 +139,6 @@ class BiSeNet(SegmentationModel):
         if aux:
             aux_out = [upsample_to(h(f), x.shape[-2:]) for h, f in zip(dec.aux_heads, (fcp8, fcp16), strict=True)]
         return {"out": out, "aux": aux_out}
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        names = [
-            "decoder.spatial_path.conv1",
-            "decoder.spatial_path.conv2",
-            "decoder.spatial_path.conv3",
-            "decoder.context_path.conv_head16",
-            "decoder.head.conv",
-            "decoder.aux_heads.0.conv",
-            "decoder.aux_heads.1.conv",
-        ]
-        dec = [PrunableLayer(f"{n}.conv", f"{n}.bn", DECODER) for n in names]
-        return self.backbone.prunable_layers() + dec
 
     def training_only_modules(self) -> list[str]:
         return ["cls_head", "decoder.aux_heads"]

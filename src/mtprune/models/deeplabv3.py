@@ -5,9 +5,10 @@ image-pooling branch, 1×1 projection + dropout 0.5) followed by DeepLabHead's 3
 1×1 logits conv, with ``256·width`` channels. Backbone: torchvision ResNet with
 ``replace_stride_with_dilation=[False, False, True]``, multi-grid (1, 1, 1).
 
-Prunable decoder channels (rule: every conv followed by a BN whose output is not the logits): the five
-ASPP branch convs (``decoder.aspp.convs.0`` … ``.4``, the image-pooling one included), the projection
-``decoder.aspp.project.0`` and the head conv ``decoder.head.0``.
+Prunable decoder channels, as :mod:`mtprune.models.groups` finds them (every conv followed by a BN
+whose output is not the logits): the five ASPP branch convs (``decoder.aspp.convs.0`` … ``.4``, the
+image-pooling one included), the projection ``decoder.aspp.project.0`` and the head conv
+``decoder.head.0``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from mtprune.models.base import DECODER, ClassificationHead, PrunableLayer, SegmentationModel, scaled, upsample_to
+from mtprune.models.base import ClassificationHead, SegmentationModel, scaled, upsample_to
 from mtprune.models.resnet import ResNetBackbone
 
 
@@ -59,16 +60,3 @@ class DeepLabV3(SegmentationModel):
     def seg_outputs(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, Any]:
         logits = self.decoder(self.backbone(x)["c5"])
         return {"out": upsample_to(logits, x.shape[-2:]), "aux": []}
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        dec = [
-            *((f"decoder.aspp.convs.{i}.0", f"decoder.aspp.convs.{i}.1") for i in range(self.decoder.num_branches - 1)),
-            # the image-pooling branch: AdaptiveAvgPool(0) -> conv(1) -> BN(2) -> ReLU(3)
-            (
-                f"decoder.aspp.convs.{self.decoder.num_branches - 1}.1",
-                f"decoder.aspp.convs.{self.decoder.num_branches - 1}.2",
-            ),
-            ("decoder.aspp.project.0", "decoder.aspp.project.1"),
-            ("decoder.head.0", "decoder.head.1"),
-        ]
-        return self.backbone.prunable_layers() + [PrunableLayer(c, b, DECODER) for c, b in dec]

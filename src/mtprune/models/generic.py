@@ -27,12 +27,10 @@ from mtprune.models.base import (
     BACKBONE,
     DECODER,
     ClassificationHead,
-    PrunableLayer,
     SegmentationModel,
     last_feature,
     upsample_to,
 )
-from mtprune.models.groups import discover_prunable_layers
 
 
 def _key(name: str) -> str:
@@ -97,7 +95,6 @@ class WrappedSegmentationModel(SegmentationModel):
         object.__setattr__(self, "_net", net)  # runs the forward; its modules are the parts above
         _check_covered(net, self.parts, spec)
         self.cls_head = ClassificationHead(self._feature_channels(), cls_classes)
-        self._groups: list[PrunableLayer] | None = None
         self.source_file: Path | None = None  # a python: factory's file (a checkpoint carries a copy)
 
     def _feature_channels(self) -> int:
@@ -116,11 +113,8 @@ class WrappedSegmentationModel(SegmentationModel):
         fit = [t if t.shape[-2:] == size else upsample_to(t, size) for t in [main, *extra]]
         return {"out": fit[0], "aux": fit[1:] if aux else []}
 
-    def prunable_layers(self) -> list[PrunableLayer]:
-        if self._groups is None:  # traced once per model: the groups do not change when channels are removed
-            parts = {BACKBONE: ["backbone"], DECODER: ["decoder"]}
-            self._groups = discover_prunable_layers(self, parts, coupled=self.coupled)
-        return list(self._groups)
+    def groups_key(self) -> str | None:
+        return None  # a user's factory may build another net under the same spec: trace each model
 
     def arch(self) -> dict[str, Any]:
         return {**super().arch(), "model_args": self.model_args, "parts": self.parts, "coupled": self.coupled}

@@ -5,8 +5,9 @@ Decoder: for each bin b in (1, 2, 3, 6), adaptive average pooling to b×b → 1�
 backbone features, then a 3×3 bottleneck conv-BN-ReLU to ``512·width`` channels, dropout 0.1 and the
 1×1 logits conv.
 
-Prunable decoder channels (rule: every conv followed by a BN whose output is not the logits): the four
-pyramid branch convs ``decoder.ppm.stages.{i}.conv`` and the bottleneck ``decoder.bottleneck.conv``.
+Prunable decoder channels, as :mod:`mtprune.models.groups` finds them (every conv followed by a BN
+whose output is not the logits): the four pyramid branch convs ``decoder.ppm.stages.{i}.conv`` and the
+bottleneck ``decoder.bottleneck.conv``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import torch
 from torch import nn
 
 from mtprune.models.base import (
-    DECODER,
     ClassificationHead,
     ConvBNReLU,
-    PrunableLayer,
     SegmentationModel,
     scaled,
     upsample_to,
@@ -82,11 +81,3 @@ class PSPNet(SegmentationModel):
     def seg_outputs(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, Any]:
         logits = self.decoder(self.backbone(x)["c5"])
         return {"out": upsample_to(logits, x.shape[-2:]), "aux": []}
-
-    def prunable_layers(self) -> list[PrunableLayer]:
-        dec = [
-            PrunableLayer(f"decoder.ppm.stages.{i}.conv", f"decoder.ppm.stages.{i}.bn", DECODER)
-            for i in range(len(self.decoder.ppm.stages))
-        ]
-        dec.append(PrunableLayer("decoder.bottleneck.conv", "decoder.bottleneck.bn", DECODER))
-        return self.backbone.prunable_layers() + dec

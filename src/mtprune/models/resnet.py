@@ -5,9 +5,10 @@ ImageNet checkpoint of torchvision loads as it is (:func:`load_torchvision_weigh
 ``.pth`` file only: nothing is ever downloaded.
 
 Prunable channels (paper, Sec. 3 / appendix: "post-activation ResNet, only the first two convs of each
-residual block"): ``conv1`` and ``conv2`` of every Bottleneck, ``conv1`` of every BasicBlock. A block's
-last conv is tied to the shortcut by the residual sum and is never pruned; nor is the stem, whose
-output feeds the first block's shortcut.
+residual block"), as the dependency graph finds them (:mod:`mtprune.models.groups`): ``conv1`` and
+``conv2`` of every Bottleneck, ``conv1`` of every BasicBlock. A block's last conv is tied to the
+shortcut by the residual sum and is never pruned; nor is the stem (``kept_modules``): tied to the first
+block's shortcut in a BasicBlock ResNet, and kept in a Bottleneck one too, as the paper does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 from mtprune.errors import CheckpointError
-from mtprune.models.base import BACKBONE, PrunableLayer, scaled
+from mtprune.models.base import scaled
 from mtprune.models.weights import check_state
 
 
@@ -60,6 +61,9 @@ class ResNetBackbone(tvr.ResNet):
     ``replace_stride_with_dilation`` (``[False, False, True]``: output stride 16; ``[False, True, True]``:
     output stride 8).
     """
+
+    #: modules the pruning rule would allow but that are never pruned: the stem, as in the paper
+    kept_modules = ("conv1",)
 
     def __init__(self, depth: int, width: float = 1.0, dilation: tuple[bool, bool, bool] = (False,) * 3) -> None:
         if depth not in DEPTHS:
@@ -104,17 +108,6 @@ class ResNetBackbone(tvr.ResNet):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
-
-    def prunable_layers(self, prefix: str = "backbone.") -> list[PrunableLayer]:
-        """Rule: conv1 and conv2 of every Bottleneck, conv1 of every BasicBlock; never the stem or a
-        block's last conv (its output is summed with the shortcut)."""
-        out = []
-        for lname in ("layer1", "layer2", "layer3", "layer4"):
-            for i, blk in enumerate(getattr(self, lname)):
-                convs = (1, 2) if isinstance(blk, tvr.Bottleneck) else (1,)
-                for k in convs:
-                    out.append(PrunableLayer(f"{prefix}{lname}.{i}.conv{k}", f"{prefix}{lname}.{i}.bn{k}", BACKBONE))
-        return out
 
 
 def load_torchvision_weights(model: nn.Module, path: str | Path) -> list[str]:

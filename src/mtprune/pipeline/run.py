@@ -44,7 +44,9 @@ def check_run_config(cfg: Config) -> None:
             raise UsageError(f"run.ratios: {p} is outside (0, 1)")
     for t in r.targets:
         if len(t) != 1 or next(iter(t)) not in TARGET_METRICS or not 0 < next(iter(t.values())) < 1:
-            raise UsageError(f"run.targets: {t} is not one of {{macs: X}}, {{params: X}} with X in (0, 1)")
+            raise UsageError(
+                f"run.targets: {t} is not one of {{macs: X}}, {{params: X}}, {{latency: X}} with X in (0, 1)"
+            )
     if isinstance(r.without_cls_finetune, list):
         for m in r.without_cls_finetune:
             if m not in r.methods:

@@ -3,7 +3,9 @@ of Algorithm 1), pruning, evaluation and the round-robin latency of every model.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ import torch
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
-from mtprune.evaluate.cost import count_macs, count_params, interleaved_latency, plan_cost
+from mtprune.evaluate.cost import count_macs, count_params, latency_against, plan_cost
+from mtprune.evaluate.fit import LatencyTable, latency_fit
 from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
 from mtprune.layout import QUALITATIVE_FILE, Budget
@@ -45,13 +48,16 @@ def cost_size(cfg: Config) -> tuple[int, int]:
 def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config) -> dict[str, Any]:
     """What a prune stage computes from: the source model, the method, ratio (or target), thresholds and the
     ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data; a target is
-    measured at the cost size)."""
+    measured at the cost size, a latency target with the latency stage's rounds and threads)."""
     keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
     how: dict[str, Any] = {"ratio": budget}
     if isinstance(budget, dict):
         how = {"target": budget, "size": list(cost_size(cfg))}
+        keys += ("run.latency_runs", "run.latency_threads") if "latency" in budget else ()
+    if cfg.run.round_to == "auto":
+        keys += ("run.latency_threads",)
     return {
         "stage": "prune",
         "input": input_id(src),
@@ -73,9 +79,14 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
         th = thresholds if thresholds in THRESHOLDS else "independent"
         if isinstance(budget, dict):
             target = next(iter(budget.items()))
-            kw.update(target=target, cost=plan_cost(model, target[0], cost_size(cfg)))
+            kw.update(target=target, cost=plan_cost(model, target[0], cost_size(cfg), **_target_timing(target, cfg)))
         ratio = None if isinstance(budget, dict) else budget
-        plan = prune(model, m.scorer, ratio, th, cfg.run.round_to, cfg.run.min_channels, **kw)
+        auto = cfg.run.round_to == "auto"
+        with latency_threads(cfg):
+            fit = latency_fit(model, cost_size(cfg), LatencyTable()) if auto else None
+            plan = prune(
+                model, m.scorer, ratio, th, 1 if auto else cfg.run.round_to, cfg.run.min_channels, fit=fit, **kw
+            )
         write_json(out / "plan.json", plan.to_dict())
         pruned = {"method": method, "ratio": plan.ratio, "thresholds": thresholds}
         if isinstance(budget, dict):
@@ -84,6 +95,24 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
         write_json(out / DONE_FILE, {"stage": "prune", **pruned})
 
     return Stage(out.name, out, prune_recipe(src, method, budget, thresholds, cfg), run)
+
+
+def _target_timing(target: tuple[str, float], cfg: Config) -> dict[str, Any]:
+    """A latency target's candidates are timed as the latency stage times the run's nets: on the CPU,
+    ``run.latency_runs`` paired rounds, ``run.latency_threads`` threads."""
+    return {"device": "cpu", "runs": cfg.run.latency_runs} if target[0] == "latency" else {}
+
+
+@contextlib.contextmanager
+def latency_threads(cfg: Config) -> Iterator[None]:
+    """``run.latency_threads`` CPU threads inside the block (torch's default when unset), restored after."""
+    threads = torch.get_num_threads()
+    if cfg.run.latency_threads:
+        torch.set_num_threads(cfg.run.latency_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
@@ -144,21 +173,19 @@ def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
 
 def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
     """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
-    (:func:`~mtprune.evaluate.cost.interleaved_latency`: one forward of each per round, so the machine's
-    drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio",
-    "ratio_iqr"}}``, the ratio paired per round. Redone (not refused) when a model or a setting changed."""
+    (:func:`~mtprune.evaluate.cost.latency_against`, as ``mtprune cost --against``: one forward of each per
+    round, so the machine's drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms",
+    "latency_device", "ratio", "ratio_iqr"}}``, the ratio paired per round. Redone (not refused) when a
+    model or a setting changed."""
 
     def run() -> dict[str, dict[str, Any]]:
         size = cost_size(cfg)
         models = {tag: load_model(src).cpu() for tag, src in sources.items()}
-        threads = torch.get_num_threads()
-        if cfg.run.latency_threads:
-            torch.set_num_threads(cfg.run.latency_threads)
-        try:
-            timed = interleaved_latency(models, size, device="cpu", runs=cfg.run.latency_runs, reference="dense")
-        finally:
-            torch.set_num_threads(threads)
-        lat = {tag: _latency_entry(t) for tag, t in timed.items()}
+        dense = models.pop("dense")
+        with latency_threads(cfg):
+            timed = latency_against(models or {"dense-copy": dense}, dense, size, runs=cfg.run.latency_runs)
+        lat = {"dense": _dense_entry(next(iter(timed.values())))} if timed else {}
+        lat.update({tag: _latency_entry(t) for tag, t in timed.items() if tag in models})
         inputs = {tag: input_id(src) for tag, src in sources.items()}
         write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat, "inputs": inputs})
         return lat
@@ -170,4 +197,9 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
 
 def _latency_entry(t: dict[str, Any]) -> dict[str, Any]:
     keys = {"latency_ms": "latency_ms", "latency_iqr_ms": "latency_iqr_ms", "latency_device": "device"}
-    return {k: t[v] for k, v in keys.items()} | {"ratio": t["ratio"], "ratio_iqr": t["ratio_iqr"]}
+    return {k: t[v] for k, v in keys.items()} | {"ratio": t["latency_ratio"], "ratio_iqr": t["latency_ratio_iqr"]}
+
+
+def _dense_entry(t: dict[str, Any]) -> dict[str, Any]:
+    keys = {"latency_ms": "against_latency_ms", "latency_iqr_ms": "against_latency_iqr_ms", "latency_device": "device"}
+    return {k: t[v] for k, v in keys.items()} | {"ratio": 1.0, "ratio_iqr": 0.0}

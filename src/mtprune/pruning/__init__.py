@@ -12,14 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from mtprune.errors import UsageError
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes
 from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
 from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
-from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap
+from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap, with_counts
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
-from mtprune.pruning.search import TARGET_METRICS, parse_target, search_ratio
+from mtprune.pruning.search import TARGET_METRICS, Cost, parse_target, search_ratio
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
 
 
@@ -30,17 +32,34 @@ def make_plan(
     thresholds: str = "independent",
     round_to: int = 1,
     min_channels: int = 1,
+    fit: Fit | None = None,
     **score_kw: Any,
 ) -> PruningPlan:
     """Score ``model``'s prunable channels with ``method`` (a scorer, or a method of
-    :data:`~mtprune.pruning.methods.METHODS`: its scorer) and choose the kept ones (no model change)."""
+    :data:`~mtprune.pruning.methods.METHODS`: its scorer) and choose the kept ones (no model change);
+    ``fit``: :func:`refit` the counts (``--round-to auto``)."""
     scorer = get_scorer(scorer_of(method))
     ratio = check_ratio(ratio)
     layers = model.prunable_layers()
     scores = scorer.fn(model, layers, **score_kw)
     plan = compute_plan(scores, layers, ratio, scorer.scope, thresholds, min_channels, round_to, method=method)
     plan.model = model.arch()
-    return plan
+    return refit(plan, scores, fit)
+
+
+#: plan → (the kept count each layer should have instead, a report of why): ``--round-to auto``'s choice
+Fit = Callable[[PruningPlan], tuple[dict[str, int], dict[str, Any]]]
+
+
+def refit(plan: PruningPlan, scores: dict[str, torch.Tensor], fit: Fit | None) -> PruningPlan:
+    """``plan`` with the counts ``fit`` chooses (never fewer channels than the scores keep; the best-scored
+    removed ones come back), ``round_to`` "auto" and the report in ``rounding``; ``plan`` as is without one."""
+    if fit is None:
+        return plan
+    counts, report = fit(plan)
+    out = with_counts(plan, scores, counts)
+    out.round_to, out.rounding = "auto", report
+    return out
 
 
 def prune(
@@ -53,14 +72,18 @@ def prune(
     *,
     rescale: bool = True,
     target: tuple[str, float] | None = None,
-    cost: Callable[[PruningPlan], float] | None = None,
+    cost: Cost | None = None,
+    on_candidate: Callable[[dict[str, Any]], None] | None = None,
+    fit: Fit | None = None,
     **score_kw: Any,
 ) -> PruningPlan:
     """Prune ``model`` in place (physically) and return the plan that was applied.
 
     Exactly one of ``ratio`` (the fraction of prunable channels removed) and ``target`` (a budget such as
     ``("macs", 0.5)``, with ``cost``: plan → the pruned net's metric as a fraction of the unpruned one's;
-    :func:`~mtprune.pruning.search.search_ratio` finds the ratio, recorded in ``plan.target``).
+    :func:`~mtprune.pruning.search.search_ratio` finds the ratio, recorded in ``plan.target``; each
+    candidate tried is passed to ``on_candidate`` as it is measured). ``fit`` refits each plan's counts
+    (:func:`refit`; ``--round-to auto``), every candidate's too.
 
     ``thinet``: the statistics (``score_kw["stats"]``, or measured here from ``images=…``, see
     :func:`~mtprune.pruning.thinet.thinet_statistics`) choose the channels, and with ``rescale`` (default)
@@ -79,9 +102,11 @@ def prune(
         stats = score_kw.get("stats") or thinet_statistics(model, model.prunable_layers(), **score_kw)
         score_kw = {"stats": stats}
     if target is None:
-        plan = make_plan(model, method, float(ratio), thresholds, round_to, min_channels, **score_kw)
+        plan = make_plan(model, method, float(ratio), thresholds, round_to, min_channels, fit, **score_kw)
     else:
-        plan = _plan_for_target(model, method, target, cost, thresholds, round_to, min_channels, **score_kw)
+        plan = _plan_for_target(
+            model, method, target, cost, thresholds, round_to, min_channels, on_candidate, fit, **score_kw
+        )
     apply_plan(model, plan)
     if stats is not None and rescale:
         thinet_rescale(model, plan, stats)
@@ -96,6 +121,8 @@ def _plan_for_target(
     thresholds: str,
     round_to: int,
     min_channels: int,
+    on_candidate: Callable[[dict[str, Any]], None] | None = None,
+    fit: Fit | None = None,
     **score_kw: Any,
 ) -> PruningPlan:
     """The plan of the smallest ratio whose cost meets ``target`` (the scores computed once)."""
@@ -106,15 +133,16 @@ def _plan_for_target(
     def plan_at(p: float) -> PruningPlan:
         plan = compute_plan(scores, layers, p, scorer.scope, thresholds, min_channels, round_to, method=method)
         plan.model = model.arch()
-        return plan
+        return refit(plan, scores, fit)
 
     metric, budget = target
-    plan, reached, trail = search_ratio(plan_at, cost, budget, metric)
+    plan, reached, trail = search_ratio(plan_at, cost, budget, metric, on_candidate=on_candidate)
     plan.target = {metric: budget, "reached": reached, "candidates": trail}
     return plan
 
 
 __all__ = [
+    "Fit",
     "METHODS",
     "SCORERS",
     "THRESHOLDS",
@@ -133,6 +161,7 @@ __all__ = [
     "parse_target",
     "plan_overlap",
     "prune",
+    "refit",
     "register_method",
     "register_scorer",
     "scorer_inputs",

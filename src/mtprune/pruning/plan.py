@@ -14,11 +14,13 @@ rule — among equal scores, the channel with the larger *relative* index ``i / 
 the later layer, then the larger index — so a net whose scores are all equal (a fresh net, γ = 1) loses
 close to p of every layer rather than whole layers. Per-layer scorers (``uniform``) remove ⌊p·n_l⌋
 channels of every layer. Afterwards every layer keeps at least ``min_channels``, and with ``round_to K``
-its kept count is rounded up to a multiple of K (at most all its channels), keeping the best-scored.
+its kept count is rounded up to a multiple of K (at most all its channels), keeping the best-scored;
+:func:`with_counts` grows chosen layers the same way (``--round-to auto``: counts the hardware likes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,12 +48,13 @@ class PruningPlan:
     method: str
     ratio: float
     thresholds: str
-    round_to: int
+    round_to: int | str  # a multiple K, or "auto": the counts the hardware at hand likes (``rounding``)
     min_channels: int
     layers: dict[str, LayerPlan]
     tau: dict[str, float] = field(default_factory=dict)  # per ranking: the score of the last removed channel
     model: dict[str, Any] = field(default_factory=dict)  # the dense model's arch (build_model arguments)
     target: dict[str, Any] | None = None  # pruned to a budget: {"macs": 0.5, "size": [H, W], "reached": 0.497, …}
+    rounding: dict[str, Any] | None = None  # round_to "auto": per changed layer {"from", "to", "ms_from", "ms_to"}
 
     def removed_fraction(self, part: str | None = None) -> float:
         ls = [lp for lp in self.layers.values() if part is None or lp.part == part]
@@ -70,6 +73,7 @@ class PruningPlan:
             "min_channels": self.min_channels,
             "tau": self.tau,
             **({"target": self.target} if self.target is not None else {}),
+            **({"rounding": self.rounding} if self.rounding is not None else {}),
             "removed_fraction": {
                 "all": self.removed_fraction(),
                 BACKBONE: self.removed_fraction(BACKBONE),
@@ -91,12 +95,13 @@ class PruningPlan:
                 method=d["method"],
                 ratio=float(d["ratio"]),
                 thresholds=d["thresholds"],
-                round_to=int(d["round_to"]),
+                round_to=d["round_to"] if d["round_to"] == "auto" else int(d["round_to"]),
                 min_channels=int(d["min_channels"]),
                 layers=layers,
                 tau=dict(d.get("tau", {})),
                 model=dict(d.get("model", {})),
                 target=d.get("target"),
+                rounding=d.get("rounding"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"not a valid pruning plan ({type(e).__name__}: {e})") from None
@@ -196,8 +201,24 @@ def compute_plan(
         target = max(len(kept), min(min_channels, n))
         if round_to > 1:
             target = min(n, math.ceil(target / round_to) * round_to)
-        if target > len(kept):  # restore the best-scored removed channels (ties: lower index first)
-            back = sorted(removed[li], key=lambda c: (-float(s[c]), c))[: target - len(kept)]
-            kept = sorted(kept + back)
-        plan_layers[layer.conv] = LayerPlan(layer.part, n, kept)
+        plan_layers[layer.conv] = LayerPlan(layer.part, n, _restored(kept, s, target))
     return PruningPlan(method, ratio, thresholds, round_to, min_channels, plan_layers, tau)
+
+
+def _restored(kept: list[int], scores: torch.Tensor, count: int) -> list[int]:
+    """``kept`` grown to ``count`` channels by the best-scored removed ones (ties: lower index first)."""
+    if count <= len(kept):
+        return kept
+    removed = set(range(scores.numel())) - set(kept)
+    back = sorted(removed, key=lambda c: (-float(scores[c]), c))[: count - len(kept)]
+    return sorted(kept + back)
+
+
+def with_counts(plan: PruningPlan, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> PruningPlan:
+    """``plan`` with each layer named in ``counts`` keeping that many channels — never fewer than it keeps,
+    never more than it has: the best-scored removed channels come back, as with ``round_to``."""
+    layers = dict(plan.layers)
+    for name, count in counts.items():
+        lp = layers[name]
+        layers[name] = LayerPlan(lp.part, lp.channels, _restored(lp.kept, scores[name], min(count, lp.channels)))
+    return dataclasses.replace(plan, layers=layers)

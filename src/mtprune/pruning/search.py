@@ -1,5 +1,7 @@
 """Pruning to a budget: the ratio p whose plan's cost (MACs, params or latency of the pruned net, as a
-fraction of the unpruned one's) is the largest not above a target, by bisection over p."""
+fraction of the unpruned one's) is the largest not above a target, by bisection over p. A latency is
+measured (the pruned net against the unpruned one, round-robin, on the device at hand), so its search
+stops at a coarser ``tol`` (:data:`LATENCY_TOL`): a candidate costs seconds, not microseconds."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ from mtprune.errors import UsageError
 from mtprune.pruning.plan import PruningPlan
 
 #: the budgets a target can name; the cost of each is measured by the caller (evaluation sits above pruning)
-TARGET_METRICS = ("macs", "params")
+TARGET_METRICS = ("macs", "params", "latency")
+#: the bisection's resolution in p for a latency target (each candidate is timed)
+LATENCY_TOL = 0.01
+
+Cost = Callable[[PruningPlan], "float | dict[str, float]"]
 
 
 def parse_target(text: str) -> tuple[str, float]:
@@ -30,23 +36,30 @@ def parse_target(text: str) -> tuple[str, float]:
 
 def search_ratio(
     plan_at: Callable[[float], PruningPlan],
-    cost: Callable[[PruningPlan], float],
+    cost: Cost,
     target: float,
     metric: str = "macs",
-    tol: float = 1e-3,
+    tol: float | None = None,
     max_ratio: float = 0.99,
+    on_candidate: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[PruningPlan, float, list[dict[str, Any]]]:
-    """Bisection over p ∈ (0, ``max_ratio``]: the smallest p (to ``tol``) whose plan ``plan_at(p)`` costs at
-    most ``target`` (``cost(plan)``: a fraction of the unpruned net's). Returns that plan, its cost, and every
-    candidate tried (``{"ratio", metric}``). The cost falls as p grows; a budget that not even ``max_ratio``
-    reaches is one line (exit 2)."""
+    """Bisection over p ∈ (0, ``max_ratio``]: the smallest p (to ``tol``; default 1e-3, :data:`LATENCY_TOL`
+    for a latency) whose plan ``plan_at(p)`` costs at most ``target`` (``cost(plan)``: a fraction of the
+    unpruned net's, or a dict holding it under ``metric`` with other figures, e.g. the MACs ratio of a
+    timed candidate). Returns that plan, its cost, and every candidate tried (``{"ratio", metric, …}``,
+    each also passed to ``on_candidate`` as it is measured). The cost falls as p grows; a budget that not
+    even ``max_ratio`` reaches is one line (exit 2)."""
+    tol = tol if tol is not None else (LATENCY_TOL if metric == "latency" else 1e-3)
     trail: list[dict[str, Any]] = []
 
     def tried(p: float) -> tuple[PruningPlan, float]:
         plan = plan_at(p)
         c = cost(plan)
-        trail.append({"ratio": p, metric: c})
-        return plan, c
+        entry = {"ratio": p, **(c if isinstance(c, dict) else {metric: c})}
+        trail.append(entry)
+        if on_candidate is not None:
+            on_candidate(entry)
+        return plan, float(entry[metric])
 
     best = tried(max_ratio)
     if best[1] > target:

@@ -41,17 +41,26 @@ def pruned_share(cfg: Config) -> float:
 
 
 def sparsity_warnings(stage: str, diag: dict[str, Any], cfg: Config, alpha_keys: dict[str, str]) -> list[str]:
-    """A ``warning:`` line for each part whose sparse fraction is below the share the run prunes."""
+    """A ``warning:`` line for each part whose sparse fraction is below the share the run prunes; its advice
+    depends on whether the stage's ℓ1 shrink budget (``l1_shrink_ratio``) met the README's rule."""
     need = pruned_share(cfg)
     out = []
     for part in (BACKBONE, DECODER):
         frac = diag.get(f"sparse_{part}")
         if frac is not None and frac < need:
+            ratio = (diag.get("l1_shrink_ratio") or {}).get(part)
+            if ratio is not None and ratio >= L1_SHRINK_MIN:
+                advice = (
+                    f"the shrink budget met the rule ({ratio:.2f} × the median |γ|), so the task held every γ up: "
+                    "layers whose loss is not invariant to their BN's scale (activations other than ReLU, attention "
+                    "gates) or a net far from trained; raise l1_budget, or start from a trained net"
+                )
+            else:
+                advice = f"raise {alpha_keys[part]} (or set l1_budget), train the stage longer, or use l1: proximal"
             out.append(
                 f"warning: {stage}: only {100 * frac:.1f} % of the {part}'s prunable γ are below "
                 f"{cfg.run.sparsity_threshold:g} × its 95th percentile, fewer than the {100 * need:.0f} % the run "
-                f"prunes: the ℓ1 term did not separate the channels, so the plan follows the dense net's |γ|; raise "
-                f"{alpha_keys[part]}, train the stage longer, or use l1: proximal"
+                f"prunes: the ℓ1 term did not separate the channels, so the plan follows the dense net's |γ|; {advice}"
             )
     return out
 

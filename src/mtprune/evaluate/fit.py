@@ -1,0 +1,208 @@
+"""Channel counts the hardware at hand likes: ``--round-to auto``.
+
+A pruned layer's kept count n is whatever the scores leave (37, 101 …), and oneDNN, cuDNN and ONNX
+Runtime run some channel counts much faster than their neighbours: the same 0.5× plan rounded up to
+multiples of 16 ran faster on one CPU and slower on another (bench/README.md). So instead of a fixed
+multiple, :func:`latency_fit` times each prunable conv — BatchNorm folded (a conv with bias), in the
+chosen memory layout, batch 1, at the feature size it sees at the input size — together with the convs
+that consume its channels, at n and at every count up to the next multiple of :data:`MULTIPLE`, on the
+device at hand, and keeps the smallest count within :data:`NOISE` of the fastest: never fewer channels
+than the scores keep, and more only where they are measurably faster. Identical shapes are timed once;
+the times are kept in a :class:`LatencyTable` (``~/.cache/mtprune/``, per device, threads, layout and
+torch version), so a second prune of the same net is instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtprune.errors import UsageError
+from mtprune.io import write_json
+from mtprune.models.groups import dependency_graph
+from mtprune.pruning import Fit, PruningPlan, apply_plan
+from mtprune.pruning.thinet import find_consumers
+
+#: counts are tried from the kept one up to the next multiple of this
+MULTIPLE = 32
+#: a larger count is kept only when it is faster than every smaller one by more than this fraction
+NOISE = 0.02
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One convolution as timed: channels, geometry and the input's spatial size."""
+
+    cin: int
+    cout: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    height: int
+    width: int
+
+    @property
+    def key(self) -> str:
+        return ",".join(str(v) for v in astuple(self))
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, size: tuple[int, int], cin: int | None = None, cout: int | None = None) -> ConvShape:
+        """``conv``'s shape at input ``size``, with other input / output channel counts if given."""
+        cin = conv.in_channels if cin is None else cin
+        groups = cin if conv.groups > 1 and conv.groups == conv.in_channels else conv.groups  # a depthwise conv
+        return cls(cin, conv.out_channels if cout is None else cout, tuple(conv.kernel_size), tuple(conv.stride),
+                   tuple(conv.padding), tuple(conv.dilation), groups, *size)  # fmt: skip
+
+
+def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False, runs: int = 7) -> float:
+    """Median wall time (ms) of a batch-1 forward of a conv of ``shape`` with a bias (BN folded), after two
+    warm-up runs; CUDA synchronised. At least ``runs`` runs, more (up to 50) for a conv faster than 3 ms, so
+    that every median spans ≥ 20 ms."""
+    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation, shape.groups)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = conv.eval().to(device).to(memory_format=fmt)
+    x = torch.randn(1, shape.cin, shape.height, shape.width, device=device).to(memory_format=fmt)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: list[float] = []
+    with torch.no_grad():
+        for i in range(52):
+            sync()
+            t0 = time.perf_counter()
+            conv(x)
+            sync()
+            if i >= 2:
+                times.append((time.perf_counter() - t0) * 1000.0)
+            if len(times) >= runs and sum(times) >= 20.0:
+                break
+    return statistics.median(times)
+
+
+def default_table_path(device: str = "cpu", channels_last: bool = False) -> Path:
+    """``~/.cache/mtprune/latency-<device>-<threads or GPU>-<layout>-torch<version>.json``
+    (``$MTPRUNE_CACHE`` instead of ``~/.cache/mtprune`` if set)."""
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}threads"
+    layout = "channels_last" if channels_last else "contiguous"
+    tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{layout}-torch{torch.__version__}")
+    root = Path(os.environ.get("MTPRUNE_CACHE", Path.home() / ".cache" / "mtprune"))
+    return root / f"latency-{tag}.json"
+
+
+class LatencyTable:
+    """Measured times (ms) of single convs by :class:`ConvShape`, for one device and layout, kept in a JSON
+    file (``path``) so that the next prune on the same machine times nothing. ``measure``: shape → ms
+    (default :func:`time_conv`; tests pass arithmetic)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        device: str = "cpu",
+        channels_last: bool = False,
+        measure: Callable[[ConvShape], float] | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_table_path(device, channels_last)
+        self.measure = measure or (lambda s: time_conv(s, device, channels_last))
+        self.times: dict[str, float] = {}
+        self.measured = 0  # shapes timed by this table (not found in the file)
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                self.times = {str(k): float(v) for k, v in data["times_ms"].items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UsageError(f"{self.path}: not a latency table ({type(e).__name__}: {e}); delete it") from None
+
+    def ms(self, shape: ConvShape) -> float:
+        if shape.key not in self.times:
+            self.times[shape.key] = float(self.measure(shape))
+            self.measured += 1
+        return self.times[shape.key]
+
+    def save(self) -> None:
+        write_json(self.path, {"format": "mtprune-latency-table", "torch": torch.__version__, "times_ms": self.times})
+
+
+def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The spatial size of every conv's input at input ``size`` (a shape-only copy on the meta device)."""
+    meta = copy.deepcopy(model).to("meta").eval()
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:  # returns None: the input is unchanged
+            sizes.setdefault(name, (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in meta.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        meta(torch.zeros(1, 3, *size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
+            counts: range) -> tuple[int, dict[int, float]]:  # fmt: skip
+    """The smallest count within :data:`NOISE` of the fastest (own conv + consumers), and every time."""
+    times = {c: table.ms(own(c)) + sum(table.ms(u(c)) for u in uses) for c in counts}
+    best = min(times.values())
+    return min(c for c, t in times.items() if t <= best * (1 + NOISE)), times
+
+
+def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) -> Fit:
+    """The :data:`~mtprune.pruning.Fit` of ``--round-to auto`` for ``model`` at input ``size``: for each
+    prunable layer of a plan (in order; a count chosen is the input count of the layers after it), the
+    count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs) plus its
+    consumers' convs (c inputs), the smallest within :data:`NOISE` of the fastest. The report:
+    ``{layer: {"from", "to", "ms_from", "ms_to"}}`` for every layer it changed."""
+    sizes = conv_input_sizes(model, size)
+    names = [lay.conv for lay in model.prunable_layers()]
+    consumers = {n: [c for c, _ in cs] for n, cs in find_consumers(model, dependency_graph(model), names).items()}
+    producer = {c: n for n, cs in consumers.items() for c in cs}
+    meta = copy.deepcopy(model).to("meta")
+
+    def fit(plan: PruningPlan) -> tuple[dict[str, int], dict[str, Any]]:
+        pruned = apply_plan(copy.deepcopy(meta), plan)
+        counts: dict[str, int] = {}
+        report: dict[str, Any] = {}
+        for name, lp in plan.layers.items():
+            conv = pruned.get_submodule(name)
+            n = conv.out_channels
+            cin = counts.get(producer.get(name, ""), conv.in_channels)
+            own = partial(_shape, conv, sizes[name], cin)
+            uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u]) for u in consumers.get(name, [])]
+            chosen, times = _choose(table, own, uses, range(n, min(lp.channels, -(-n // MULTIPLE) * MULTIPLE) + 1))
+            if chosen != n:
+                counts[name] = chosen
+                report[name] = {"from": n, "to": chosen, "ms_from": times[n], "ms_to": times[chosen]}
+        table.save()
+        return counts, report
+
+    return fit
+
+
+def _shape(conv: nn.Conv2d, size: tuple[int, int], cin: int, cout: int) -> ConvShape:
+    return ConvShape.of(conv, size, cin=cin, cout=cout)
+
+
+def _shape_in(conv: nn.Conv2d, size: tuple[int, int], cin: int) -> ConvShape:
+    return ConvShape.of(conv, size, cin=cin, cout=cin if _depthwise(conv) else None)
+
+
+def _depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels

@@ -1,0 +1,116 @@
+"""``--round-to auto`` (issue 19): counts the device at hand likes, from a table of conv timings. The clock is
+replaced by arithmetic (multiples of 16 channels run at twice the speed), so every choice is exact."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tests.conftest import randomize_bn
+
+from mtprune.cli import main
+from mtprune.errors import UsageError
+from mtprune.evaluate.fit import MULTIPLE, ConvShape, LatencyTable, latency_fit
+from mtprune.models import build_model
+from mtprune.pruning import apply_plan, make_plan, mask_plan
+
+SIZE = (32, 32)
+
+
+def fake_ms(s: ConvShape) -> float:
+    """Work × 2 for each of the input and output counts that is not a multiple of 16."""
+    slow = (1 if s.cin % 16 == 0 else 2) * (1 if s.cout % 16 == 0 else 2)
+    return s.cin * s.cout * s.height * s.width * s.kernel[0] * s.kernel[1] / s.groups * 1e-6 * slow
+
+
+def _net():
+    return randomize_bn(build_model("deeplabv3_resnet18", 5, 10, 0.5))  # 32 … 256 channels, irregular γ
+
+
+def test_auto_counts_grow_to_where_the_table_says_it_is_faster_and_never_shrink(tmp_path):
+    model = _net()
+    table = LatencyTable(tmp_path / "t.json", measure=fake_ms)
+    plain = make_plan(model, "bn", 0.5)
+    plan = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, table))
+    assert plan.round_to == "auto" and plan.rounding
+    for name, lp in plan.layers.items():
+        before = plain.layers[name]
+        assert set(before.kept) <= set(lp.kept)
+        r = plan.rounding.get(name)
+        if r is None:
+            assert len(lp.kept) == len(before.kept)
+            continue
+        assert (r["from"], r["to"]) == (len(before.kept), len(lp.kept)) and r["to"] > r["from"]
+        assert r["ms_to"] < r["ms_from"] / (1 + 0.02) and r["to"] <= -(-r["from"] // MULTIPLE) * MULTIPLE
+    # a BasicBlock's conv1 feeds conv2 (another width's output): both its own and conv2's input are 16-aligned
+    assert all(r["to"] % 16 == 0 for r in plan.rounding.values())
+    # the best-scored removed channels came back, and the pruned net is still the masked one
+    name = next(iter(plan.rounding))
+    s = model.get_submodule(name.replace("conv", "bn")).weight.detach().abs()
+    back = sorted(set(plan.layers[name].kept) - set(plain.layers[name].kept))
+    removed = sorted(set(range(s.numel())) - set(plain.layers[name].kept), key=lambda c: -float(s[c]))
+    assert back == sorted(removed[: len(back)])
+    pruned, masked = apply_plan(copy.deepcopy(model), plan), mask_plan(copy.deepcopy(model), plan)
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), masked.eval()(x), atol=1e-5)
+
+
+def test_the_table_is_kept_so_a_second_fit_times_nothing(tmp_path):
+    model = _net()
+    first = LatencyTable(tmp_path / "t.json", measure=fake_ms)
+    plan = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, first))
+    assert first.measured > 0 and json.loads((tmp_path / "t.json").read_text())["format"] == "mtprune-latency-table"
+
+    def no_clock(_shape):
+        raise AssertionError("a shape in the table was timed again")
+
+    second = LatencyTable(tmp_path / "t.json", measure=no_clock)
+    again = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, second))
+    assert second.measured == 0 and again.layers == plan.layers
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(UsageError, match="t.json: not a latency table"):
+        LatencyTable(tmp_path / "t.json")
+
+
+def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monkeypatch):
+    import mtprune.evaluate.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    d = str(tmp_path / "d")
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
+    capsys.readouterr()
+    base = ["prune", "--checkpoint", d, "--method", "uniform", "--ratio", "0.4", "--size", "32", "32"]
+    assert main([*base, "--round-to", "auto", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr()
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["round_to"] == "auto" and plan["rounding"]
+    assert out.out.count("round-to auto: ") == len(plan["rounding"]) and "table " in out.err
+    assert len(list((tmp_path / "cache").glob("latency-cpu*contiguous*.json"))) == 1
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--round-to", "17x", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2 and "'17x' is not a multiple K or auto" in capsys.readouterr().err
+    assert main([*base, "--latency-table", str(tmp_path / "t.json"), "--out", str(tmp_path / "q")]) == 2
+    assert "only with --round-to auto" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
+    from tests.test_pipeline import tiny_cfg
+
+    import mtprune.evaluate.fit as fit_mod
+    import mtprune.pipeline.stages as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.pipeline import execute
+
+    monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg("run.round_to=auto", "run.latency_threads=1")
+    save_model(_net(), tmp_path / "d")
+    execute(pl.pruning(tmp_path / "d", "uniform", 0.4, "independent", cfg, tmp_path / "p"))
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["round_to"] == "auto" and all(r["to"] > r["from"] for r in plan["rounding"].values())
+    with pytest.raises(UsageError, match="round_to"):
+        tiny_cfg("run.round_to=nearest")
