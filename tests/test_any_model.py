@@ -16,6 +16,14 @@ from mtprune.pruning import prune, scorer_inputs
 from mtprune.pruning.apply import mask_plan
 
 TV = "torchvision:deeplabv3_mobilenet_v3_large"
+UNET = {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+#: the models issue 18 names (LR-ASPP with its SE gates and sums pruned together), as (spec, model_args, coupled)
+NAMED = [
+    ("torchvision:lraspp_mobilenet_v3_large", {}, "group"),
+    ("torchvision:deeplabv3_resnet50", {"aux_loss": True}, "skip"),
+    ("smp:Unet", UNET, "skip"),
+    ("smp:DeepLabV3Plus", {"encoder_name": "mobilenet_v2"}, "skip"),
+]
 
 
 def _spread_gammas(model: nn.Module) -> None:
@@ -258,8 +266,7 @@ def test_a_python_model_checkpoint_carries_its_factory(tmp_path):
 
 def test_an_smp_unet_prunes_saves_and_loads(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
-    args = {"encoder_name": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
-    model = build_model("smp:Unet", 4, 10, model_args=args)
+    model = build_model("smp:Unet", 4, 10, model_args=UNET)
     assert model.parts == {"backbone": ["encoder"], "decoder": ["decoder", "segmentation_head"]}
     layers = model.prunable_layers()
     assert {lay.part for lay in layers} == {"backbone", "decoder"}
@@ -298,15 +305,19 @@ def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
     from mtprune.cli import main
 
     cfg_path = tmp_path / "tv.yaml"
-    cfg_path.write_text("run:\n  methods: [mtp, uniform]\n  ratios: [0.5]\n  latency: false\n")
+    cfg_path.write_text(
+        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n  ratios: [0.5]\n"
+        "  latency: false\n"
+    )
     argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
     for s in [*TINY, "model.name=torchvision:lraspp_mobilenet_v3_large", "eval.every_epoch=false"]:
         if not s.startswith(("run.", "model.width")):
             argv += ["--set", s]
     assert main(argv) == 0
     rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
-    assert set(rows) == {"dense", "mtp-0.5-independent", "uniform-0.5"}
-    assert all(0 < rows[t]["params_ratio"] < 1 for t in ("mtp-0.5-independent", "uniform-0.5"))
+    pruned = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
+    assert set(rows) == {"dense"} | pruned
+    assert all(0 < rows[t]["params_ratio"] < 1 for t in pruned)
     capsys.readouterr()
     pytest.importorskip("onnxruntime")
     onnx = tmp_path / "m.onnx"
@@ -315,18 +326,58 @@ def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
     assert onnx.is_file() and onnx.stat().st_size > 0
 
 
-@pytest.mark.parametrize(
-    "spec, args",
-    [
-        ("torchvision:deeplabv3_resnet50", {"aux_loss": True}),
-        ("smp:DeepLabV3Plus", {"encoder_name": "mobilenet_v2"}),
-    ],
-)
-def test_every_method_s_plan_equals_the_masked_net(spec, args, tmp_path):
+@pytest.mark.parametrize("spec, args, coupled", NAMED)
+def test_every_method_s_plan_equals_the_masked_net_and_exports(spec, args, coupled, tmp_path):
     if spec.startswith("smp:"):
         pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
-    model = build_model(spec, 4, 10, model_args=args)
+    model = build_model(spec, 4, 10, model_args=args, coupled=coupled)
     assert {lay.part for lay in model.prunable_layers()} == {"backbone", "decoder"}
     _spread_gammas(model)
     every_method_equals_masked(model, tmp_path)
+    pytest.importorskip("onnxruntime")
+    from mtprune.export import compare_onnx, export_onnx
+
+    pruned = load_model(tmp_path / "bn" / "ck")
+    diff = compare_onnx(pruned, export_onnx(pruned, tmp_path / "m.onnx", (64, 64)), (64, 64))
+    assert diff["max_rel_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("spec, args, coupled", [NAMED[2]])
+def test_a_tiny_run_with_every_method_completes(spec, args, coupled, tmp_path):
+    """``mtprune run`` with MTP, Slimming, Uniform, FPGM and ThiNet on a small smp U-Net — LR-ASPP's is in the
+    run-and-export test, the README model's in test_readme_model; runs of the full-width torchvision
+    DeepLabv3-ResNet50 and smp DeepLabV3+ (MobileNetV2) took 2–9 minutes here (their every-method plans and
+    exports are tested above)."""
+    from tests.test_pipeline import TINY
+
+    from mtprune.cli import main
+
+    if spec.startswith("smp:"):
+        pytest.importorskip("segmentation_models_pytorch")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(
+        f"model: {{name: '{spec}', model_args: {json.dumps(args)}, coupled: {coupled}}}\n"
+        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n  ratios: [0.5]\n"
+        "  latency: false\n  qualitative: 0\n"
+    )
+    argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
+    for s_ in [*TINY, "eval.every_epoch=false"]:
+        if not s_.startswith(("run.", "model.")):
+            argv += ["--set", s_]
+    assert main(argv) == 0
+    rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
+    pruned = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
+    assert set(rows) == {"dense"} | pruned
+    assert all(0 < rows[t]["params_ratio"] < 1 and rows[t]["miou"] >= 0 for t in pruned)
+
+
+def test_an_smp_net_that_needs_divisible_sizes_gets_any_size_padded_and_cropped_back():
+    pytest.importorskip("segmentation_models_pytorch")
+    model = build_model("smp:DeepLabV3Plus", 4, 10, model_args={"encoder_name": "mobilenet_v2"}).eval()
+    assert model.pad_to == 16  # its encoder's output stride; smp itself refuses 40×40
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        want = model._net(torch.nn.functional.pad(x, (0, 8, 0, 8)))[..., :40, :40]
+        assert torch.equal(model(x), want) and model(torch.randn(1, 3, 48, 48)).shape == (1, 4, 48, 48)
+    assert build_model("smp:Unet", 4, 10, model_args=UNET).pad_to == 1  # smp's U-Net takes any size

@@ -10,16 +10,21 @@ The user's net runs its own ``forward``; the wrapper names its parts for MTP:
 
 ``model(x)`` returns the main logits at the input size whatever the net returns (a tensor, a dict with
 ``"out"`` and ``"aux"``, a tuple whose first item is the mask); ``seg_outputs`` adds the auxiliary logits.
+A net that needs sizes divisible by its output stride (``pad_to``: smp's DeepLabV3+) gets its input padded
+with zeros at the bottom and right, and the logits cropped back.
 The prunable channel groups are found from the dependency graph (:mod:`mtprune.models.groups`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtprune.errors import UsageError
@@ -81,8 +86,10 @@ class WrappedSegmentationModel(SegmentationModel):
         parts: dict[str, Sequence[str]],
         model_args: dict[str, Any] | None = None,
         coupled: str = "skip",
+        pad_to: int = 1,
     ) -> None:
         super().__init__(spec, num_classes, cls_classes, 1.0)
+        self.pad_to = pad_to  # the net needs sizes divisible by this (smp's DeepLabV3+): zero-padded, cropped back
         if len(parts.get(BACKBONE, ())) != 1 or not parts.get(DECODER):
             raise UsageError(f"{spec}: parts need one backbone module and at least one decoder module, got {parts}")
         self.parts = {BACKBONE: list(parts[BACKBONE]), DECODER: list(parts[DECODER])}
@@ -108,13 +115,22 @@ class WrappedSegmentationModel(SegmentationModel):
 
     def seg_outputs(self, x: torch.Tensor, aux: bool | None = None) -> dict[str, Any]:
         aux = self.training if aux is None else aux
+        h, w = x.shape[-2:]
+        if self.pad_to > 1 and (h % self.pad_to or w % self.pad_to):  # bottom / right zeros, cropped back below
+            x = F.pad(x, (0, -w % self.pad_to, 0, -h % self.pad_to))
         main, extra = _main_and_aux(self._net(x))
         size = x.shape[-2:]
-        fit = [t if t.shape[-2:] == size else upsample_to(t, size) for t in [main, *extra]]
+        fit = [(t if t.shape[-2:] == size else upsample_to(t, size))[..., :h, :w] for t in [main, *extra]]
         return {"out": fit[0], "aux": fit[1:] if aux else []}
 
     def groups_key(self) -> str | None:
-        return None  # a user's factory may build another net under the same spec: trace each model
+        """The arch and, for a ``python:`` factory, its file's content: a changed factory is traced anew."""
+        if self.source_file is None:
+            return json.dumps(self.arch(), sort_keys=True)
+        if not self.source_file.is_file():
+            return None  # the file is gone: trace this model itself
+        src = hashlib.sha256(self.source_file.read_bytes()).hexdigest()
+        return json.dumps({**self.arch(), "source": src}, sort_keys=True)
 
     def arch(self) -> dict[str, Any]:
         return {**super().arch(), "model_args": self.model_args, "parts": self.parts, "coupled": self.coupled}

@@ -157,6 +157,7 @@ def build_spec(
     else:
         raise UsageError(f"unknown model kind '{kind}' in '{spec}' ({', '.join(KINDS)})")
     chosen = {k: list(v) for k, v in parts.items()} if parts else default or found_parts(net, spec)
-    model = WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args, coupled)
+    pad_to = net.encoder.output_stride if getattr(net, "requires_divisible_input_shape", False) else 1  # smp's
+    model = WrappedSegmentationModel(net, spec, num_classes, cls_classes, chosen, args, coupled, pad_to)
     model.source_file = file
     return model
