@@ -107,8 +107,12 @@ def test_prune_cli_latency_target_prints_each_candidate_and_records_them(tmp_pat
     assert text.count("candidate p=") == len(cands) and "target latency ≤ 0.7×" in text
     assert {"ratio", "latency", "latency_iqr", "macs"} == set(cands[0]) and plan["target"]["reached"] <= 0.7
     assert len(calls[0]["setups"]) == 4 and calls[0]["runs"] == 30 and calls[0]["device"] == "cpu"
-    assert main([*base, "--ratio", "0.5", "--best", "--out", str(tmp_path / "q")]) == 2
-    assert "--best: only with --target latency=X" in capsys.readouterr().err
+    assert main([*base, "--ratio", "0.5", "--best", "--runs", "30", "--out", str(tmp_path / "q")]) == 2
+    assert "--best, --runs: only with --target latency=X" in capsys.readouterr().err
+    assert main([*base, "--target", "latency=0.7", "--runs", "5", "--out", str(tmp_path / "q")]) == 2
+    assert "at least 20 timed runs (got 5)" in capsys.readouterr().err
+    assert main([*base, "--target", "latency=0.7", "--channels-last", "--out", str(tmp_path / "cl")]) == 0
+    assert calls[-1]["setups"][0].channels_last  # the candidates timed in the layout asked for
     assert not (tmp_path / "q").exists()  # refused before anything is written
 
 

@@ -114,3 +114,49 @@ def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
     assert plan["round_to"] == "auto" and all(r["to"] > r["from"] for r in plan["rounding"].values())
     with pytest.raises(UsageError, match="round_to"):
         tiny_cfg("run.round_to=nearest")
+
+
+def test_the_choice_keeps_n_unless_a_larger_count_is_clearly_faster():
+    from mtprune.evaluate.fit import _choose
+
+    def pick(times: list[float]) -> int:
+        table = LatencyTable("/nonexistent/t.json", measure=lambda s: times[s.cout - 10])
+        own = lambda c: ConvShape(8, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, 4)  # noqa: E731
+        return _choose(table, own, [], range(10, 10 + len(times)))[0]
+
+    assert pick([1.03, 1.019, 1.0]) == 12  # 11 is within 2 % of n's time: no gain; 12 is 3 % faster
+    assert pick([1.0, 0.99, 0.985]) == 10  # nothing 2 % faster than n: n stays
+    assert pick([1.0, 0.97, 0.9, 0.905]) == 12  # the smallest count within 2 % of the fastest
+
+
+def test_auto_on_bisenet_skips_the_auxiliary_heads_and_times_concatenations_whole(tmp_path):
+    shapes = []
+
+    def record(s: ConvShape) -> float:
+        shapes.append(s)
+        return fake_ms(s)
+
+    model = randomize_bn(build_model("pspnet_resnet18", 5, 10, 0.5))
+    plan = make_plan(
+        model, "uniform", 0.5, fit=latency_fit(model, SIZE, LatencyTable(tmp_path / "p.json", measure=record))
+    )
+    pruned = apply_plan(copy.deepcopy(model), make_plan(model, "uniform", 0.5))
+    neck = pruned.decoder.bottleneck.conv  # c5 and the four pyramid branches, concatenated
+    timed_in = {s.cin for s in shapes if s.cout == neck.out_channels and s.kernel == (3, 3)}
+    assert neck.in_channels in timed_in  # c5 + every branch: not one branch's count alone
+    assert plan.layers.keys() == make_plan(model, "uniform", 0.5).layers.keys()
+    bis = randomize_bn(build_model("bisenet_resnet18", 5, 10, 0.5))
+    fitted = make_plan(
+        bis, "bn", 0.5, fit=latency_fit(bis, (64, 64), LatencyTable(tmp_path / "b.json", measure=fake_ms))
+    )
+    assert fitted.rounding and not any(n.startswith("decoder.aux_heads") for n in fitted.rounding)  # training-only
+
+
+def test_groups_are_found_on_a_model_whose_bns_are_sync_batchnorm():
+    from mtprune.models.groups import discover_prunable_layers
+
+    model = build_model("deeplabv3_resnet18", 5, 10, 0.25)
+    parts = {"backbone": ["backbone"], "decoder": ["decoder"]}
+    want = discover_prunable_layers(model, parts, exclude=["backbone.conv1"])
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert discover_prunable_layers(synced, parts, exclude=["backbone.conv1"]) == want and len(want) > 10

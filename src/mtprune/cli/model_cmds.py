@@ -19,6 +19,7 @@ from mtprune.evaluate.cost import (
     Setup,
     all_setups,
     best_latency,
+    check_latency_args,
     compare_cost,
     count_macs,
     count_params,
@@ -257,8 +258,11 @@ def _prune(args: argparse.Namespace) -> int:
         raise UsageError("--out must not be --checkpoint or hold it (the dense model would be overwritten)")
     model = _model_from_args(args)
     latency_kw = _latency_kw(args)
-    if args.round_to != "auto" and (args.latency_table or args.channels_last):
-        raise UsageError("--latency-table, --channels-last: only with --round-to auto")
+    latency_target = bool(args.target) and args.target[0] == "latency"
+    if args.round_to != "auto" and args.latency_table:
+        raise UsageError("--latency-table: only with --round-to auto")
+    if args.channels_last and not (latency_target or args.round_to == "auto"):
+        raise UsageError("--channels-last: only with --target latency=X or --round-to auto")
     if args.threads:
         torch.set_num_threads(args.threads)
     fresh_out(out, args.overwrite)
@@ -310,14 +314,18 @@ def _prune(args: argparse.Namespace) -> int:
 def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
     """How ``--target latency=X`` times each candidate against the unpruned net (``cost --against``'s way)."""
     device_used = args.device != "cpu" and args.round_to != "auto"
-    flags = (("--best", args.best), ("--compile", args.compile), ("--device", device_used))
+    flags = (("--best", args.best), ("--compile", args.compile), ("--device", device_used), ("--runs", args.runs))
     given = [f for f, v in flags if v]
     if not args.target or args.target[0] != "latency":
         if given:
             raise UsageError(f"{', '.join(given)}: only with --target latency=X (--device: or --round-to auto)")
         return {}
-    setups = all_setups(args.compile) if args.best else [Setup(compile=args.compile)]
-    return {"setups": setups, "device": args.device, "runs": args.runs}
+    if args.best and args.channels_last:
+        raise UsageError("--best tries both layouts itself: drop --channels-last")
+    runs = 20 if args.runs is None else args.runs
+    check_latency_args(args.device, "float32", runs)
+    setups = all_setups(args.compile) if args.best else [Setup(args.channels_last, compile=args.compile)]
+    return {"setups": setups, "device": args.device, "runs": runs}
 
 
 def _fit(args: argparse.Namespace, model: SegmentationModel, size: tuple[int, ...]) -> Any:
@@ -498,7 +506,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--target latency: where to time")
     p.add_argument("--best", action="store_true", help="--target latency: each net in its fastest setup (cost --best)")
     p.add_argument("--compile", action="store_true", help="--target latency: time torch.compile'd nets")
-    p.add_argument("--runs", type=int, default=20, help="--target latency: paired rounds per candidate (≥ 20)")
+    p.add_argument("--runs", type=int, default=None, help="--target latency: paired rounds per candidate (≥ 20; 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads while timing (default: torch's)")
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
     p.add_argument(
@@ -511,7 +519,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--latency-table", metavar="FILE", help="--round-to auto: the table of timings (default in "
                    "~/.cache/mtprune, per device, threads, layout and torch version)")  # fmt: skip
-    p.add_argument("--channels-last", action="store_true", help="--round-to auto: time in channels_last layout")
+    p.add_argument(
+        "--channels-last", action="store_true", help="--round-to auto, --target latency: time in channels_last layout"
+    )
     p.add_argument("--min-channels", type=int, default=1, metavar="N", help="channels every layer keeps at least")
     p.add_argument(
         "--size", type=positive_int, nargs=2, default=[513, 513], metavar=("H", "W"), help="input size for MACs"

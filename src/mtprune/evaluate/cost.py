@@ -106,7 +106,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         raise UsageError(f"cannot fold BatchNorm into convolutions: torch.fx failed to trace the model ({e})") from None
 
 
-def _check_latency_args(device: str, dtype: str, runs: int) -> None:
+def check_latency_args(device: str, dtype: str, runs: int) -> None:
+    """One line for a timing request this machine cannot honour: too few runs, no CUDA, an unknown dtype."""
     if runs < 20:
         raise UsageError(f"latency needs at least 20 timed runs (got {runs})")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -205,7 +206,7 @@ def interleaved_latency(
     of the net's time divided by the reference's time in the same round. ``clock``: the timer read just
     before and just after each timed forward, in seconds (``time.perf_counter``; tests pass a fake one).
     """
-    _check_latency_args(device, dtype, runs)
+    check_latency_args(device, dtype, runs)
     if reference is not None and reference not in models:
         raise UsageError(f"reference '{reference}' is not one of the nets timed ({', '.join(models)})")
     default = Setup(channels_last, fold_bn, compile)
@@ -462,8 +463,9 @@ def latency_against(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, dict[str, Any]]:
     """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
-    setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`); every net, the
-    reference too, then takes its fastest setup, and the ratio is paired per round — with
+    setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`; the nets are given back
+    in their layout, device and mode); every net, the reference too, then takes its fastest setup, and the
+    ratio is paired per round — with
     ``setups=all_setups()`` best against best, the figure a user ships. Used by ``mtprune cost --against``,
     the latency stage of ``mtprune run``, ``prune --target latency=X`` and ``bench/latency.py``.
 
@@ -476,12 +478,15 @@ def latency_against(
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
     nets = {**models, AGAINST: against}
     entries = {f"{n}|{st.label}": (m, st) for n, m in nets.items() for st in setups}
-    timed = interleaved_latency(
-        {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
-        setups={k: st for k, (_, st) in entries.items()}, clock=clock,
-    )  # fmt: skip
-    for m in nets.values():
-        m.to(memory_format=torch.contiguous_format)
+    kept = {id(m): (m, m.training, next(m.parameters(), torch.empty(0)).device) for m in nets.values()}
+    try:
+        timed = interleaved_latency(
+            {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
+            setups={k: st for k, (_, st) in entries.items()}, clock=clock,
+        )  # fmt: skip
+    finally:  # the callers' nets come back as they were: layout, device, mode
+        for m, training, where in kept.values():
+            m.to(where, memory_format=torch.contiguous_format).train(training)
 
     def fastest(n: str) -> Setup:
         return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])

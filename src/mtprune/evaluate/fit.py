@@ -61,9 +61,13 @@ class ConvShape:
 
     @classmethod
     def of(cls, conv: nn.Conv2d, size: tuple[int, int], cin: int | None = None, cout: int | None = None) -> ConvShape:
-        """``conv``'s shape at input ``size``, with other input / output channel counts if given."""
+        """``conv``'s shape at input ``size`` with ``cin`` inputs and ``cout`` outputs (default: its own); a
+        depthwise conv (groups = inputs, outputs a multiple of them) keeps its multiplier: ``cout`` is then
+        derived from ``cin``."""
         cin = conv.in_channels if cin is None else cin
-        groups = cin if conv.groups > 1 and conv.groups == conv.in_channels else conv.groups  # a depthwise conv
+        groups = 1
+        if conv.groups > 1:  # only depthwise ones reach here (see _timeable)
+            groups, cout = cin, cin * (conv.out_channels // conv.in_channels)
         return cls(cin, conv.out_channels if cout is None else cout, tuple(conv.kernel_size), tuple(conv.stride),
                    tuple(conv.padding), tuple(conv.dilation), groups, *size)  # fmt: skip
 
@@ -116,6 +120,8 @@ class LatencyTable:
         channels_last: bool = False,
         measure: Callable[[ConvShape], float] | None = None,
     ) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("--round-to auto --device cuda asked for, but CUDA is not available on this machine")
         self.path = Path(path) if path is not None else default_table_path(device, channels_last)
         self.measure = measure or (lambda s: time_conv(s, device, channels_last))
         self.times: dict[str, float] = {}
@@ -138,7 +144,8 @@ class LatencyTable:
 
 
 def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
-    """The spatial size of every conv's input at input ``size`` (a shape-only copy on the meta device)."""
+    """The spatial size of every conv's input at input ``size`` (a shape-only copy on the meta device), through
+    the model's ``trace_outputs`` when it has one (auxiliary heads included)."""
     meta = copy.deepcopy(model).to("meta").eval()
     sizes: dict[str, tuple[int, int]] = {}
 
@@ -150,7 +157,8 @@ def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple
 
     hooks = [m.register_forward_pre_hook(record(n)) for n, m in meta.named_modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        meta(torch.zeros(1, 3, *size, device="meta"))
+        x = torch.zeros(1, 3, *size, device="meta")
+        meta.trace_outputs(x) if hasattr(meta, "trace_outputs") else meta(x)
     for h in hooks:
         h.remove()
     return sizes
@@ -158,35 +166,73 @@ def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple
 
 def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
             counts: range) -> tuple[int, dict[int, float]]:  # fmt: skip
-    """The smallest count within :data:`NOISE` of the fastest (own conv + consumers), and every time."""
+    """The kept count n = ``counts[0]`` unless a larger one is faster by more than :data:`NOISE`; then the
+    smallest count within :data:`NOISE` of the fastest (and still that much faster than n). Every time too."""
     times = {c: table.ms(own(c)) + sum(table.ms(u(c)) for u in uses) for c in counts}
-    best = min(times.values())
-    return min(c for c, t in times.items() if t <= best * (1 + NOISE)), times
+    n, best = counts[0], min(times.values())
+    if best >= times[n] / (1 + NOISE):
+        return n, times
+    bound = min(best * (1 + NOISE), times[n] / (1 + NOISE))
+    return min(c for c, t in times.items() if t <= bound), times
+
+
+def _timeable(conv: nn.Module) -> bool:
+    """A conv whose time at other channel counts is well defined here: a full or a depthwise conv."""
+    return isinstance(conv, nn.Conv2d) and (conv.groups == 1 or conv.groups == conv.in_channels)
+
+
+def _links(model: nn.Module, names: list[str], skip: tuple[str, ...]) -> dict[str, list[str]]:
+    """For each prunable conv, the deployed convs that consume its channels (none when the dependency graph
+    cannot map them: the conv alone is timed then)."""
+    dg = dependency_graph(model)
+    out = {}
+    for n in names:
+        try:
+            found = [c for c, _ in find_consumers(model, dg, [n])[n]]
+        except UsageError:
+            found = []
+        out[n] = [c for c in found if _timeable(model.get_submodule(c)) and not _under(c, skip)]
+    return out
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) -> Fit:
     """The :data:`~mtprune.pruning.Fit` of ``--round-to auto`` for ``model`` at input ``size``: for each
-    prunable layer of a plan (in order; a count chosen is the input count of the layers after it), the
+    prunable layer of a plan (in order; a count chosen changes the input count of the layers after it), the
     count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs) plus its
-    consumers' convs (c inputs), the smallest within :data:`NOISE` of the fastest. The report:
-    ``{layer: {"from", "to", "ms_from", "ms_to"}}`` for every layer it changed."""
+    consumers' convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
+    of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. The
+    report: ``{layer: {"from", "to", "ms_from", "ms_to"}}`` for every layer it changed."""
     sizes = conv_input_sizes(model, size)
-    names = [lay.conv for lay in model.prunable_layers()]
-    consumers = {n: [c for c, _ in cs] for n, cs in find_consumers(model, dependency_graph(model), names).items()}
-    producer = {c: n for n, cs in consumers.items() for c in cs}
+    skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
+    names = [lay.conv for lay in model.prunable_layers() if not _under(lay.conv, skip)]
+    names = [n for n in names if model.get_submodule(n).groups == 1]
+    consumers = _links(model, names, skip)
+    producers: dict[str, list[str]] = {}
+    for n, cs in consumers.items():
+        for c in cs:
+            producers.setdefault(c, []).append(n)
     meta = copy.deepcopy(model).to("meta")
 
     def fit(plan: PruningPlan) -> tuple[dict[str, int], dict[str, Any]]:
         pruned = apply_plan(copy.deepcopy(meta), plan)
+        kept = {n: pruned.get_submodule(n).out_channels for n in plan.layers}
         counts: dict[str, int] = {}
         report: dict[str, Any] = {}
-        for name, lp in plan.layers.items():
-            conv = pruned.get_submodule(name)
-            n = conv.out_channels
-            cin = counts.get(producer.get(name, ""), conv.in_channels)
-            own = partial(_shape, conv, sizes[name], cin)
-            uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u]) for u in consumers.get(name, [])]
-            chosen, times = _choose(table, own, uses, range(n, min(lp.channels, -(-n // MULTIPLE) * MULTIPLE) + 1))
+
+        def inputs(conv_name: str, but: str = "") -> int:  # its input count with the counts chosen so far
+            grown = sum(counts.get(p, kept[p]) - kept[p] for p in producers.get(conv_name, []) if p != but)
+            return pruned.get_submodule(conv_name).in_channels + grown
+
+        for name in (n for n in names if n in plan.layers):
+            n, top = kept[name], min(plan.layers[name].channels, -(-kept[name] // MULTIPLE) * MULTIPLE)
+            own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
+            uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
+                    for u in consumers[name]]  # fmt: skip
+            chosen, times = _choose(table, own, uses, range(n, top + 1))
             if chosen != n:
                 counts[name] = chosen
                 report[name] = {"from": n, "to": chosen, "ms_from": times[n], "ms_to": times[chosen]}
@@ -200,9 +246,6 @@ def _shape(conv: nn.Conv2d, size: tuple[int, int], cin: int, cout: int) -> ConvS
     return ConvShape.of(conv, size, cin=cin, cout=cout)
 
 
-def _shape_in(conv: nn.Conv2d, size: tuple[int, int], cin: int) -> ConvShape:
-    return ConvShape.of(conv, size, cin=cin, cout=cin if _depthwise(conv) else None)
-
-
-def _depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+def _shape_in(conv: nn.Conv2d, size: tuple[int, int], others: int, c: int) -> ConvShape:
+    """A consumer fed ``c`` channels by the layer fitted and ``others`` by the rest of its inputs."""
+    return ConvShape.of(conv, size, cin=others + c)

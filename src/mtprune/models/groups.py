@@ -154,7 +154,7 @@ def _group(
     if len(full) > 1 and coupled == "skip":
         return None
     bn_of = {}
-    for bn in (m for m in members if isinstance(m, nn.BatchNorm2d)):
+    for bn in (m for m in members if isinstance(m, nn.modules.batchnorm._BatchNorm)):  # SyncBatchNorm too
         bn_of.setdefault(_source(dg, bn), []).append(bn)
     own = {c: bn_of.get(c, []) for c in full}
     if coupled == "group":

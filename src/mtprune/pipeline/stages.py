@@ -56,8 +56,9 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
     if isinstance(budget, dict):
         how = {"target": budget, "size": list(cost_size(cfg))}
         keys += ("run.latency_runs", "run.latency_threads") if "latency" in budget else ()
-    if cfg.run.round_to == "auto":
+    if cfg.run.round_to == "auto":  # counts timed at the cost size's feature sizes
         keys += ("run.latency_threads",)
+        how["size"] = list(cost_size(cfg))
     return {
         "stage": "prune",
         "input": input_id(src),
@@ -82,7 +83,8 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
             kw.update(target=target, cost=plan_cost(model, target[0], cost_size(cfg), **_target_timing(target, cfg)))
         ratio = None if isinstance(budget, dict) else budget
         auto = cfg.run.round_to == "auto"
-        with latency_threads(cfg):
+        timed = auto or (isinstance(budget, dict) and "latency" in budget)
+        with latency_threads(cfg) if timed else contextlib.nullcontext():
             fit = latency_fit(model, cost_size(cfg), LatencyTable()) if auto else None
             plan = prune(
                 model, m.scorer, ratio, th, 1 if auto else cfg.run.round_to, cfg.run.min_channels, fit=fit, **kw

@@ -35,7 +35,8 @@ def distribution(parts: Parts) -> dict[str, list[float]]:
 
 def pruned_share(cfg: Config) -> float:
     """The largest fraction of channels the run prunes: its largest ratio, or for a MACs target X about
-    1 − √X (a conv's MACs scale with its input × output channels), for a params target 1 − √X too."""
+    1 − √X (a conv's MACs scale with its input × output channels), for a params target 1 − √X too, and for
+    a latency target X at least that (a net's latency falls no faster than its MACs: a lower bound)."""
     shares = list(cfg.run.ratios) + [1.0 - math.sqrt(next(iter(t.values()))) for t in cfg.run.targets]
     return max(shares, default=0.0)
 

@@ -298,6 +298,7 @@ def run_sparse_mtp(
     c = cfg.sparse_mtp
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
+    model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun("sparse-mtp", cfg, out, env)
     mtp = SparseMTP(cfg, env, model, check=run.check_finite)

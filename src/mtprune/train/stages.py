@@ -172,6 +172,7 @@ def run_supervised(
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
+    model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
     phases = _stage_phases(stage, model, cfg, env, seg_ds, cls_ds)
