@@ -376,3 +376,20 @@ def test_an_smp_net_that_needs_divisible_sizes_gets_any_size_padded_and_cropped_
         want = model._net(torch.nn.functional.pad(x, (0, 8, 0, 8)))[..., :40, :40]
         assert torch.equal(model(x), want) and model(torch.randn(1, 3, 48, 48)).shape == (1, 4, 48, 48)
     assert build_model("smp:Unet", 4, 10, model_args=UNET).pad_to == 1  # smp's U-Net takes any size
+
+
+def test_batchnorm_folds_into_a_wrapped_net_that_torch_fx_cannot_trace(tmp_path):
+    """``cost --best`` / ``--fold-bn`` on a torchvision or smp net: folded module by module on the dependency
+    graph (torch.fx cannot trace the wrapper, whose forward is the net's own), same logits."""
+    from mtprune.evaluate.cost import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("torchvision:lraspp_mobilenet_v3_large", 4, 10)
+    _spread_gammas(model)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is unchanged
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert torch.allclose(folded(x), want, atol=1e-4 * float(want.abs().max()))

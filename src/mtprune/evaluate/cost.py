@@ -96,14 +96,41 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Uses ``torch.fx`` (``torch.fx.experimental.optimization.fuse``): the copy is a ``GraphModule`` that
     computes the segmentation output of ``model.forward``, equal to it up to float rounding, in eval mode.
-    The original model is not changed.
+    A model ``torch.fx`` cannot trace (a wrapped user net: its forward is the net's own) is folded module by
+    module instead (:func:`_fold_by_graph`). The original model is not changed.
     """
     from torch.fx.experimental.optimization import fuse  # imported when used: torch.fx is slow to import
 
+    was = model.training
     try:
         return fuse(model.eval(), inplace=False)
-    except Exception as e:  # a model torch.fx cannot trace
-        raise UsageError(f"cannot fold BatchNorm into convolutions: torch.fx failed to trace the model ({e})") from None
+    except Exception:  # noqa: BLE001 - any model torch.fx cannot trace
+        return _fold_by_graph(model)
+    finally:
+        model.train(was)
+
+
+def _fold_by_graph(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose convs that feed exactly one BatchNorm — and that BN nothing
+    else — carry the BN folded in (the BN becomes an identity), found on Torch-Pruning's dependency graph."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from mtprune.models.groups import dependency_graph
+
+    net = copy.deepcopy(model).eval()
+    try:
+        dg = dependency_graph(net)
+    except Exception as e:  # noqa: BLE001 - a model Torch-Pruning cannot trace either
+        raise UsageError(f"cannot fold BatchNorm into convolutions: the model could not be traced ({e})") from None
+    names = {id(m): n for n, m in net.named_modules()}
+    for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and m in dg.module2node]:
+        sources = {id(i.module): i.module for i in dg.module2node[bn].inputs}
+        conv = next(iter(sources.values())) if len(sources) == 1 else None
+        if not isinstance(conv, nn.Conv2d) or {id(o.module) for o in dg.module2node[conv].outputs} != {id(bn)}:
+            continue
+        net.set_submodule(names[id(conv)], fuse_conv_bn_eval(conv, bn))
+        net.set_submodule(names[id(bn)], nn.Identity())
+    return net
 
 
 def check_latency_args(device: str, dtype: str, runs: int) -> None:

@@ -6,8 +6,9 @@ multiples of 16 ran faster on one CPU and slower on another (bench/README.md). S
 multiple, :func:`latency_fit` times each prunable conv — BatchNorm folded (a conv with bias), in the
 chosen memory layout, batch 1, at the feature size it sees at the input size — together with the convs
 that consume its channels, at n and at every count up to the next multiple of :data:`MULTIPLE`, on the
-device at hand, and keeps the smallest count within :data:`NOISE` of the fastest: never fewer channels
-than the scores keep, and more only where they are measurably faster. Identical shapes are timed once;
+device at hand, and keeps n unless a larger count is more than :data:`NOISE` faster (then the smallest
+count within :data:`NOISE` of the fastest): never fewer channels than the scores keep, and more only where
+they are measurably faster. Identical shapes are timed once;
 the times are kept in a :class:`LatencyTable` (``~/.cache/mtprune/``, per device, threads, layout and
 torch version), so a second prune of the same net is instant.
 """
@@ -37,7 +38,7 @@ from mtprune.pruning.thinet import find_consumers
 
 #: counts are tried from the kept one up to the next multiple of this
 MULTIPLE = 32
-#: a larger count is kept only when it is faster than every smaller one by more than this fraction
+#: a larger count replaces n only when it is faster than n by more than this fraction
 NOISE = 0.02
 
 
