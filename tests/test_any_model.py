@@ -305,15 +305,19 @@ def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
     from mtprune.cli import main
 
     cfg_path = tmp_path / "tv.yaml"
-    cfg_path.write_text("run:\n  methods: [mtp, uniform]\n  ratios: [0.5]\n  latency: false\n")  # 5 methods: 3 min
+    cfg_path.write_text(
+        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n  ratios: [0.5]\n"
+        "  latency: false\n"
+    )
     argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
     for s in [*TINY, "model.name=torchvision:lraspp_mobilenet_v3_large", "eval.every_epoch=false"]:
         if not s.startswith(("run.", "model.width")):
             argv += ["--set", s]
     assert main(argv) == 0
     rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
-    assert set(rows) == {"dense", "mtp-0.5-independent", "uniform-0.5"}
-    assert all(0 < rows[t]["params_ratio"] < 1 for t in ("mtp-0.5-independent", "uniform-0.5"))
+    pruned = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
+    assert set(rows) == {"dense"} | pruned
+    assert all(0 < rows[t]["params_ratio"] < 1 for t in pruned)
     capsys.readouterr()
     pytest.importorskip("onnxruntime")
     onnx = tmp_path / "m.onnx"
@@ -339,11 +343,10 @@ def test_every_method_s_plan_equals_the_masked_net_and_exports(spec, args, coupl
     assert diff["max_rel_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("spec, args, coupled", [NAMED[2]])
+@pytest.mark.parametrize("spec, args, coupled", NAMED[1:])
 def test_a_tiny_run_with_every_method_completes(spec, args, coupled, tmp_path):
-    """``mtprune run`` with MTP, Slimming, Uniform, FPGM and ThiNet on a small smp U-Net (and the README model's
-    in test_readme_model); runs of the full-width torchvision nets and smp DeepLabV3+ (MobileNetV2) took 2–9
-    minutes here (their every-method plans and exports are tested above; LR-ASPP runs MTP and Uniform)."""
+    """``mtprune run`` with MTP, Slimming, Uniform, FPGM and ThiNet on each named model (LR-ASPP's in the
+    run-and-export test, the README model's in test_readme_model)."""
     from tests.test_pipeline import TINY
 
     from mtprune.cli import main
