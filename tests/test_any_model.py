@@ -297,27 +297,38 @@ def test_coupled_group_prunes_a_mobilenet_s_residual_and_gated_channels(tmp_path
     assert json.loads((tmp_path / "bn" / "ck" / "arch.json").read_text())["coupled"] == "group"
 
 
-def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
-    """The whole pipeline on torchvision's LR-ASPP (its decoder has no prunable group: the independent
-    decoder threshold has nothing to cut), then ONNX export of a pruned net."""
+FIVE = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
+
+
+def _five_method_run(tmp_path, model_yaml: str) -> dict:
+    """A tiny ``mtprune run`` (synthetic data) of ``model_yaml``'s model with MTP, Slimming, Uniform, FPGM and
+    ThiNet at 0.5: its rows by tag, each pruned one smaller than dense."""
     from tests.test_pipeline import TINY
 
     from mtprune.cli import main
 
-    cfg_path = tmp_path / "tv.yaml"
+    cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(
-        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n  ratios: [0.5]\n"
-        "  latency: false\n"
+        model_yaml + "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n"
+        "  ratios: [0.5]\n  latency: false\n"
     )
     argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
-    for s in [*TINY, "model.name=torchvision:lraspp_mobilenet_v3_large", "eval.every_epoch=false"]:
-        if not s.startswith(("run.", "model.width")):
+    for s in [*TINY, "eval.every_epoch=false"]:
+        if not s.startswith(("run.", "model.")):
             argv += ["--set", s]
     assert main(argv) == 0
     rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
-    pruned = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
-    assert set(rows) == {"dense"} | pruned
-    assert all(0 < rows[t]["params_ratio"] < 1 for t in pruned)
+    assert set(rows) == {"dense"} | FIVE
+    assert all(0 < rows[t]["params_ratio"] < 1 for t in FIVE)
+    return rows
+
+
+def test_mtprune_run_and_export_on_a_torchvision_model(tmp_path, capsys):
+    """The whole pipeline on torchvision's LR-ASPP (its decoder has no prunable group: the independent
+    decoder threshold has nothing to cut), then ONNX export of a pruned net."""
+    from mtprune.cli import main
+
+    _five_method_run(tmp_path, "model: {name: 'torchvision:lraspp_mobilenet_v3_large'}\n")
     capsys.readouterr()
     pytest.importorskip("onnxruntime")
     onnx = tmp_path / "m.onnx"
@@ -347,27 +358,9 @@ def test_every_method_s_plan_equals_the_masked_net_and_exports(spec, args, coupl
 def test_a_tiny_run_with_every_method_completes(spec, args, coupled, tmp_path):
     """``mtprune run`` with MTP, Slimming, Uniform, FPGM and ThiNet on each named model (LR-ASPP's in the
     run-and-export test, the README model's in test_readme_model)."""
-    from tests.test_pipeline import TINY
-
-    from mtprune.cli import main
-
     if spec.startswith("smp:"):
         pytest.importorskip("segmentation_models_pytorch")
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(
-        f"model: {{name: '{spec}', model_args: {json.dumps(args)}, coupled: {coupled}}}\n"
-        "run:\n  methods: [mtp, slimming, uniform, fpgm, thinet]\n  thinet_samples: 4\n  ratios: [0.5]\n"
-        "  latency: false\n  qualitative: 0\n"
-    )
-    argv = ["run", str(cfg_path), "--out", str(tmp_path / "run")]
-    for s_ in [*TINY, "eval.every_epoch=false"]:
-        if not s_.startswith(("run.", "model.")):
-            argv += ["--set", s_]
-    assert main(argv) == 0
-    rows = {r["tag"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())}
-    pruned = {"mtp-0.5-independent", "slimming-0.5-independent", "uniform-0.5", "fpgm-0.5", "thinet-0.5"}
-    assert set(rows) == {"dense"} | pruned
-    assert all(0 < rows[t]["params_ratio"] < 1 and rows[t]["miou"] >= 0 for t in pruned)
+    _five_method_run(tmp_path, f"model: {{name: '{spec}', model_args: {json.dumps(args)}, coupled: {coupled}}}\n")
 
 
 def test_an_smp_net_that_needs_divisible_sizes_gets_any_size_padded_and_cropped_back():

@@ -157,8 +157,7 @@ def _cost(args: argparse.Namespace) -> int:
         )
         cost["layers"] = [{**asdict(r), "gmacs_per_s": r.gmacs_per_s} for r in layers]
         cost["layers_total_ms"] = total
-    if args.json:
-        print(json.dumps(cost))
+    if _printed_json(args, cost):
         return 0
     print(f"model   {model.name} (width {model.width}, {model.num_classes} classes)")
     print(f"size    {args.size[0]}×{args.size[1]}")
@@ -182,6 +181,13 @@ def _cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printed_json(args: argparse.Namespace, cost: dict[str, Any]) -> bool:
+    """With ``--json``: the figures as one JSON object on stdout (and True)."""
+    if args.json:
+        print(json.dumps(cost))
+    return bool(args.json)
+
+
 def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: SegmentationModel, size) -> int:
     """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side."""
     if args.per_layer:
@@ -189,8 +195,7 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
     setups = all_setups(args.compile) if args.best else [Setup(args.channels_last, args.fold_bn, args.compile)]
     kw = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
     cost = compare_cost(model, against, size, latency=args.latency, setups=setups, **kw)
-    if args.json:
-        print(json.dumps(cost))
+    if _printed_json(args, cost):
         return 0
     print(f"size    {size[0]}×{size[1]}      {'this':>12s} {'against':>12s} {'ratio':>8s}")
     print(f"params  {cost['params'] / 1e6:10.2f} M {cost['against_params'] / 1e6:10.2f} M {cost['params_ratio']:8.3f}")
