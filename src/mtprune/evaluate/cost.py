@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtprune.errors import UsageError
 from mtprune.models.base import eval_mode
+from mtprune.models.groups import bn_source, dependency_graph
 from mtprune.pruning.apply import apply_plan
 
 
@@ -101,21 +102,17 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     from torch.fx.experimental.optimization import fuse  # imported when used: torch.fx is slow to import
 
-    was = model.training
     try:
-        return fuse(model.eval(), inplace=False)
+        with eval_mode(model):
+            return fuse(model, inplace=False)
     except Exception:  # noqa: BLE001 - any model torch.fx cannot trace
         return _fold_by_graph(model)
-    finally:
-        model.train(was)
 
 
 def _fold_by_graph(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose convs that feed exactly one BatchNorm — and that BN nothing
     else — carry the BN folded in (the BN becomes an identity), found on Torch-Pruning's dependency graph."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from mtprune.models.groups import dependency_graph
 
     net = copy.deepcopy(model).eval()
     try:
@@ -124,8 +121,7 @@ def _fold_by_graph(model: nn.Module) -> nn.Module:
         raise UsageError(f"cannot fold BatchNorm into convolutions: the model could not be traced ({e})") from None
     names = {id(m): n for n, m in net.named_modules()}
     for bn in [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and m in dg.module2node]:
-        sources = {id(i.module): i.module for i in dg.module2node[bn].inputs}
-        conv = next(iter(sources.values())) if len(sources) == 1 else None
+        conv = bn_source(dg, bn)
         if not isinstance(conv, nn.Conv2d) or {id(o.module) for o in dg.module2node[conv].outputs} != {id(bn)}:
             continue
         net.set_submodule(names[id(conv)], fuse_conv_bn_eval(conv, bn))

@@ -111,7 +111,7 @@ def _owner(name: str, parts: dict[str, Sequence[str]]) -> str | None:
     return None
 
 
-def _source(dg: tp.DependencyGraph, bn: nn.Module) -> nn.Module | None:
+def bn_source(dg: tp.DependencyGraph, bn: nn.Module) -> nn.Module | None:
     """The module whose output a BatchNorm normalises (None when it is not a single module's)."""
     inputs = dg.module2node[bn].inputs if bn in dg.module2node else []
     sources = {id(n.module): n.module for n in inputs}  # a module traced twice (seg and cls) appears twice
@@ -155,14 +155,14 @@ def _group(
         return None
     bn_of = {}
     for bn in (m for m in members if isinstance(m, nn.modules.batchnorm._BatchNorm)):  # SyncBatchNorm too
-        bn_of.setdefault(_source(dg, bn), []).append(bn)
+        bn_of.setdefault(bn_source(dg, bn), []).append(bn)
     own = {c: bn_of.get(c, []) for c in full}
     if coupled == "group":
         own = {c: b for c, b in own.items() if b or not _only_gates(dg, c)}
     if conv not in own or any(len(b) != 1 for b in own.values()):
         return None
     followers = [bn for src, bns in bn_of.items() if src not in own for bn in bns]
-    if any(not _is_depthwise(_source(dg, bn)) for bn in followers):
+    if any(not _is_depthwise(bn_source(dg, bn)) for bn in followers):
         return None
     ties = [c for c in own if c is not conv]
     return own[conv][0], ties, [own[c][0] for c in ties], followers
