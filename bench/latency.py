@@ -3,8 +3,9 @@
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
-                            [--size H W] [--threads 2] [--runs 20] [--variants eager foldbn compile] [--profile]
-                            [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
+                            [--size H W] [--threads 2] [--runs 20]
+                            [--variants eager foldbn compile onnxruntime] [--profile] [--per-layer]
+                            [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
@@ -15,7 +16,8 @@ over rounds, and ratios are paired per round. "Best against best" compares each 
 with dense in its fastest — the figure a deployment engineer ships. ``--render FILE…`` prints saved
 ``--json`` files as markdown.
 Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
-deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing). ``--profile`` prints the
+deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing), ``onnxruntime`` (the net
+exported to ONNX, run by ONNX Runtime's CPU provider, which picks its own layout). ``--profile`` prints the
 self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
 ``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks least against
 their work (MACs, or channels for BN/ReLU), in the first layout and variant given.
@@ -32,7 +34,15 @@ from dataclasses import asdict
 
 import torch
 
-from mtprune.evaluate.cost import Setup, count_macs, count_params, latency_against, layer_latency, setup_dict
+from mtprune.evaluate.cost import (
+    ONNXRUNTIME,
+    Setup,
+    count_macs,
+    count_params,
+    latency_against,
+    layer_latency,
+    setup_dict,
+)
 from mtprune.evaluate.fit import LatencyTable, latency_fit
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
@@ -41,14 +51,18 @@ SIZES = {"deeplabv3_resnet101": (513, 513), "pspnet_resnet50": (513, 513), "bise
 CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
 
 
-VARIANTS = ("eager", "foldbn", "compile")  # PyTorch as is; BN folded into convs; BN folded + torch.compile
+#: PyTorch as is; BN folded into convs; BN folded + torch.compile; exported to ONNX Runtime (its own layout)
+VARIANTS = ("eager", "foldbn", "compile", "onnxruntime")
 
 
 def setups(a) -> dict[str, Setup]:
     out = {}
     for layout in a.layouts:
         for v in a.variants:
-            st = Setup(layout == "channels_last", v != "eager", v == "compile")
+            if v == "onnxruntime":
+                st = Setup(runtime=ONNXRUNTIME)
+            else:
+                st = Setup(layout == "channels_last", v != "eager", v == "compile")
             out[st.label] = st
     return out
 

@@ -204,3 +204,30 @@ def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, cap
     assert "MACs" in capsys.readouterr().out
     assert main([*args, "--latency", "--per-layer"]) == 2
     assert "--per-layer profiles one net" in capsys.readouterr().err
+
+
+def test_cost_onnxruntime_times_the_exported_net_alone_and_against_another(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    base = ["--size", "32", "32", "--threads", "1"]
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125",
+          "--out", str(tmp_path / "d")])  # fmt: skip
+    main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", "--size", "32", "32",
+          "--out", str(tmp_path / "p")])  # fmt: skip
+    capsys.readouterr()
+    one = ["cost", "--checkpoint", str(tmp_path / "p"), *base, "--latency"]
+    assert main([*one, "--onnxruntime", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_ms"] > 0
+    assert main([*one, "--onnxruntime"]) == 0
+    assert "ONNX Runtime" in capsys.readouterr().out
+    assert main([*one, "--onnxruntime", "--fold-bn"]) == 2
+    assert "ONNX Runtime folds BN and picks its layout" in capsys.readouterr().err
+    assert main([*one, "--best", "--onnxruntime", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert [c["runtime"] for c in best["configs"]] == ["torch"] * 4 + ["onnxruntime"]
+    against = [*one, "--against", str(tmp_path / "d"), "--best", "--onnxruntime"]
+    assert main([*against, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["configs"]) == 5 and out["configs"][-1]["runtime"] == "onnxruntime"
+    assert out["configs"][-1]["same_setup_ratio"] > 0 and out["gap"] == out["latency_ratio"] - out["macs_ratio"]
+    assert main(against) == 0
+    assert "ONNX Runtime (CPU)" in capsys.readouterr().out

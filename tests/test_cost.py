@@ -165,7 +165,8 @@ def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monk
     # best against best: 3 / 6 (both channels_last), not 3 / 10 or the same-setup 4 / 10
     assert out["latency_ratio"] == 0.5 and out["latency_ratio_iqr"] == 0.0
     assert out["latency_ms"] == 3 * STEP_MS and out["against_latency_ms"] == 6 * STEP_MS
-    assert out["config"] == out["against_config"] == {"layout": "channels_last", "fold_bn": False, "compile": False}
+    cl = {"layout": "channels_last", "fold_bn": False, "compile": False, "runtime": "torch"}
+    assert out["config"] == out["against_config"] == cl
     assert [c["same_setup_ratio"] for c in out["configs"]] == [0.4, 0.5]
     mixed = latency_against({"p": LayoutNet(clock, 2, 3)}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
     assert mixed["p"]["latency_ratio"] == 2 / 6 and mixed["p"]["config"]["layout"] == "contiguous"
@@ -289,3 +290,37 @@ def test_compiled_nets_are_timed_compiled_side_by_side():
     st = Setup(channels_last=True, fold_bn=True, compile=True)
     out = interleaved_latency({"a": a, "b": b}, (32, 32), runs=20, warmup=1, setups={"a": st, "b": st}, reference="a")
     assert out["b"]["ratio"] > 0 and len(out["b"]["times_ms"]) == 20
+
+
+def test_onnxruntime_setup_runs_the_exported_net_and_competes_in_latency_against():
+    pytest.importorskip("onnxruntime")
+    from mtprune.evaluate.cost import ONNXRUNTIME, Setup, _ort_net, all_setups, latency_against
+
+    dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
+    from mtprune.pruning import prune
+
+    prune(pruned, "uniform", 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = pruned.eval()(x)
+    pruned.to(memory_format=torch.channels_last)  # as another entry of the same run may have left it
+    out = torch.from_numpy(_ort_net(pruned, (32, 32))(x.numpy())[0])
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert all_setups()[-1].runtime == "torch" and all_setups(onnxruntime=True)[-1] == Setup(runtime=ONNXRUNTIME)
+    setups = [Setup(channels_last=True, fold_bn=True), Setup(runtime=ONNXRUNTIME)]
+    timed = latency_against({"p": pruned}, dense, (32, 32), setups, runs=20, warmup=1)["p"]
+    assert [c["runtime"] for c in timed["configs"]] == ["torch", "onnxruntime"]
+    assert all(c["latency_ms"] > 0 and c["against_latency_ms"] > 0 for c in timed["configs"])
+    assert timed["config"]["runtime"] in ("torch", "onnxruntime")
+    assert next(pruned.parameters()).is_contiguous()  # given back in its layout
+
+
+@pytest.mark.parametrize(("device", "dtype"), [("cpu", "bfloat16"), ("cuda", "float32")])
+def test_onnxruntime_is_timed_on_the_cpu_in_float32_only(device, dtype, monkeypatch):
+    from mtprune.evaluate.cost import ONNXRUNTIME, Setup, interleaved_latency
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match=f"ONNX Runtime is timed on the CPU in float32 \\(asked: {device}, {dtype}\\)"):
+        interleaved_latency({"m": nn.Identity()}, (4, 4), device, dtype, setups={"m": Setup(runtime=ONNXRUNTIME)})
+    with pytest.raises(UsageError, match="unknown runtime 'tvm'"):
+        interleaved_latency({"m": nn.Identity()}, (4, 4), setups={"m": Setup(runtime="tvm")})

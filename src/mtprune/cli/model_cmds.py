@@ -16,6 +16,8 @@ from mtprune.cli.args import fresh_out, positive_int
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import (
+    ONNXRUNTIME,
+    TORCH,
     Setup,
     all_setups,
     best_latency,
@@ -131,6 +133,10 @@ def _cost(args: argparse.Namespace) -> int:
         raise UsageError("--best needs --latency")
     if args.best and (args.channels_last or args.fold_bn):
         raise UsageError("--best tries every layout and BN folding itself: drop --channels-last / --fold-bn")
+    if args.onnxruntime and not args.best and (args.channels_last or args.fold_bn or args.compile):
+        raise UsageError("ONNX Runtime folds BN and picks its layout: drop --channels-last / --fold-bn / --compile")
+    if args.onnxruntime and not args.latency:
+        raise UsageError("--onnxruntime needs --latency")
     size = (args.size[0], args.size[1])
     if args.against:
         return _cost_against(args, model, load_model(args.against), size)
@@ -144,9 +150,13 @@ def _cost(args: argparse.Namespace) -> int:
         runs=args.runs,
         fold_bn=args.fold_bn,
         compile=args.compile,
+        runtime=ONNXRUNTIME if args.onnxruntime else TORCH,
     )
     if args.best:
-        best = best_latency(model, size, device=args.device, dtype=args.dtype, runs=args.runs, compile=args.compile)
+        best = best_latency(
+            model, size, device=args.device, dtype=args.dtype, runs=args.runs, compile=args.compile,
+            onnxruntime=args.onnxruntime,
+        )  # fmt: skip
         b = best["best"]
         cost.update({k: b[k] for k in ("latency_ms", "latency_iqr_ms", "device")})
         cost.update({"latency_runs": args.runs, "best": b, "configs": best["configs"]})
@@ -167,7 +177,8 @@ def _cost(args: argparse.Namespace) -> int:
         print(
             f"latency {cost['latency_ms']:.2f} ms median (IQR {cost['latency_iqr_ms']:.2f} ms, "
             f"{cost['latency_runs']} runs, "
-            f"{cost['device']}, {args.dtype}{', channels_last' if args.channels_last else ''}"
+            f"{cost['device']}, {args.dtype}{', ONNX Runtime' if args.onnxruntime else ''}"
+            f"{', channels_last' if args.channels_last else ''}"
             f"{', BN folded' if args.fold_bn else ''}{', torch.compile' if args.compile else ''})"
         )
     if args.best:
@@ -192,9 +203,8 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
     """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side."""
     if args.per_layer:
         raise UsageError("--per-layer profiles one net: drop --against, or run it on each checkpoint")
-    setups = all_setups(args.compile) if args.best else [Setup(args.channels_last, args.fold_bn, args.compile)]
     kw = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
-    cost = compare_cost(model, against, size, latency=args.latency, setups=setups, **kw)
+    cost = compare_cost(model, against, size, latency=args.latency, setups=_setups(args), **kw)
     if _printed_json(args, cost):
         return 0
     print(f"size    {size[0]}×{size[1]}      {'this':>12s} {'against':>12s} {'ratio':>8s}")
@@ -217,7 +227,18 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
     return 0
 
 
+def _setups(args: argparse.Namespace) -> list[Setup]:
+    """The setups ``--best`` / ``--channels-last`` / ``--fold-bn`` / ``--compile`` / ``--onnxruntime`` ask for."""
+    if args.best:
+        return all_setups(args.compile, args.onnxruntime)
+    if args.onnxruntime:
+        return [Setup(runtime=ONNXRUNTIME)]
+    return [Setup(args.channels_last, getattr(args, "fold_bn", False), args.compile)]  # prune has no --fold-bn
+
+
 def _setup_text(c: dict[str, Any]) -> str:
+    if c.get("runtime") == ONNXRUNTIME:
+        return "ONNX Runtime (CPU)"
     return c["layout"] + (", BN folded" if c["fold_bn"] else "") + (", torch.compile" if c["compile"] else "")
 
 
@@ -319,7 +340,8 @@ def _prune(args: argparse.Namespace) -> int:
 def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
     """How ``--target latency=X`` times each candidate against the unpruned net (``cost --against``'s way)."""
     device_used = args.device != "cpu" and args.round_to != "auto"
-    flags = (("--best", args.best), ("--compile", args.compile), ("--device", device_used), ("--runs", args.runs))
+    flags = (("--best", args.best), ("--compile", args.compile), ("--onnxruntime", args.onnxruntime))
+    flags += (("--device", device_used), ("--runs", args.runs))
     given = [f for f, v in flags if v]
     if not args.target or args.target[0] != "latency":
         if given:
@@ -329,8 +351,7 @@ def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--best tries both layouts itself: drop --channels-last")
     runs = 20 if args.runs is None else args.runs
     check_latency_args(args.device, "float32", runs)
-    setups = all_setups(args.compile) if args.best else [Setup(args.channels_last, compile=args.compile)]
-    return {"setups": setups, "device": args.device, "runs": runs}
+    return {"setups": _setups(args), "device": args.device, "runs": runs}
 
 
 def _fit(args: argparse.Namespace, model: SegmentationModel, size: tuple[int, ...]) -> Any:
@@ -475,10 +496,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="time torch.compile(model) with inductor freezing (weights pre-packed; compiled during warm-up)",
     )
     p.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="time the net exported to ONNX in ONNX Runtime (CPU, float32; the export extra); with --best it "
+        "competes with the PyTorch setups",
+    )
+    p.add_argument(
         "--best",
         action="store_true",
-        help="with --latency: time both layouts with and without BN folding (and --compile if given) and report "
-        "the fastest configuration",
+        help="with --latency: time both layouts with and without BN folding (and --compile, --onnxruntime if given) "
+        "and report the fastest configuration",
     )
     p.add_argument(
         "--per-layer",
@@ -511,6 +538,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--target latency: where to time")
     p.add_argument("--best", action="store_true", help="--target latency: each net in its fastest setup (cost --best)")
     p.add_argument("--compile", action="store_true", help="--target latency: time torch.compile'd nets")
+    p.add_argument("--onnxruntime", action="store_true", help="--target latency: time the nets in ONNX Runtime (CPU)")
     p.add_argument("--runs", type=int, default=None, help="--target latency: paired rounds per candidate (≥ 20; 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads while timing (default: torch's)")
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,6 +168,7 @@ def measure_latency(
     runs: int = 20,
     fold_bn: bool = False,
     compile: bool = False,
+    runtime: str = "torch",
     *,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Latency:
@@ -175,26 +178,36 @@ def measure_latency(
     autocast. The model is moved to ``device`` (and ``channels_last`` memory format if asked).
     ``fold_bn`` times an inference copy with BatchNorm folded into the convolutions
     (:func:`fold_batchnorm`); ``compile`` times ``torch.compile(model)`` with inductor's freezing (weights
-    pre-packed once; the compilation happens in the warm-up runs and is not timed). To compare nets with each other, use
+    pre-packed once; the compilation happens in the warm-up runs and is not timed); ``runtime="onnxruntime"``
+    times the net exported to ONNX in ONNX Runtime instead (:class:`Setup`). To compare nets with each other, use
     :func:`interleaved_latency`, which cancels the machine's drift between measurements. ``clock``: the
     timer read around each run, in seconds (tests pass a fake one).
     """
-    r = interleaved_latency(
-        {"model": model}, size, device, dtype, channels_last, fold_bn, compile, warmup, runs, clock=clock
-    )["model"]
+    setups = {"model": Setup(channels_last, fold_bn, compile, runtime)}
+    kw = {"warmup": warmup, "runs": runs, "setups": setups, "clock": clock}
+    r = interleaved_latency({"model": model}, size, device, dtype, **kw)["model"]
     return Latency(r["latency_ms"], r["latency_iqr_ms"], r["device"], runs)
+
+
+#: the runtimes a net can be timed in: PyTorch itself, or ONNX Runtime's CPU execution provider
+TORCH, ONNXRUNTIME = "torch", "onnxruntime"
 
 
 @dataclass(frozen=True)
 class Setup:
-    """How a net is run for timing: memory layout, BatchNorm folded, ``torch.compile``."""
+    """How a net is run for timing: memory layout, BatchNorm folded, ``torch.compile`` — or, with
+    ``runtime="onnxruntime"``, exported to ONNX and run by ONNX Runtime on the CPU (which folds BatchNorm,
+    fuses convolutions with their sums and activations and picks its own layout: the other fields are moot)."""
 
     channels_last: bool = False
     fold_bn: bool = False
     compile: bool = False
+    runtime: str = TORCH
 
     @property
     def label(self) -> str:
+        if self.runtime == ONNXRUNTIME:
+            return ONNXRUNTIME
         parts = ["channels_last" if self.channels_last else "contiguous"]
         parts += ["foldbn"] if self.fold_bn and not self.compile else []
         parts += ["compile"] if self.compile else []
@@ -233,17 +246,21 @@ def interleaved_latency(
     if reference is not None and reference not in models:
         raise UsageError(f"reference '{reference}' is not one of the nets timed ({', '.join(models)})")
     default = Setup(channels_last, fold_bn, compile)
-    nets, inputs, seen = {}, {}, set()
+    chosen = {n: (setups or {}).get(n, default) for n in models}
+    _check_runtimes(chosen.values(), device, dtype)
+    nets: dict[str, Callable[[Any], Any]] = {}
+    inputs, seen = {}, set()
     for n, m in models.items():
-        st = (setups or {}).get(n, default)
+        st = chosen[n]
+        x = torch.randn(1, 3, *size, device=device, generator=torch.Generator(device).manual_seed(0))
+        if st.runtime == ONNXRUNTIME:
+            nets[n], inputs[n] = _ort_net(m, size), x.numpy()
+            continue
         if id(m) in seen and not st.fold_bn:  # layout changes are in place: give each entry its own module
             m = copy.deepcopy(m)
         seen.add(id(m))
         nets[n] = _inference_net(m, device, st.channels_last, st.fold_bn, st.compile)
-        fmt = torch.channels_last if st.channels_last else torch.contiguous_format
-        inputs[n] = torch.randn(1, 3, *size, device=device, generator=torch.Generator(device).manual_seed(0)).to(
-            memory_format=fmt
-        )
+        inputs[n] = x.to(memory_format=torch.channels_last if st.channels_last else torch.contiguous_format)
         warmup = max(warmup, 2) if st.compile else warmup
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -267,6 +284,27 @@ def interleaved_latency(
         if reference is not None:
             out[n].update(paired_ratio(times[n], times[reference]))
     return out
+
+
+def _check_runtimes(setups: Iterable[Setup], device: str, dtype: str) -> None:
+    """One line for a runtime that cannot run as asked: ONNX Runtime is timed on the CPU, in float32."""
+    for st in setups:
+        if st.runtime not in (TORCH, ONNXRUNTIME):
+            raise UsageError(f"unknown runtime '{st.runtime}'; choose from {TORCH}, {ONNXRUNTIME}")
+        if st.runtime == ONNXRUNTIME and (device != "cpu" or dtype != "float32"):
+            raise UsageError(f"ONNX Runtime is timed on the CPU in float32 (asked: {device}, {dtype})")
+
+
+def _ort_net(model: nn.Module, size: tuple[int, int]) -> Callable[[Any], Any]:
+    """``model`` exported to ONNX (a temporary file, gone once loaded) and loaded into an ONNX Runtime CPU
+    session with all graph optimisations and torch's thread count: a function of a ``1×3×H×W`` array."""
+    from mtprune.export import export_onnx, ort_session  # the export extra, only when asked for
+
+    net = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # another entry may hold it channels_last
+    with tempfile.TemporaryDirectory(prefix="mtprune-ort-") as tmp:
+        path = export_onnx(net, Path(tmp) / "net.onnx", size)
+        sess = ort_session(path, threads=torch.get_num_threads())
+    return lambda x: sess.run(None, {"image": x})
 
 
 def _compile_settings(nets: int) -> contextlib.AbstractContextManager:
@@ -429,17 +467,21 @@ def layer_latency(
 LAYOUTS = ("contiguous", "channels_last")
 
 
-def all_setups(compile: bool = False) -> list[Setup]:
+def all_setups(compile: bool = False, onnxruntime: bool = False) -> list[Setup]:
     """Every configuration a deployment would try: both memory layouts, with and without BatchNorm folded
-    into the convolutions (and ``torch.compile`` with freezing, channels_last, if asked)."""
+    into the convolutions (and ``torch.compile`` with freezing, in both layouts, if asked; and ONNX Runtime
+    if asked)."""
     variants = [(False, False), (True, False)] + ([(True, True)] if compile else [])
-    return [Setup(layout == "channels_last", f, c) for layout in LAYOUTS for f, c in variants]
+    out = [Setup(layout == "channels_last", f, c) for layout in LAYOUTS for f, c in variants]
+    return out + ([Setup(runtime=ONNXRUNTIME)] if onnxruntime else [])
 
 
 def setup_dict(st: Setup) -> dict[str, object]:
-    """``{"layout", "fold_bn", "compile"}`` of a :class:`Setup` (the JSON form)."""
+    """``{"layout", "fold_bn", "compile", "runtime"}`` of a :class:`Setup` (the JSON form)."""
+    if st.runtime == ONNXRUNTIME:
+        return {"layout": "contiguous", "fold_bn": True, "compile": False, "runtime": ONNXRUNTIME}
     layout = "channels_last" if st.channels_last else "contiguous"
-    return {"layout": layout, "fold_bn": st.fold_bn, "compile": st.compile}
+    return {"layout": layout, "fold_bn": st.fold_bn, "compile": st.compile, "runtime": TORCH}
 
 
 def best_latency(
@@ -450,14 +492,15 @@ def best_latency(
     runs: int = 20,
     warmup: int = 5,
     compile: bool = False,
+    onnxruntime: bool = False,
 ) -> dict[str, object]:
     """The net in its fastest configuration — the figure a deployment engineer ships: every setup of
     :func:`all_setups`, timed round-robin (:func:`interleaved_latency`), and which was fastest.
 
-    Returns ``{"best": {"layout", "fold_bn", "compile", "latency_ms", "latency_iqr_ms", "device"},
+    Returns ``{"best": {"layout", "fold_bn", "compile", "runtime", "latency_ms", "latency_iqr_ms", "device"},
     "configs": [...]}``.
     """
-    setups = {st.label: st for st in all_setups(compile)}
+    setups = {st.label: st for st in all_setups(compile, onnxruntime)}
     timed = interleaved_latency(
         dict.fromkeys(setups, model), size, device, dtype, warmup=warmup, runs=runs, setups=setups
     )
