@@ -134,32 +134,94 @@ def timing_row(label: str, timed: dict, sts: dict[str, Setup]) -> dict:
     }
 
 
-@torch.no_grad()
-def profile_ops(model, size, a, runs: int = 5) -> dict[str, float]:
-    """Self CPU time per operator (ms per forward) in the first layout/variant asked for."""
+#: operator → kind, for the profile's totals: convolutions carry the MACs; the rest is the work pruning
+#: shrinks only in part (BN / ReLU on pruned channels) or not at all (residual sums, logits upsampling)
+OP_KINDS = {
+    "conv": ("convolution",),
+    "elementwise": ("add", "mul", "clamp", "relu", "sigmoid", "hardswish", "hardsigmoid", "div", "sub"),
+    "resize": ("upsample", "interpolate"),
+    "pool": ("pool",),
+    "concat/copy": ("cat", "copy", "contiguous", "clone"),
+}
+
+
+def op_kind(op: str) -> str:
+    name = op.removeprefix("aten::")
+    return next((k for k, keys in OP_KINDS.items() if any(w in name for w in keys)), "other")
+
+
+def _profiled_forward(net, x) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(x)
+    return {e.key: e.self_cpu_time_total / 1000.0 for e in prof.key_averages()}
+
+
+@torch.no_grad()
+def profile_pair(dense, pruned, size, a, rounds: int = 6) -> dict[str, dict[str, float]]:
+    """Self CPU time per operator (ms per forward), dense and pruned profiled one forward each in turn
+    (``rounds`` times, summed then averaged), so drifts hit both alike; the first layout / variant asked."""
     from mtprune.evaluate.cost import fold_batchnorm
 
-    net = fold_batchnorm(model) if a.variants[0] != "eager" else model.eval()
     fmt = torch.channels_last if a.layouts[0] == "channels_last" else torch.contiguous_format
-    net = net.to(memory_format=fmt)
+    nets = [
+        (fold_batchnorm(m) if a.variants[0] != "eager" else m.eval()).to(memory_format=fmt) for m in (dense, pruned)
+    ]
     x = torch.randn(1, 3, *size).to(memory_format=fmt)
-    for _ in range(2):
+    for net in nets:
         net(x)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(runs):
-            net(x)
-    model.to(memory_format=torch.contiguous_format)
-    return {e.key: e.self_cpu_time_total / 1000.0 / runs for e in prof.key_averages()}
+    out: list[dict[str, float]] = [{}, {}]
+    for _ in range(rounds):
+        for i, net in enumerate(nets):
+            for op, ms in _profiled_forward(net, x).items():
+                out[i][op] = out[i].get(op, 0.0) + ms / rounds
+    for m in (dense, pruned):
+        m.to(memory_format=torch.contiguous_format)
+    return {"dense": out[0], "pruned": out[1]}
 
 
-def print_profile(dense: dict[str, float], pruned: dict[str, float], label: str) -> None:
+def by_kind(ops: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for op, ms in ops.items():
+        out[op_kind(op)] = out.get(op_kind(op), 0.0) + ms
+    return out
+
+
+def profile_floor(prof: dict[str, dict[str, float]], macs_ratio: float) -> dict[str, float]:
+    """The profile's verdict: ``ratio`` (pruned / dense self time), ``conv_ratio`` (the convolutions'),
+    ``conv_share`` (the convolutions' part of the dense time) and ``floor`` — the ratio if the
+    convolutions had sped up exactly with the MACs and the rest taken the time it took: what no channel
+    count can fix."""
+    d, p = by_kind(prof["dense"]), by_kind(prof["pruned"])
+    td, tp = sum(d.values()), sum(p.values())
+    conv_d, conv_p = d.get("conv", 0.0), p.get("conv", 0.0)
+    return {
+        "ratio": tp / td,
+        "conv_ratio": conv_p / conv_d,
+        "conv_share": conv_d / td,
+        "floor": (macs_ratio * conv_d + tp - conv_p) / td,
+    }
+
+
+def print_profile(prof: dict[str, dict[str, float]], macs_ratio: float, label: str) -> None:
+    dense, pruned = prof["dense"], prof["pruned"]
+    f = profile_floor(prof, macs_ratio)
     total_d, total_p = sum(dense.values()), sum(pruned.values())
-    print(f"  profile {label}: total {total_d:.0f} → {total_p:.0f} ms/forward ({total_p / total_d:.3f}×)")
+    print(
+        f"  profile {label}: total {total_d:.0f} → {total_p:.0f} ms/forward ({f['ratio']:.3f}×, MACs "
+        f"{macs_ratio:.3f}×); convolutions {f['conv_ratio']:.3f}× ({100 * f['conv_share']:.1f} % of dense); "
+        f"floor if convs shrank with MACs {f['floor']:.3f}"
+    )
+    d, p = by_kind(dense), by_kind(pruned)
+    print(
+        "    by kind: "
+        + "; ".join(f"{k} {d[k]:.1f} → {p.get(k, 0.0):.1f} ms" for k in sorted(d, key=d.get, reverse=True))
+    )
     for op in sorted(dense, key=dense.get, reverse=True)[:12]:
-        d, p = dense[op], pruned.get(op, 0.0)
-        print(f"    {op:40s} {d:9.1f} → {p:9.1f} ms  ({p / d if d else 0:.3f}×, {100 * p / total_p:4.1f} % of pruned)")
+        dm, pm = dense[op], pruned.get(op, 0.0)
+        share = 100 * pm / total_p
+        print(f"    {op:40s} {dm:9.1f} → {pm:9.1f} ms  ({pm / dm if dm else 0:.3f}×, {share:4.1f} % of pruned)")
 
 
 def per_layer(model, size, a) -> dict:
@@ -309,7 +371,6 @@ def main() -> None:
                 )
         dense = nets["dense"][1]
         if a.profile or a.per_layer:
-            dprof = profile_ops(dense, size, a) if a.profile else None
             dlayers = per_layer(dense, size, a) if a.per_layer else None
             for label, (row, model) in nets.items():
                 if label == "dense":
@@ -322,9 +383,10 @@ def main() -> None:
                     and x["ratio"] == row["ratio"]
                     and x["round_to"] == row["round_to"]
                 )
-                if dprof is not None:
-                    r["profile"] = {"dense": dprof, "pruned": profile_ops(model, size, a)}
-                    print_profile(dprof, r["profile"]["pruned"], label)
+                if a.profile:
+                    r["profile"] = profile_pair(dense, model, size, a)
+                    r["profile_floor"] = profile_floor(r["profile"], r["macs_ratio"])
+                    print_profile(r["profile"], r["macs_ratio"], label)
                 if dlayers is not None:
                     r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
                     print_layer_comparison(dlayers, r["layers"]["pruned"], label)

@@ -127,11 +127,16 @@ def _write_onnx(path: Path, export: Any) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+def ort_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session of ``path`` with all graph optimisations and ``threads`` intra-op threads.
+    ``spin=False`` stops its idle threads from busy-waiting after a run (ORT's default keeps them spinning,
+    which takes the cores from whatever runs next: another net timed in the same round)."""
     ort = _require_onnx()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not Path(path).is_file():
         raise UsageError(f"{path}: ONNX file not found")

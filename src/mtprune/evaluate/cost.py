@@ -297,13 +297,14 @@ def _check_runtimes(setups: Iterable[Setup], device: str, dtype: str) -> None:
 
 def _ort_net(model: nn.Module, size: tuple[int, int]) -> Callable[[Any], Any]:
     """``model`` exported to ONNX (a temporary file, gone once loaded) and loaded into an ONNX Runtime CPU
-    session with all graph optimisations and torch's thread count: a function of a ``1×3×H×W`` array."""
+    session with all graph optimisations, torch's thread count and no spinning idle threads (they would slow
+    the next net of the round): a function of a ``1×3×H×W`` array."""
     from mtprune.export import export_onnx, ort_session  # the export extra, only when asked for
 
     net = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # another entry may hold it channels_last
     with tempfile.TemporaryDirectory(prefix="mtprune-ort-") as tmp:
         path = export_onnx(net, Path(tmp) / "net.onnx", size)
-        sess = ort_session(path, threads=torch.get_num_threads())
+        sess = ort_session(path, threads=torch.get_num_threads(), spin=False)  # nets share the cores in turn
     return lambda x: sess.run(None, {"image": x})
 
 
