@@ -31,6 +31,7 @@ import json
 import platform
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -293,6 +294,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` shows it (``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SIZES))
@@ -330,10 +350,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     results = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor()}",
+        "machine": f"{platform.machine()} {cpu_model()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": a.device,
         "threads": a.threads,
-        "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else platform.processor(),
+        "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
+        "onnxruntime": _version("onnxruntime"),
         "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
         "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,

@@ -25,6 +25,10 @@ def fake_ms(s: ConvShape) -> float:
     return s.cin * s.cout * s.height * s.width * s.kernel[0] * s.kernel[1] / s.groups * 1e-6 * slow
 
 
+def fake_ratio(a: list[ConvShape], b: list[ConvShape]) -> float:
+    return sum(map(fake_ms, b)) / sum(map(fake_ms, a))
+
+
 def _net():
     return randomize_bn(build_model("deeplabv3_resnet18", 5, 10, 0.5))  # 32 … 256 channels, irregular γ
 
@@ -79,6 +83,7 @@ def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monke
     import mtprune.evaluate.fit as fit_mod
 
     monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, device, channels_last: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
     d = str(tmp_path / "d")
     main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
@@ -106,6 +111,7 @@ def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
     from mtprune.pipeline import execute
 
     monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, device, channels_last: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
     cfg = tiny_cfg("run.round_to=auto", "run.latency_threads=1")
     save_model(_net(), tmp_path / "d")
@@ -127,6 +133,29 @@ def test_the_choice_keeps_n_unless_a_larger_count_is_clearly_faster():
     assert pick([1.03, 1.019, 1.0]) == 12  # 11 is within 2 % of n's time: no gain; 12 is 3 % faster
     assert pick([1.0, 0.99, 0.985]) == 10  # nothing 2 % faster than n: n stays
     assert pick([1.0, 0.97, 0.9, 0.905]) == 12  # the smallest count within 2 % of the fastest
+
+
+def test_a_count_the_table_prefers_is_kept_only_if_a_paired_retiming_confirms_it(tmp_path):
+    from mtprune.evaluate.fit import _choose
+
+    times = [1.0, 0.9]  # the table says 11 channels are 10 % faster than 10
+    own = lambda c: ConvShape(8, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, 4)  # noqa: E731
+    asked = []
+
+    def retimed(ratio: float):
+        def compare(a, b):
+            asked.append(([s.cout for s in a], [s.cout for s in b]))
+            return ratio
+
+        return LatencyTable(tmp_path / f"{ratio}.json", measure=lambda s: times[s.cout - 10], compare=compare)
+
+    assert _choose(retimed(0.99), own, [], range(10, 12)) == (10, {10: 1.0, 11: 0.9}, 0.99)  # not confirmed
+    assert _choose(retimed(0.95), own, [], range(10, 12))[::2] == (11, 0.95)  # confirmed: 5 % faster, paired
+    assert asked == [([10], [11]), ([10], [11])]
+    table = retimed(0.95)
+    table.ratio([own(10)], [own(11)]), table.save()
+    again = LatencyTable(tmp_path / "0.95.json", measure=lambda s: 1 / 0, compare=lambda a, b: 1 / 0)
+    assert again.ratio([own(10)], [own(11)]) == 0.95  # cached with the single times: not re-timed
 
 
 def test_auto_on_bisenet_skips_the_auxiliary_heads_and_times_concatenations_whole(tmp_path):

@@ -7,8 +7,10 @@ multiple, :func:`latency_fit` times each prunable conv — BatchNorm folded (a c
 chosen memory layout, batch 1, at the feature size it sees at the input size — together with the convs
 that consume its channels, at n and at every count up to the next multiple of :data:`MULTIPLE`, on the
 device at hand, and keeps n unless a larger count is more than :data:`NOISE` faster (then the smallest
-count within :data:`NOISE` of the fastest): never fewer channels than the scores keep, and more only where
-they are measurably faster. Identical shapes are timed once;
+count within :data:`NOISE` of the fastest, kept only if a fresh paired timing against n confirms the gain:
+the fastest of many noisy timings is biased low, and unconfirmed picks made nets slower on an AMD EPYC,
+bench/README.md): never fewer channels than the scores keep, and more only where they are measurably
+faster. Identical shapes are timed once;
 the times are kept in a :class:`LatencyTable` (``~/.cache/mtprune/``, per device, threads, layout and
 torch version), so a second prune of the same net is instant.
 """
@@ -96,6 +98,43 @@ def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False
     return statistics.median(times)
 
 
+def _conv_of(shape: ConvShape, device: str, fmt: torch.memory_format) -> tuple[nn.Conv2d, torch.Tensor]:
+    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation, shape.groups)
+    x = torch.randn(1, shape.cin, shape.height, shape.width, device=device).to(memory_format=fmt)
+    return conv.eval().to(device).to(memory_format=fmt), x
+
+
+def time_pair(
+    a: list[ConvShape], b: list[ConvShape], device: str = "cpu", channels_last: bool = False, rounds: int = 15
+) -> float:
+    """Median over ``rounds`` of time(b) / time(a), the two sets of convs timed in turn (alternating order)
+    after a warm-up: the paired check that a count chosen from the table is really faster. A minimum over
+    many noisy single timings is biased low (the winner's curse); this fresh, paired measurement is not."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    sets = [[_conv_of(sh, device, fmt) for sh in shapes] for shapes in (a, b)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(convs: list[tuple[nn.Conv2d, torch.Tensor]]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for conv, x in convs:
+            conv(x)
+        sync()
+        return time.perf_counter() - t0
+
+    ratios = []
+    with torch.no_grad():
+        for convs in sets:
+            run(convs), run(convs)
+        for r in range(rounds):
+            if r % 2 == 0:
+                ta, tb = run(sets[0]), run(sets[1])
+            else:
+                tb, ta = run(sets[1]), run(sets[0])
+            ratios.append(tb / ta)
+    return statistics.median(ratios)
+
+
 def default_table_path(device: str = "cpu", channels_last: bool = False) -> Path:
     """``~/.cache/mtprune/latency-<device>-<threads or GPU>-<layout>-torch<version>.json``
     (``$MTPRUNE_CACHE`` instead of ``~/.cache/mtprune`` if set)."""
@@ -112,7 +151,8 @@ def default_table_path(device: str = "cpu", channels_last: bool = False) -> Path
 class LatencyTable:
     """Measured times (ms) of single convs by :class:`ConvShape`, for one device and layout, kept in a JSON
     file (``path``) so that the next prune on the same machine times nothing. ``measure``: shape → ms
-    (default :func:`time_conv`; tests pass arithmetic)."""
+    (default :func:`time_conv`; tests pass arithmetic); ``compare``: two lists of shapes → the paired time
+    ratio second / first (default :func:`time_pair`; with a ``measure`` given, the ratio of its sums)."""
 
     def __init__(
         self,
@@ -120,11 +160,15 @@ class LatencyTable:
         device: str = "cpu",
         channels_last: bool = False,
         measure: Callable[[ConvShape], float] | None = None,
+        compare: Callable[[list[ConvShape], list[ConvShape]], float] | None = None,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--round-to auto --device cuda asked for, but CUDA is not available on this machine")
         self.path = Path(path) if path is not None else default_table_path(device, channels_last)
         self.measure = measure or (lambda s: time_conv(s, device, channels_last))
+        if compare is None and measure is not None:
+            compare = lambda a, b: sum(map(measure, b)) / sum(map(measure, a))  # noqa: E731
+        self.compare = compare or (lambda a, b: time_pair(a, b, device, channels_last))
         self.times: dict[str, float] = {}
         self.measured = 0  # shapes timed by this table (not found in the file)
         if self.path.is_file():
@@ -139,6 +183,14 @@ class LatencyTable:
             self.times[shape.key] = float(self.measure(shape))
             self.measured += 1
         return self.times[shape.key]
+
+    def ratio(self, a: list[ConvShape], b: list[ConvShape]) -> float:
+        """The paired time ratio of the convs ``b`` to the convs ``a`` (cached like single times)."""
+        key = "pair " + " + ".join(sh.key for sh in a) + " | " + " + ".join(sh.key for sh in b)
+        if key not in self.times:
+            self.times[key] = float(self.compare(a, b))
+            self.measured += 1
+        return self.times[key]
 
     def save(self) -> None:
         write_json(self.path, {"format": "mtprune-latency-table", "torch": torch.__version__, "times_ms": self.times})
@@ -166,15 +218,19 @@ def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple
 
 
 def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
-            counts: range) -> tuple[int, dict[int, float]]:  # fmt: skip
+            counts: range) -> tuple[int, dict[int, float], float]:  # fmt: skip
     """The kept count n = ``counts[0]`` unless a larger one is faster by more than :data:`NOISE`; then the
-    smallest count within :data:`NOISE` of the fastest (and still that much faster than n). Every time too."""
+    smallest count within :data:`NOISE` of the fastest (and still that much faster than n) — if a paired
+    re-measurement against n (:meth:`LatencyTable.ratio`) confirms it is faster by more than :data:`NOISE`.
+    Returns the count, every count's table time, and the confirming ratio (1.0 when n stays unchecked)."""
     times = {c: table.ms(own(c)) + sum(table.ms(u(c)) for u in uses) for c in counts}
     n, best = counts[0], min(times.values())
     if best >= times[n] / (1 + NOISE):
-        return n, times
+        return n, times, 1.0
     bound = min(best * (1 + NOISE), times[n] / (1 + NOISE))
-    return min(c for c, t in times.items() if t <= bound), times
+    c = min(c for c, t in times.items() if t <= bound)
+    ratio = table.ratio([own(n), *(u(n) for u in uses)], [own(c), *(u(c) for u in uses)])
+    return (c if ratio < 1 / (1 + NOISE) else n), times, ratio
 
 
 def _timeable(conv: nn.Module) -> bool:
@@ -233,10 +289,10 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
             own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
             uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
                     for u in consumers[name]]  # fmt: skip
-            chosen, times = _choose(table, own, uses, range(n, top + 1))
+            chosen, times, ratio = _choose(table, own, uses, range(n, top + 1))
             if chosen != n:
                 counts[name] = chosen
-                report[name] = {"from": n, "to": chosen, "ms_from": times[n], "ms_to": times[chosen]}
+                report[name] = {"from": n, "to": chosen, "ms_from": times[n], "ms_to": times[chosen], "paired": ratio}
         table.save()
         return counts, report
 
