@@ -75,14 +75,17 @@ class ConvShape:
                    tuple(conv.padding), tuple(conv.dilation), groups, *size)  # fmt: skip
 
 
+def _conv_of(shape: ConvShape, device: str, fmt: torch.memory_format) -> tuple[nn.Conv2d, torch.Tensor]:
+    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation, shape.groups)
+    x = torch.randn(1, shape.cin, shape.height, shape.width, device=device).to(memory_format=fmt)
+    return conv.eval().to(device).to(memory_format=fmt), x
+
+
 def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False, runs: int = 7) -> float:
     """Median wall time (ms) of a batch-1 forward of a conv of ``shape`` with a bias (BN folded), after two
     warm-up runs; CUDA synchronised. At least ``runs`` runs, more (up to 50) for a conv faster than 3 ms, so
     that every median spans ≥ 20 ms."""
-    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation, shape.groups)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    conv = conv.eval().to(device).to(memory_format=fmt)
-    x = torch.randn(1, shape.cin, shape.height, shape.width, device=device).to(memory_format=fmt)
+    conv, x = _conv_of(shape, device, torch.channels_last if channels_last else torch.contiguous_format)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: list[float] = []
     with torch.no_grad():
@@ -96,12 +99,6 @@ def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False
             if len(times) >= runs and sum(times) >= 20.0:
                 break
     return statistics.median(times)
-
-
-def _conv_of(shape: ConvShape, device: str, fmt: torch.memory_format) -> tuple[nn.Conv2d, torch.Tensor]:
-    conv = nn.Conv2d(shape.cin, shape.cout, shape.kernel, shape.stride, shape.padding, shape.dilation, shape.groups)
-    x = torch.randn(1, shape.cin, shape.height, shape.width, device=device).to(memory_format=fmt)
-    return conv.eval().to(device).to(memory_format=fmt), x
 
 
 def time_pair(
