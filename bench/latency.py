@@ -1,7 +1,7 @@
 """Real speed-up against MACs: dense against pruned nets of the paper's models at the paper's sizes.
 
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
-                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto]
+                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto auto-ort]
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
                             [--size H W] [--threads 2] [--runs 20]
                             [--variants eager foldbn compile onnxruntime] [--profile] [--per-layer]
@@ -54,6 +54,8 @@ CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18"
 
 #: PyTorch as is; BN folded into convs; BN folded + torch.compile; exported to ONNX Runtime (its own layout)
 VARIANTS = ("eager", "foldbn", "compile", "onnxruntime")
+#: --round-to auto: counts timed in PyTorch; auto-ort: in ONNX Runtime (mtprune prune --round-to auto --onnxruntime)
+AUTO = ("auto", "auto-ort")
 
 
 def setups(a) -> dict[str, Setup]:
@@ -91,10 +93,11 @@ def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
                                 m.weight.uniform_(0.0, 1.0)
                 method = "bn" if plan_kind == "irregular" else "uniform"
                 fit = None
-                if rt == "auto":  # the counts this machine likes, timed in the last layout asked for
-                    table = LatencyTable(device=a.device, channels_last=a.layouts[-1] == "channels_last")
-                    fit = latency_fit(model, size, table)
-                plan = make_plan(model, method, ratio, round_to=1 if rt == "auto" else rt, fit=fit)
+                if rt in AUTO:  # the counts this machine likes, timed in the last layout asked for (or ORT)
+                    runtime = ONNXRUNTIME if rt == "auto-ort" else "torch"
+                    cl = a.layouts[-1] == "channels_last"
+                    fit = latency_fit(model, size, LatencyTable(device=a.device, channels_last=cl, runtime=runtime))
+                plan = make_plan(model, method, ratio, round_to=1 if rt in AUTO else rt, fit=fit)
                 label = f"{plan_kind} {ratio} rt{rt}"
                 key = (plan_kind, ratio, tuple(sorted((k, len(lp.kept)) for k, lp in plan.layers.items())))
                 if key in seen:
@@ -318,8 +321,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SIZES))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     ap.add_argument("--plans", nargs="+", default=["uniform", "irregular"], choices=["uniform", "irregular"])
-    ap.add_argument("--round-to", nargs="+", type=lambda v: v if v == "auto" else int(v), default=[1, 8, 16],
-                    help="multiples K, or auto (mtprune prune --round-to auto)")  # fmt: skip
+    ap.add_argument("--round-to", nargs="+", type=lambda v: v if v in AUTO else int(v), default=[1, 8, 16],
+                    help="multiples K, auto (mtprune prune --round-to auto) or auto-ort (… --onnxruntime)")  # fmt: skip
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
     ap.add_argument("--dtypes", nargs="+", default=["float32"])
     ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)

@@ -113,6 +113,14 @@ def test_prune_cli_latency_target_prints_each_candidate_and_records_them(tmp_pat
     assert "at least 20 timed runs (got 5)" in capsys.readouterr().err
     assert main([*base, "--target", "latency=0.7", "--channels-last", "--out", str(tmp_path / "cl")]) == 0
     assert calls[-1]["setups"][0].channels_last  # the candidates timed in the layout asked for
+    assert main([*base, "--target", "latency=0.7", "--onnxruntime", "--out", str(tmp_path / "o")]) == 0
+    assert [st.runtime for st in calls[-1]["setups"]] == ["onnxruntime"]  # in ONNX Runtime only
+    assert main([*base, "--target", "latency=0.7", "--best", "--onnxruntime", "--out", str(tmp_path / "b")]) == 0
+    assert sorted(st.runtime for st in calls[-1]["setups"]) == ["onnxruntime", *["torch"] * 4]  # they compete
+    assert (
+        main([*base, "--target", "latency=0.7", "--onnxruntime", "--channels-last", "--out", str(tmp_path / "q")]) == 2
+    )
+    assert "--channels-last/--compile need --best" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()  # refused before anything is written
 
 

@@ -82,8 +82,8 @@ def test_the_table_is_kept_so_a_second_fit_times_nothing(tmp_path):
 def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monkeypatch):
     import mtprune.evaluate.fit as fit_mod
 
-    monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
-    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, device, channels_last: fake_ratio(a, b))
+    monkeypatch.setattr(fit_mod, "time_conv", lambda s, *_, **__: fake_ms(s))
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
     d = str(tmp_path / "d")
     main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
@@ -110,8 +110,8 @@ def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
     from mtprune.checkpoint import save_model
     from mtprune.pipeline import execute
 
-    monkeypatch.setattr(fit_mod, "time_conv", lambda s, device, channels_last: fake_ms(s))
-    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, device, channels_last: fake_ratio(a, b))
+    monkeypatch.setattr(fit_mod, "time_conv", lambda s, *_, **__: fake_ms(s))
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
     cfg = tiny_cfg("run.round_to=auto", "run.latency_threads=1")
     save_model(_net(), tmp_path / "d")
@@ -189,3 +189,124 @@ def test_groups_are_found_on_a_model_whose_bns_are_sync_batchnorm():
     want = discover_prunable_layers(model, parts, exclude=["backbone.conv1"])
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     assert discover_prunable_layers(synced, parts, exclude=["backbone.conv1"]) == want and len(want) > 10
+
+
+def test_the_onnx_conv_graph_computes_a_layer_s_convs_chained_as_in_the_net():
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from onnx import load_from_string, numpy_helper
+    from torch.nn.functional import conv2d, relu
+
+    from mtprune.evaluate.fit import conv_graph
+
+    own = ConvShape(16, 24, (3, 3), (2, 2), (2, 2), (2, 2), 1, 17, 19)  # strided, dilated, odd size → 9 × 10
+    uses = [
+        ConvShape(24, 24, (3, 3), (1, 1), (1, 1), (1, 1), 24, 9, 10),  # depthwise, fed by own's output
+        ConvShape(24, 5, (1, 1), (1, 1), (0, 0), (1, 1), 1, 9, 10),  # 1×1, fed by own's output
+        ConvShape(40, 8, (1, 1), (1, 1), (0, 0), (1, 1), 1, 9, 10),
+    ]  # a concatenation's: an input of its own
+    graph = conv_graph([own, *uses])
+    w = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in load_from_string(graph).graph.initializer}
+    sess = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x0", "x3"]
+    x0, x3 = torch.randn(1, 16, 17, 19), torch.randn(1, 40, 9, 10)
+    outs = sess.run(None, {"x0": x0.numpy(), "x3": x3.numpy()})
+
+    def conv(i, x):
+        s = [own, *uses][i]
+        return conv2d(x, w[f"w{i}"], w[f"b{i}"], s.stride, s.padding, s.dilation, s.groups)
+
+    r0 = relu(conv(0, x0))
+    refs = [conv(1, r0), conv(2, r0), conv(3, x3)]  # each pooled by the graph's sink
+    assert len(outs) == 3
+    for y, ref in zip(outs, refs, strict=True):
+        ref = ref.mean(dim=(2, 3), keepdim=True)
+        assert y.shape == tuple(ref.shape) and torch.allclose(torch.from_numpy(y), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prune_round_to_auto_onnxruntime_times_the_convs_in_onnx_runtime(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    import mtprune.evaluate.fit as fit_mod
+
+    timed = []
+
+    def ort_only(s, *_, runtime, **__):
+        timed.append(runtime)
+        return fake_ms(s)
+
+    monkeypatch.setattr(fit_mod, "time_conv", ort_only)
+    monkeypatch.setattr(
+        fit_mod, "time_convs", lambda ss, *a, runtime, **k: sum(ort_only(s, runtime=runtime) for s in ss)
+    )
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    d = str(tmp_path / "d")
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
+    base = ["prune", "--checkpoint", d, "--method", "uniform", "--ratio", "0.4", "--size", "32", "32", "--round-to"]
+    assert main([*base, "auto", "--onnxruntime", "--out", str(tmp_path / "p")]) == 0
+    assert "in ONNX Runtime (CPU)" in capsys.readouterr().err and set(timed) == {"onnxruntime"}
+    (table,) = (tmp_path / "cache").glob("latency-cpu*onnxruntime*.json")
+    assert json.loads(table.read_text())["runtime"] == "onnxruntime"
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["rounding"]
+    # ONNX Runtime picks its own layout: --channels-last would be silently dropped, so it is refused
+    assert main([*base, "auto", "--onnxruntime", "--channels-last", "--out", str(tmp_path / "q")]) == 2
+    assert "--channels-last/--compile need --best" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main([*base, "1", "--onnxruntime", "--out", str(tmp_path / "q")]) == 2
+    assert "only with --target latency=X" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="CPU only"):
+        LatencyTable(tmp_path / "t.json", device="cuda", runtime="onnxruntime")
+
+
+def test_a_run_s_auto_rounding_times_in_the_runtime_its_config_names(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from tests.test_pipeline import tiny_cfg
+
+    import mtprune.evaluate.fit as fit_mod
+    import mtprune.pipeline.stages as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.pipeline import execute
+
+    timed = []
+    monkeypatch.setattr(fit_mod, "time_conv", lambda s, *_, runtime, **__: timed.append(runtime) or fake_ms(s))
+    monkeypatch.setattr(
+        fit_mod, "time_convs", lambda ss, *_, runtime, **__: timed.append(runtime) or sum(map(fake_ms, ss))
+    )
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg("run.round_to=auto", "run.round_to_runtime=onnxruntime", "run.latency_threads=1")
+    save_model(_net(), tmp_path / "d")
+    stage = pl.pruning(tmp_path / "d", "uniform", 0.4, "independent", cfg, tmp_path / "p")
+    assert stage.recipe["config"]["run.round_to_runtime"] == "onnxruntime"
+    execute(stage)
+    assert timed and set(timed) == {"onnxruntime"} and list((tmp_path / "cache").glob("*onnxruntime*.json"))
+    with pytest.raises(UsageError, match="round_to_runtime"):
+        tiny_cfg("run.round_to_runtime=tensorrt")
+
+
+def test_in_onnx_runtime_counts_are_rounded_up_to_its_block_for_free(tmp_path):
+    model = _net()
+    plain = make_plan(model, "bn", 0.5)
+    flat = LatencyTable(tmp_path / "t.json", measure=lambda s: s.cin * s.cout * 1e-6)  # more channels: slower
+    flat.block = 16  # as ort_block() finds on an AVX-512 CPU
+    plan = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, flat))
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    for name in plan.layers:
+        n, got = len(plain.layers[name].kept), len(plan.layers[name].kept)
+        r = plan.rounding.get(name)
+        assert (got == n and n % 16 == 0) if r is None else (r["from"], r["to"]) == (n, got)
+        if r is not None:  # no count is faster: only the layout moved it, to the next multiple
+            assert got == -(-n // 16) * 16 and "multiple of 16" in r["why"]
+    convs = [m for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d) and n.startswith("backbone.layer")]
+    assert convs and all(m.in_channels % 16 == 0 for m in convs)  # a ResNet-18 of 32 … 256 channels
+    assert sum(len(lp.kept) % 16 != 0 for lp in plain.layers.values()) > 5  # the plain plan had other counts
+
+
+def test_onnx_runtime_s_block_is_read_off_its_optimiser_on_this_machine():
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    import platform
+
+    from mtprune.evaluate.fit import ort_block
+
+    block = ort_block()
+    assert block in (1, 4, 8, 16, 32)
+    if platform.machine() in ("x86_64", "AMD64"):  # MLAS has blocked kernels on every AVX2 CPU: 8 or 16
+        assert block in (8, 16)

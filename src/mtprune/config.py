@@ -206,6 +206,7 @@ class RunConfig:
     equal_seg_steps: bool = False
     pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
     round_to: int | Literal["auto"] = 1  # auto: counts the CPU likes (latency_fit; timed with latency_threads)
+    round_to_runtime: Literal["torch", "onnxruntime"] = "torch"  # round_to auto: time the convs in this runtime
     min_channels: int = 1
     thinet_samples: int = THINET_SAMPLES
     latency: bool = True

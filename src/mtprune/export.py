@@ -23,7 +23,7 @@ from mtprune.errors import MtpruneError, UsageError, WriteError
 from mtprune.io import FILE_MODE, ensure_dir, write_failure
 
 
-def _require_onnx() -> Any:
+def require_export_extra() -> Any:
     try:
         import onnx  # noqa: F401
         import onnxruntime as ort
@@ -70,7 +70,7 @@ def export_onnx(
     windows that depend on the feature size, so its graph is exported for ``size`` only: with ``dynamic``
     only its batch axis is dynamic.
     """
-    _require_onnx()
+    require_export_extra()
     if exporter not in ("dynamo", "torchscript"):
         raise UsageError(f"unknown exporter '{exporter}' (dynamo or torchscript)")
     path = Path(path)
@@ -127,20 +127,22 @@ def _write_onnx(path: Path, export: Any) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> Any:
-    """An ONNX Runtime CPU session of ``path`` with all graph optimisations and ``threads`` intra-op threads.
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session of the file ``path`` (or a serialised model's bytes) with all graph
+    optimisations and ``threads`` intra-op threads.
     ``spin=False`` stops its idle threads from busy-waiting after a run (ORT's default keeps them spinning,
     which takes the cores from whatever runs next: another net timed in the same round)."""
-    ort = _require_onnx()
+    ort = require_export_extra()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not Path(path).is_file():
+    if not isinstance(path, bytes) and not Path(path).is_file():
         raise UsageError(f"{path}: ONNX file not found")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()

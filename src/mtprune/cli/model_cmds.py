@@ -339,13 +339,17 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
     """How ``--target latency=X`` times each candidate against the unpruned net (``cost --against``'s way)."""
-    device_used = args.device != "cpu" and args.round_to != "auto"
-    flags = (("--best", args.best), ("--compile", args.compile), ("--onnxruntime", args.onnxruntime))
-    flags += (("--device", device_used), ("--runs", args.runs))
+    auto = args.round_to == "auto"
+    flags = (("--best", args.best), ("--compile", args.compile), ("--onnxruntime", args.onnxruntime and not auto))
+    flags += (("--device", args.device != "cpu" and not auto), ("--runs", args.runs))
     given = [f for f, v in flags if v]
+    if args.onnxruntime and not args.best and (args.channels_last or args.compile):
+        raise UsageError("--onnxruntime times ONNX Runtime only: --channels-last/--compile need --best")
     if not args.target or args.target[0] != "latency":
         if given:
-            raise UsageError(f"{', '.join(given)}: only with --target latency=X (--device: or --round-to auto)")
+            raise UsageError(
+                f"{', '.join(given)}: only with --target latency=X (--device, --onnxruntime: or --round-to auto)"
+            )
         return {}
     if args.best and args.channels_last:
         raise UsageError("--best tries both layouts itself: drop --channels-last")
@@ -358,8 +362,10 @@ def _fit(args: argparse.Namespace, model: SegmentationModel, size: tuple[int, ..
     """``--round-to auto``: the counts the device at hand likes (:func:`~mtprune.evaluate.fit.latency_fit`)."""
     if args.round_to != "auto":
         return None
-    table = LatencyTable(args.latency_table, args.device, args.channels_last)
-    print(f"--round-to auto: timing convs on {args.device} (table {table.path})", file=sys.stderr, flush=True)
+    runtime = ONNXRUNTIME if args.onnxruntime else TORCH
+    table = LatencyTable(args.latency_table, args.device, args.channels_last, runtime=runtime)
+    where = "ONNX Runtime (CPU)" if args.onnxruntime else args.device
+    print(f"--round-to auto: timing convs in {where} (table {table.path})", file=sys.stderr, flush=True)
     return latency_fit(model, (size[0], size[1]), table)
 
 
@@ -538,7 +544,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--target latency: where to time")
     p.add_argument("--best", action="store_true", help="--target latency: each net in its fastest setup (cost --best)")
     p.add_argument("--compile", action="store_true", help="--target latency: time torch.compile'd nets")
-    p.add_argument("--onnxruntime", action="store_true", help="--target latency: time the nets in ONNX Runtime (CPU)")
+    p.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="--target latency: time the nets in ONNX Runtime (CPU); --round-to auto: time the convs in it",
+    )
     p.add_argument("--runs", type=int, default=None, help="--target latency: paired rounds per candidate (≥ 20; 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads while timing (default: torch's)")
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")

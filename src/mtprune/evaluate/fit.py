@@ -18,12 +18,15 @@ torch version), so a second prune of the same net is instant.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import os
 import re
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from mtprune.errors import UsageError
+from mtprune.evaluate.cost import ONNXRUNTIME, TORCH
 from mtprune.io import write_json
 from mtprune.models.groups import dependency_graph
 from mtprune.pruning import Fit, PruningPlan, apply_plan
@@ -81,73 +85,193 @@ def _conv_of(shape: ConvShape, device: str, fmt: torch.memory_format) -> tuple[n
     return conv.eval().to(device).to(memory_format=fmt), x
 
 
-def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False, runs: int = 7) -> float:
-    """Median wall time (ms) of a batch-1 forward of a conv of ``shape`` with a bias (BN folded), after two
-    warm-up runs; CUDA synchronised. At least ``runs`` runs, more (up to 50) for a conv faster than 3 ms, so
-    that every median spans ≥ 20 ms."""
-    conv, x = _conv_of(shape, device, torch.channels_last if channels_last else torch.contiguous_format)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: list[float] = []
-    with torch.no_grad():
-        for i in range(52):
-            sync()
-            t0 = time.perf_counter()
-            conv(x)
-            sync()
-            if i >= 2:
-                times.append((time.perf_counter() - t0) * 1000.0)
-            if len(times) >= runs and sum(times) >= 20.0:
-                break
-    return statistics.median(times)
-
-
-def time_pair(
-    a: list[ConvShape], b: list[ConvShape], device: str = "cpu", channels_last: bool = False, rounds: int = 15
-) -> float:
-    """Median over ``rounds`` of time(b) / time(a), the two sets of convs timed in turn (alternating order)
-    after a warm-up: the paired check that a count chosen from the table is really faster. A minimum over
-    many noisy single timings is biased low (the winner's curse); this fresh, paired measurement is not."""
+def _torch_runner(shapes: list[ConvShape], device: str, channels_last: bool) -> Callable[[], None]:
+    """One forward of each conv of ``shapes`` (with a bias: BN folded) in PyTorch, CUDA synchronised."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    sets = [[_conv_of(sh, device, fmt) for sh in shapes] for shapes in (a, b)]
+    convs = [_conv_of(sh, device, fmt) for sh in shapes]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def run(convs: list[tuple[nn.Conv2d, torch.Tensor]]) -> float:
-        sync()
-        t0 = time.perf_counter()
+    @torch.no_grad()
+    def run() -> None:
         for conv, x in convs:
             conv(x)
         sync()
-        return time.perf_counter() - t0
 
+    return run
+
+
+def out_size(shape: ConvShape) -> tuple[int, int]:
+    """The spatial size of the output of a conv of ``shape``."""
+    dims = zip((shape.height, shape.width), shape.padding, shape.dilation, shape.kernel, shape.stride, strict=True)
+    h, w = ((n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in dims)
+    return h, w
+
+
+def _feeds(producer: ConvShape, consumer: ConvShape) -> bool:
+    """Whether ``consumer`` takes exactly ``producer``'s output (all its channels, at its size)."""
+    return consumer.cin == producer.cout and (consumer.height, consumer.width) == out_size(producer)
+
+
+def conv_graph(shapes: list[ConvShape], chain: bool = True) -> bytes:
+    """An ONNX model (opset 17) of a layer's convs as ONNX Runtime runs them in the net: the first shape
+    (the layer's conv) on input ``x0``, each later one (a consumer) fed by its output through a ReLU when
+    it takes exactly that output (:func:`_feeds`) and ``chain``, else on an input of its own; each output
+    pooled by a sink that keeps the blocked layout, as the net's next operator does; every conv with a bias
+    (BN folded), random weights. Chained, a channel count ONNX Runtime's blocked (NCHWc) kernels cannot
+    take costs here what it costs in the net: the reorders to and from the plain layout between the two
+    convs, which timing each conv on its own would not show."""
+    from mtprune.export import require_export_extra  # onnx: the export extra, only when asked for
+
+    require_export_extra()
+    from onnx import TensorProto, helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(0)
+    nodes, inputs, outputs, weights = [], [], [], []
+    for i, sh in enumerate(shapes):
+        w = torch.randn(sh.cout, sh.cin // sh.groups, *sh.kernel, generator=gen).numpy()
+        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(w[:, 0, 0, 0].copy(), f"b{i}")]
+        source = "r0" if chain and i > 0 and _feeds(shapes[0], sh) else f"x{i}"
+        if source == f"x{i}":
+            inputs.append(helper.make_tensor_value_info(source, TensorProto.FLOAT, [1, sh.cin, sh.height, sh.width]))
+        nodes.append(helper.make_node(
+            "Conv", [source, f"w{i}", f"b{i}"], [f"y{i}"], kernel_shape=list(sh.kernel), strides=list(sh.stride),
+            pads=[*sh.padding, *sh.padding], dilations=list(sh.dilation), group=sh.groups,
+        ))  # fmt: skip
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    if chain and any(_feeds(shapes[0], sh) for sh in shapes[1:]):
+        nodes.insert(1, helper.make_node("Relu", ["y0"], ["r0"]))
+        outputs.pop(0)  # y0 is consumed inside the graph
+    for out in outputs:  # a sink that takes the blocked layout, as the net's next op does (no reorder after it)
+        nodes.append(helper.make_node("GlobalAveragePool", [out.name], [f"g{out.name}"]))
+    outputs = [helper.make_tensor_value_info(f"g{out.name}", TensorProto.FLOAT, None) for out in outputs]
+    graph = helper.make_graph(nodes, "convs", inputs, outputs, weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _ort_runner(shapes: list[ConvShape]) -> Callable[[], None]:
+    """One run of :func:`conv_graph` in an ONNX Runtime CPU session set up as ``cost``'s ONNX Runtime setup
+    (all graph optimisations, torch's thread count, no spinning threads)."""
+    import numpy as np
+
+    from mtprune.export import ort_session  # the export extra, only when asked for
+
+    sess = ort_session(conv_graph(shapes), threads=torch.get_num_threads(), spin=False)
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in sess.get_inputs()}
+    return lambda: sess.run(None, feed) and None
+
+
+#: output channel counts of the probe convs :func:`ort_block` has ONNX Runtime optimise
+PROBE_CHANNELS = tuple(range(33, 97))
+
+
+@functools.cache
+def ort_block() -> int:
+    """The channel block of ONNX Runtime's CPU provider's blocked (NCHWc) layout on this machine (MLAS's:
+    8 with AVX2, 16 with AVX-512). Its convs pad every tensor's channels up to a multiple of it, so counts
+    up to the next multiple cost no time, and a tensor of another count leaves the layout for the
+    operators after its conv (pooling, sums), with reorders around them; a conv whose input count is not
+    even a multiple of 4 falls back to the plain layout altogether (bench/README.md: 50 of an irregular
+    DeepLabv3-R101's 112 convs). Found by having ONNX Runtime optimise one probe conv per output count of
+    :data:`PROBE_CHANNELS`, each followed by a pooling, and reading which poolings it left plain: the gcd
+    of the other counts (1 when none: no blocked kernels on this CPU)."""
+    ort = _export().require_export_extra()
+    import onnx
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # not the warning that an optimised model is hardware-specific: that is the point
+    probes = [ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8) for c in PROBE_CHANNELS]
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
+        ort.InferenceSession(conv_graph(probes, chain=False), opts, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    plain = {n.output[0] for n in nodes if n.domain == "" and n.op_type == "GlobalAveragePool"}  # gy<i> as built
+    counts = [c for i, c in enumerate(PROBE_CHANNELS) if f"gy{i}" not in plain]
+    return math.gcd(*counts) if counts else 1
+
+
+def _export() -> Any:
+    from mtprune import export  # the export extra's home, imported only when ONNX Runtime is asked for
+
+    return export
+
+
+def runner(shapes: list[ConvShape], device: str = "cpu", channels_last: bool = False, runtime: str = TORCH
+           ) -> Callable[[], None]:  # fmt: skip
+    """A function running each conv of ``shapes`` once in ``runtime`` (``torch`` on ``device`` in the layout
+    of ``channels_last``; ``onnxruntime``: CPU, its own layout)."""
+    if runtime == ONNXRUNTIME:
+        return _ort_runner(shapes)
+    return _torch_runner(shapes, device, channels_last)
+
+
+def _elapsed_ms(run: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def time_convs(shapes: list[ConvShape], device: str = "cpu", channels_last: bool = False, runs: int = 7,
+               runtime: str = TORCH) -> float:  # fmt: skip
+    """Median wall time (ms) of one batch-1 run of the convs of ``shapes`` with a bias (BN folded) in
+    ``runtime`` (:func:`runner`), after two warm-up runs. At least ``runs`` runs, more (up to 50) for convs
+    faster than 3 ms, so that every median spans ≥ 20 ms."""
+    run = runner(shapes, device, channels_last, runtime)
+    run(), run()
+    times: list[float] = []
+    while len(times) < 50 and (len(times) < runs or sum(times) < 20.0):
+        times.append(_elapsed_ms(run))
+    return statistics.median(times)
+
+
+def time_conv(shape: ConvShape, device: str = "cpu", channels_last: bool = False, runs: int = 7,
+              runtime: str = TORCH) -> float:  # fmt: skip
+    """:func:`time_convs` of one conv."""
+    return time_convs([shape], device, channels_last, runs, runtime)
+
+
+def time_pair(a: list[ConvShape], b: list[ConvShape], device: str = "cpu", channels_last: bool = False,
+              rounds: int = 15, runtime: str = TORCH) -> float:  # fmt: skip
+    """Median over ``rounds`` of time(b) / time(a), the two sets of convs timed in turn (alternating order)
+    after a warm-up: the paired check that a count chosen from the table is really faster. A minimum over
+    many noisy single timings is biased low (the winner's curse); this fresh, paired measurement is not."""
+    run_a, run_b = runner(a, device, channels_last, runtime), runner(b, device, channels_last, runtime)
+    for run in (run_a, run_a, run_b, run_b):
+        run()
     ratios = []
-    with torch.no_grad():
-        for convs in sets:
-            run(convs), run(convs)
-        for r in range(rounds):
-            if r % 2 == 0:
-                ta, tb = run(sets[0]), run(sets[1])
-            else:
-                tb, ta = run(sets[1]), run(sets[0])
-            ratios.append(tb / ta)
+    for r in range(rounds):
+        if r % 2 == 0:
+            ta, tb = _elapsed_ms(run_a), _elapsed_ms(run_b)
+        else:
+            tb, ta = _elapsed_ms(run_b), _elapsed_ms(run_a)
+        ratios.append(tb / ta)
     return statistics.median(ratios)
 
 
-def default_table_path(device: str = "cpu", channels_last: bool = False) -> Path:
-    """``~/.cache/mtprune/latency-<device>-<threads or GPU>-<layout>-torch<version>.json``
-    (``$MTPRUNE_CACHE`` instead of ``~/.cache/mtprune`` if set)."""
+def default_table_path(device: str = "cpu", channels_last: bool = False, runtime: str = TORCH) -> Path:
+    """``~/.cache/mtprune/latency-<device>-<threads or GPU>-<layout>-torch<version>.json``, for ONNX Runtime
+    ``latency-cpu-<capability>-<threads>-onnxruntime<version>.json`` (``$MTPRUNE_CACHE`` instead of
+    ``~/.cache/mtprune`` if set)."""
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}threads"
-    layout = "channels_last" if channels_last else "contiguous"
-    tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{layout}-torch{torch.__version__}")
+    if runtime == ONNXRUNTIME:
+        import onnxruntime
+
+        kind = f"onnxruntime{onnxruntime.__version__}"
+    else:
+        kind = ("channels_last" if channels_last else "contiguous") + f"-torch{torch.__version__}"
+    tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{kind}")
     root = Path(os.environ.get("MTPRUNE_CACHE", Path.home() / ".cache" / "mtprune"))
     return root / f"latency-{tag}.json"
 
 
 class LatencyTable:
-    """Measured times (ms) of single convs by :class:`ConvShape`, for one device and layout, kept in a JSON
-    file (``path``) so that the next prune on the same machine times nothing. ``measure``: shape → ms
+    """Measured times (ms) of single convs by :class:`ConvShape`, for one device, layout and runtime
+    (``torch`` or ``onnxruntime``: the counts ONNX Runtime's CPU kernels like are not PyTorch's), kept in a
+    JSON file (``path``) so that the next prune on the same machine times nothing. ``measure``: shape → ms
     (default :func:`time_conv`; tests pass arithmetic); ``compare``: two lists of shapes → the paired time
     ratio second / first (default :func:`time_pair`; with a ``measure`` given, the ratio of its sums)."""
 
@@ -158,14 +282,25 @@ class LatencyTable:
         channels_last: bool = False,
         measure: Callable[[ConvShape], float] | None = None,
         compare: Callable[[list[ConvShape], list[ConvShape]], float] | None = None,
+        runtime: str = TORCH,
     ) -> None:
+        if runtime not in (TORCH, ONNXRUNTIME):
+            raise UsageError(f"runtime must be {TORCH} or {ONNXRUNTIME} (got {runtime!r})")
+        if runtime == ONNXRUNTIME and device != "cpu":
+            raise UsageError(f"--round-to auto in ONNX Runtime times on the CPU only (got --device {device})")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError("--round-to auto --device cuda asked for, but CUDA is not available on this machine")
-        self.path = Path(path) if path is not None else default_table_path(device, channels_last)
-        self.measure = measure or (lambda s: time_conv(s, device, channels_last))
+        self.path = Path(path) if path is not None else default_table_path(device, channels_last, runtime)
+        self.runtime = runtime
+        #: counts are rounded up to multiples of this (ONNX Runtime's blocked layout, :func:`ort_block`)
+        self.block = ort_block() if runtime == ONNXRUNTIME and measure is None else 1
+        self.measure = measure or (lambda s: time_conv(s, device, channels_last, runtime=runtime))
         if compare is None and measure is not None:
             compare = lambda a, b: sum(map(measure, b)) / sum(map(measure, a))  # noqa: E731
-        self.compare = compare or (lambda a, b: time_pair(a, b, device, channels_last))
+        self.compare = compare or (lambda a, b: time_pair(a, b, device, channels_last, runtime=runtime))
+        self.measure_set: Callable[[list[ConvShape]], float] | None = None  # None: a layer is the sum of its convs
+        if runtime == ONNXRUNTIME and measure is None:  # a layer's convs chained as in the net (conv_graph)
+            self.measure_set = lambda shapes: time_convs(shapes, device, runtime=runtime)
         self.times: dict[str, float] = {}
         self.measured = 0  # shapes timed by this table (not found in the file)
         if self.path.is_file():
@@ -181,6 +316,17 @@ class LatencyTable:
             self.measured += 1
         return self.times[shape.key]
 
+    def layer_ms(self, shapes: list[ConvShape]) -> float:
+        """The time of a layer's conv (first) and its consumers' convs: in PyTorch the sum of their single
+        times; in ONNX Runtime one timing of them chained as in the net (:func:`conv_graph`)."""
+        if self.measure_set is None:
+            return sum(map(self.ms, shapes))
+        key = "set " + " + ".join(sh.key for sh in shapes)
+        if key not in self.times:
+            self.times[key] = float(self.measure_set(shapes))
+            self.measured += 1
+        return self.times[key]
+
     def ratio(self, a: list[ConvShape], b: list[ConvShape]) -> float:
         """The paired time ratio of the convs ``b`` to the convs ``a`` (cached like single times)."""
         key = "pair " + " + ".join(sh.key for sh in a) + " | " + " + ".join(sh.key for sh in b)
@@ -190,7 +336,8 @@ class LatencyTable:
         return self.times[key]
 
     def save(self) -> None:
-        write_json(self.path, {"format": "mtprune-latency-table", "torch": torch.__version__, "times_ms": self.times})
+        head = {"format": "mtprune-latency-table", "torch": torch.__version__, "runtime": self.runtime}
+        write_json(self.path, {**head, "times_ms": self.times})
 
 
 def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
@@ -215,12 +362,12 @@ def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple
 
 
 def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
-            counts: range) -> tuple[int, dict[int, float], float]:  # fmt: skip
+            counts: Sequence[int]) -> tuple[int, dict[int, float], float]:  # fmt: skip
     """The kept count n = ``counts[0]`` unless a larger one is faster by more than :data:`NOISE`; then the
     smallest count within :data:`NOISE` of the fastest (and still that much faster than n) — if a paired
     re-measurement against n (:meth:`LatencyTable.ratio`) confirms it is faster by more than :data:`NOISE`.
     Returns the count, every count's table time, and the confirming ratio (1.0 when n stays unchecked)."""
-    times = {c: table.ms(own(c)) + sum(table.ms(u(c)) for u in uses) for c in counts}
+    times = {c: table.layer_ms([own(c), *(u(c) for u in uses)]) for c in counts}
     n, best = counts[0], min(times.values())
     if best >= times[n] / (1 + NOISE):
         return n, times, 1.0
@@ -228,6 +375,18 @@ def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Cal
     c = min(c for c, t in times.items() if t <= bound)
     ratio = table.ratio([own(n), *(u(n) for u in uses)], [own(c), *(u(c) for u in uses)])
     return (c if ratio < 1 / (1 + NOISE) else n), times, ratio
+
+
+def _blocked(counts: range, block: int) -> tuple[int, list[int]]:
+    """The counts to choose from and the first of them: all of ``counts`` when ``block`` is 1 or the kept
+    count (the first) is a multiple of it; else the multiples of ``block`` among them (none: all). In ONNX
+    Runtime a count between two multiples costs the time of the next one (its channels are padded) and takes
+    its tensor out of the blocked layout, costs in the net that timing the layer's convs alone does not
+    show; the channels up to the multiple are free."""
+    ok = [c for c in counts if c % block == 0]
+    if block == 1 or not ok or counts[0] % block == 0:
+        return counts[0], list(counts)
+    return ok[0], ok
 
 
 def _timeable(conv: nn.Module) -> bool:
@@ -258,8 +417,10 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
     prunable layer of a plan (in order; a count chosen changes the input count of the layers after it), the
     count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs) plus its
     consumers' convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
-    of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. The
-    report: ``{layer: {"from", "to", "ms_from", "ms_to"}}`` for every layer it changed."""
+    of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. In
+    ONNX Runtime (``table.block`` > 1) a kept count that is not a multiple of its block is first rounded up
+    to one, then only multiples are tried (:func:`_blocked`). The report:
+    ``{layer: {"from", "to", "ms_from", "ms_to", "paired"[, "why"]}}`` for every layer it changed."""
     sizes = conv_input_sizes(model, size)
     skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
     names = [lay.conv for lay in model.prunable_layers() if not _under(lay.conv, skip)]
@@ -286,10 +447,14 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
             own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
             uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
                     for u in consumers[name]]  # fmt: skip
-            chosen, times, ratio = _choose(table, own, uses, range(n, top + 1))
+            start, tried = _blocked(range(n, top + 1), table.block)
+            chosen, times, ratio = _choose(table, own, uses, tried)
             if chosen != n:
                 counts[name] = chosen
-                report[name] = {"from": n, "to": chosen, "ms_from": times[n], "ms_to": times[chosen], "paired": ratio}
+                report[name] = {"from": n, "to": chosen, "ms_from": times[start], "ms_to": times[chosen],
+                                "paired": ratio}  # fmt: skip
+                if start != n:
+                    report[name]["why"] = f"ONNX Runtime pads channels to a multiple of {table.block} here: free"
         table.save()
         return counts, report
 

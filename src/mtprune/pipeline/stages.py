@@ -57,7 +57,7 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
         how = {"target": budget, "size": list(cost_size(cfg))}
         keys += ("run.latency_runs", "run.latency_threads") if "latency" in budget else ()
     if cfg.run.round_to == "auto":  # counts timed at the cost size's feature sizes
-        keys += ("run.latency_threads",)
+        keys += ("run.latency_threads", "run.round_to_runtime")
         how["size"] = list(cost_size(cfg))
     return {
         "stage": "prune",
@@ -85,7 +85,8 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
         auto = cfg.run.round_to == "auto"
         timed = auto or (isinstance(budget, dict) and "latency" in budget)
         with latency_threads(cfg) if timed else contextlib.nullcontext():
-            fit = latency_fit(model, cost_size(cfg), LatencyTable()) if auto else None
+            table = LatencyTable(runtime=cfg.run.round_to_runtime) if auto else None
+            fit = latency_fit(model, cost_size(cfg), table) if table else None
             plan = prune(
                 model, m.scorer, ratio, th, 1 if auto else cfg.run.round_to, cfg.run.min_channels, fit=fit, **kw
             )
