@@ -310,3 +310,24 @@ def test_onnx_runtime_s_block_is_read_off_its_optimiser_on_this_machine():
     assert block in (1, 4, 8, 16, 32)
     if platform.machine() in ("x86_64", "AMD64"):  # MLAS has blocked kernels on every AVX2 CPU: 8 or 16
         assert block in (8, 16)
+
+
+def test_a_count_nothing_beats_is_filled_to_the_kernels_multiple_only_if_that_is_not_slower(tmp_path):
+    model = _net()
+    plain = make_plan(model, "bn", 0.5)
+
+    def padded(s: ConvShape) -> float:  # kernels that pad both channel counts to 16: the time of the padded work
+        pad = lambda c: -(-c // 16) * 16  # noqa: E731
+        return pad(s.cin) * pad(s.cout) * s.height * s.width * s.kernel[0] * s.kernel[1] * 1e-6
+
+    free = LatencyTable(tmp_path / "free.json", measure=padded)
+    free.fill = 16  # as vector_width() gives on an AVX-512 CPU
+    plan = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, free))
+    filled = {k: r for k, r in plan.rounding.items() if r["why"].startswith("free")}
+    assert filled and all(r["to"] == -(-r["from"] // 16) * 16 and r["paired"] <= 1.02 for r in filled.values())
+    assert all(len(lp.kept) % 16 == 0 for lp in plan.layers.values())  # every count took its free channels
+    costly = LatencyTable(tmp_path / "costly.json", measure=lambda s: 1.05 ** (s.cin + s.cout))  # 5 % a channel
+    costly.fill = 16
+    again = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, costly))
+    assert again.layers == plain.layers and not again.rounding  # more than 2 % slower: nothing filled
+    assert any(len(lp.kept) % 16 for lp in plain.layers.values())

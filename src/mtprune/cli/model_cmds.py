@@ -415,7 +415,10 @@ def _print_pruned(model: SegmentationModel, plan: Any, summary: dict[str, Any], 
     before, after, size = summary["before"], summary["after"], summary["size"]
     print(f"pruned {model.name} with {summary['method']}, ratio {plan.ratio:.4g} ({plan.thresholds} thresholds)")
     for name, r in (plan.rounding or {}).items():
-        print(f"  round-to auto: {name} {r['from']} → {r['to']} channels ({r['ms_from']:.3f} → {r['ms_to']:.3f} ms)")
+        why = f"; {r['why']}" if "why" in r else ""
+        print(
+            f"  round-to auto: {name} {r['from']} → {r['to']} channels ({r['ms_from']:.3f} → {r['ms_to']:.3f} ms{why})"
+        )
     if plan.target is not None:
         (metric, budget), reached = next(iter(plan.target.items())), plan.target["reached"]
         tried = len(plan.target["candidates"])

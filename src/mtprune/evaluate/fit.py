@@ -294,6 +294,8 @@ class LatencyTable:
         self.runtime = runtime
         #: counts are rounded up to multiples of this (ONNX Runtime's blocked layout, :func:`ort_block`)
         self.block = ort_block() if runtime == ONNXRUNTIME and measure is None else 1
+        #: a count that nothing beats is filled up to a multiple of this if that is not slower (:func:`_fill`)
+        self.fill = self.block if runtime == ONNXRUNTIME else (1 if measure is not None else vector_width(device))
         self.measure = measure or (lambda s: time_conv(s, device, channels_last, runtime=runtime))
         if compare is None and measure is not None:
             compare = lambda a, b: sum(map(measure, b)) / sum(map(measure, a))  # noqa: E731
@@ -377,6 +379,28 @@ def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Cal
     return (c if ratio < 1 / (1 + NOISE) else n), times, ratio
 
 
+def vector_width(device: str = "cpu") -> int:
+    """The channel multiple PyTorch's conv kernels compute in on ``device``: the fp32 lanes of the CPU's
+    widest vector unit (16 with AVX-512, 8 with AVX2 or less: oneDNN pads channels to them), 8 on CUDA
+    (cuDNN's tensor-core tiles). Only a candidate: :func:`_fill` keeps it when a timing agrees."""
+    if device.startswith("cuda"):
+        return 8
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _fill(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
+          start: int, top: int) -> tuple[int, float]:  # fmt: skip
+    """``start`` filled up to the next multiple of ``table.fill`` (not above ``top``) if a paired timing
+    (:meth:`LatencyTable.ratio`) says the layer's convs are not slower there by more than :data:`NOISE`:
+    the kernels pad channels to that multiple, so the channels up to it cost no time and are the
+    best-scored of those the plan removed. Returns the count and the paired ratio (1.0 when none tried)."""
+    f = -(-start // table.fill) * table.fill
+    if f == start or f > top:
+        return start, 1.0
+    ratio = table.ratio([own(start), *(u(start) for u in uses)], [own(f), *(u(f) for u in uses)])
+    return (f if ratio <= 1 + NOISE else start), ratio
+
+
 def _blocked(counts: range, block: int) -> tuple[int, list[int]]:
     """The counts to choose from and the first of them: all of ``counts`` when ``block`` is 1 or the kept
     count (the first) is a multiple of it; else the multiples of ``block`` among them (none: all). In ONNX
@@ -419,8 +443,9 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
     consumers' convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
     of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. In
     ONNX Runtime (``table.block`` > 1) a kept count that is not a multiple of its block is first rounded up
-    to one, then only multiples are tried (:func:`_blocked`). The report:
-    ``{layer: {"from", "to", "ms_from", "ms_to", "paired"[, "why"]}}`` for every layer it changed."""
+    to one, then only multiples are tried (:func:`_blocked`). A count nothing beats is filled up to the
+    kernels' channel multiple when that is not slower (:func:`_fill`). The report:
+    ``{layer: {"from", "to", "ms_from", "ms_to", "paired", "why"}}`` for every layer it changed."""
     sizes = conv_input_sizes(model, size)
     skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
     names = [lay.conv for lay in model.prunable_layers() if not _under(lay.conv, skip)]
@@ -447,18 +472,29 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
             own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
             uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
                     for u in consumers[name]]  # fmt: skip
-            start, tried = _blocked(range(n, top + 1), table.block)
-            chosen, times, ratio = _choose(table, own, uses, tried)
+            chosen, why = _count(table, own, uses, n, top)
             if chosen != n:
-                counts[name] = chosen
-                report[name] = {"from": n, "to": chosen, "ms_from": times[start], "ms_to": times[chosen],
-                                "paired": ratio}  # fmt: skip
-                if start != n:
-                    report[name]["why"] = f"ONNX Runtime pads channels to a multiple of {table.block} here: free"
+                counts[name], report[name] = chosen, why
         table.save()
         return counts, report
 
     return fit
+
+
+def _count(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]], n: int,
+           top: int) -> tuple[int, dict[str, Any]]:  # fmt: skip
+    """One layer's count in [n, top] (:func:`_blocked`, :func:`_choose`, then :func:`_fill`) and what the
+    report says of it: ``from``, ``to``, the table times ``ms_from`` / ``ms_to``, the ``paired`` ratio that
+    decided it and ``why``."""
+    start, tried = _blocked(range(n, top + 1), table.block)
+    chosen, times, ratio = _choose(table, own, uses, tried)
+    why = "faster" if start == n else f"ONNX Runtime pads channels to a multiple of {table.block} here: free"
+    if chosen == start:
+        chosen, ratio = _fill(table, own, uses, start, top)
+        if chosen != start:
+            why = f"free: no slower at a multiple of {table.fill} (paired × {ratio:.3f})"
+    ms_to = times[chosen] if chosen in times else table.layer_ms([own(chosen), *(u(chosen) for u in uses)])
+    return chosen, {"from": n, "to": chosen, "ms_from": times[start], "ms_to": ms_to, "paired": ratio, "why": why}
 
 
 def _shape(conv: nn.Conv2d, size: tuple[int, int], cin: int, cout: int) -> ConvShape:
