@@ -10,9 +10,12 @@ device at hand, and keeps n unless a larger count is more than :data:`NOISE` fas
 count within :data:`NOISE` of the fastest, kept only if a fresh paired timing against n confirms the gain:
 the fastest of many noisy timings is biased low, and unconfirmed picks made nets slower on an AMD EPYC,
 bench/README.md): never fewer channels than the scores keep, and more only where they are measurably
-faster. Identical shapes are timed once;
-the times are kept in a :class:`LatencyTable` (``~/.cache/mtprune/``, per device, threads, layout and
-torch version), so a second prune of the same net is instant.
+faster. A count nothing beats is filled up to the channel multiple the kernels compute in when a paired
+timing says that is not slower (:func:`_fill`). With ``runtime="onnxruntime"`` the convs are timed in
+ONNX Runtime, chained as in the net (:func:`conv_graph`), and counts first rounded up to its channel block
+(:func:`ort_block`). Identical shapes are timed once; the times are kept in a :class:`LatencyTable`
+(``~/.cache/mtprune/``, per device, threads, layout and runtime version), so a second prune of the same
+net is instant.
 """
 
 from __future__ import annotations
@@ -175,7 +178,9 @@ def ort_block() -> int:
     DeepLabv3-R101's 112 convs). Found by having ONNX Runtime optimise one probe conv per output count of
     :data:`PROBE_CHANNELS`, each followed by a pooling, and reading which poolings it left plain: the gcd
     of the other counts (1 when none: no blocked kernels on this CPU)."""
-    ort = _export().require_export_extra()
+    from mtprune.export import require_export_extra  # the export extra, only when ONNX Runtime is asked for
+
+    ort = require_export_extra()
     import onnx
 
     opts = ort.SessionOptions()
@@ -189,12 +194,6 @@ def ort_block() -> int:
     plain = {n.output[0] for n in nodes if n.domain == "" and n.op_type == "GlobalAveragePool"}  # gy<i> as built
     counts = [c for i, c in enumerate(PROBE_CHANNELS) if f"gy{i}" not in plain]
     return math.gcd(*counts) if counts else 1
-
-
-def _export() -> Any:
-    from mtprune import export  # the export extra's home, imported only when ONNX Runtime is asked for
-
-    return export
 
 
 def runner(shapes: list[ConvShape], device: str = "cpu", channels_last: bool = False, runtime: str = TORCH
@@ -493,8 +492,8 @@ def _count(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Call
         chosen, ratio = _fill(table, own, uses, start, top)
         if chosen != start:
             why = f"free: no slower at a multiple of {table.fill} (paired × {ratio:.3f})"
-    ms_to = times[chosen] if chosen in times else table.layer_ms([own(chosen), *(u(chosen) for u in uses)])
-    return chosen, {"from": n, "to": chosen, "ms_from": times[start], "ms_to": ms_to, "paired": ratio, "why": why}
+    ms = {c: times[c] if c in times else table.layer_ms([own(c), *(u(c) for u in uses)]) for c in (n, chosen)}
+    return chosen, {"from": n, "to": chosen, "ms_from": ms[n], "ms_to": ms[chosen], "paired": ratio, "why": why}
 
 
 def _shape(conv: nn.Conv2d, size: tuple[int, int], cin: int, cout: int) -> ConvShape:
