@@ -366,7 +366,7 @@ def main() -> None:
     }
     print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}; round-robin, {a.runs} rounds")
     print(
-        f"{'model':20s} {'dtype':8s} {'net':22s} {'MACs×':>6s} "
+        f"{'model':20s} {'dtype':8s} {'net':26s} {'MACs×':>6s} "
         + " ".join(f"{st + ' ms (× dense)':>31s}" for st in setups(a))
         + f"  {'fastest setup':28s} best× (paired) ± IQR"
     )
@@ -391,7 +391,7 @@ def main() -> None:
                     cells += f"  {r['best_setup']:28s} {r['best_ratio']:6.3f} ± {r['best_ratio_iqr']:.3f}"
                 results["rows"].append(r)
                 print(
-                    f"{name:20s} {dtype:8s} {label:22s} {r['macs_ratio']:6.3f} {cells}",
+                    f"{name:20s} {dtype:8s} {label:26s} {r['macs_ratio']:6.3f} {cells}",
                     flush=True,
                 )
         dense = nets["dense"][1]
