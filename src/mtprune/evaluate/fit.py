@@ -293,8 +293,9 @@ class LatencyTable:
         self.runtime = runtime
         #: counts are rounded up to multiples of this (ONNX Runtime's blocked layout, :func:`ort_block`)
         self.block = ort_block() if runtime == ONNXRUNTIME and measure is None else 1
-        #: a count that nothing beats is filled up to a multiple of this if that is not slower (:func:`_fill`)
-        self.fill = self.block if runtime == ONNXRUNTIME else (1 if measure is not None else vector_width(device))
+        #: a count that nothing beats is filled up to a multiple of this if that is not slower (:func:`_fill`);
+        #: 1 (off) in ONNX Runtime, whose counts are already multiples of its block, and for a given ``measure``
+        self.fill = vector_width(device) if runtime == TORCH and measure is None else 1
         self.measure = measure or (lambda s: time_conv(s, device, channels_last, runtime=runtime))
         if compare is None and measure is not None:
             compare = lambda a, b: sum(map(measure, b)) / sum(map(measure, a))  # noqa: E731
