@@ -5,7 +5,7 @@
                             [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
                             [--size H W] [--threads 2] [--runs 20]
                             [--variants eager foldbn compile onnxruntime] [--profile] [--per-layer]
-                            [--skip-timing] [--json FILE] | --render FILE…
+                            [--host-memory system|cached] [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
@@ -20,7 +20,10 @@ deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing)
 exported to ONNX, run by ONNX Runtime's CPU provider, which picks its own layout). ``--profile`` prints the
 self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
 ``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks least against
-their work (MACs, or channels for BN/ReLU), in the first layout and variant given.
+their work (MACs, or channels for BN/ReLU), in the first layout and variant given. ``--host-memory cached``
+times everything with glibc keeping freed memory for reuse (``mtprune.evaluate.host_memory``; a process
+started with ``MALLOC_MMAP_MAX_=0`` is recorded as cached too); each net's page faults per forward are in
+the JSON either way.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mtprune.evaluate.cost import (
     setup_dict,
 )
 from mtprune.evaluate.fit import LatencyTable, latency_fit
+from mtprune.evaluate.host_memory import HOST_MEMORY, SYSTEM, host_memory, host_memory_context
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
 
@@ -127,6 +131,7 @@ def timing_row(label: str, timed: dict, sts: dict[str, Setup]) -> dict:
             "best_ratio": 1.0,
             "best_ratio_iqr": 0.0,
             "times_ms": {st: c["against_times_ms"] for st, c in configs.items()},
+            "page_faults": {st: c["against_page_faults"] for st, c in configs.items()},
         }
     return row | {
         "latency": {st: {"ms": c["latency_ms"], "iqr": c["latency_iqr_ms"]} for st, c in configs.items()},
@@ -135,6 +140,7 @@ def timing_row(label: str, timed: dict, sts: dict[str, Setup]) -> dict:
         "best_ratio": t["latency_ratio"],
         "best_ratio_iqr": t["latency_ratio_iqr"],
         "times_ms": {st: c["times_ms"] for st, c in configs.items()},
+        "page_faults": {st: c["page_faults"] for st, c in configs.items()},
     }
 
 
@@ -331,6 +337,7 @@ def main() -> None:
         "--per-layer", action="store_true", help="per-layer time against per-layer work, dense against each pruned net"
     )
     ap.add_argument("--skip-timing", action="store_true", help="only --profile / --per-layer, no latency table")
+    ap.add_argument("--host-memory", default=SYSTEM, choices=HOST_MEMORY, help="mtprune cost --host-memory")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--size", nargs=2, type=int, metavar=("H", "W"), help="input size for every model (default: the paper's)"
@@ -351,6 +358,16 @@ def main() -> None:
     if a.runs < 20 and not a.skip_timing:
         ap.error(f"--runs must be at least 20 (got {a.runs}): medians and IQRs of fewer rounds are noise")
     torch.set_num_threads(a.threads)
+    with host_memory_context(a.host_memory):
+        results = run(a)
+    print("\n" + markdown(results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Every model's rows (and profiles) as :func:`main` was asked."""
     results = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {cpu_model()}",
@@ -362,6 +379,7 @@ def main() -> None:
         "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
         "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
+        "host_memory": host_memory(),
         "rows": [],
     }
     print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}; round-robin, {a.runs} rounds")
@@ -416,10 +434,7 @@ def main() -> None:
                     r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
                     print_layer_comparison(dlayers, r["layers"]["pruned"], label)
         del nets
-    print("\n" + markdown(results))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from mtprune.evaluate.cost import (
     plan_cost,
 )
 from mtprune.evaluate.fit import LatencyTable, latency_fit
+from mtprune.evaluate.host_memory import CACHED, DEPLOY_ENV, HOST_MEMORY, SYSTEM, can_cache, host_memory_context
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models, load_weights
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
@@ -126,8 +127,31 @@ def _init(args: argparse.Namespace) -> int:
 
 
 # --- cost ------------------------------------------------------------------------------------------
+def _host_memory(args: argparse.Namespace, timing: bool) -> str:
+    """``--host-memory``, or its default: ``cached`` with ``--best`` where glibc allows it (the fastest setup
+    a deployment can ship, :mod:`mtprune.evaluate.host_memory`), else ``system``."""
+    if args.host_memory is not None and not timing:  # fmt: skip
+        raise UsageError(
+            "--host-memory: only when nets are timed (cost --latency; prune --target latency, --round-to auto)"
+        )
+    if args.host_memory is not None:
+        return args.host_memory
+    return CACHED if args.best and can_cache() else SYSTEM
+
+
+def _host_memory_text(mode: str) -> str:
+    if mode != CACHED:
+        return mode
+    return f"cached (freed memory kept for reuse; a deployment: {' '.join(f'{k}={v}' for k, v in DEPLOY_ENV.items())})"
+
+
 def _cost(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
+    with host_memory_context(_host_memory(args, args.latency)):
+        return _cost_in(args)
+
+
+def _cost_in(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     if args.best and not args.latency:
         raise UsageError("--best needs --latency")
@@ -158,8 +182,9 @@ def _cost(args: argparse.Namespace) -> int:
             onnxruntime=args.onnxruntime,
         )  # fmt: skip
         b = best["best"]
-        cost.update({k: b[k] for k in ("latency_ms", "latency_iqr_ms", "device")})
+        cost.update({k: b[k] for k in ("latency_ms", "latency_iqr_ms", "device", "page_faults")})
         cost.update({"latency_runs": args.runs, "best": b, "configs": best["configs"]})
+        cost["host_memory"] = best["host_memory"]
     layers = None
     if args.per_layer:
         layers, total = layer_latency(
@@ -182,11 +207,13 @@ def _cost(args: argparse.Namespace) -> int:
             f"{', BN folded' if args.fold_bn else ''}{', torch.compile' if args.compile else ''})"
         )
     if args.best:
-        print("latency by configuration (median ± IQR):")
+        print("latency by configuration (median ± IQR, page faults per forward):")
         for c in cost["configs"]:
             tag = _setup_text(c)
             mark = "  ← fastest" if c is cost["best"] else ""
-            print(f"  {tag:40s} {c['latency_ms']:9.2f} ± {c['latency_iqr_ms']:.2f} ms{mark}")
+            print(f"  {tag:40s} {c['latency_ms']:9.2f} ± {c['latency_iqr_ms']:.2f} ms {c['page_faults']:8d}{mark}")
+    if args.latency:
+        print(f"memory  {_host_memory_text(cost['host_memory'])}; {cost['page_faults']} page faults per forward")
     if layers is not None:
         print(_layer_table(layers, cost["layers_total_ms"], args.top))
     return 0
@@ -217,6 +244,10 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
         )
         print(f"gap     latency ratio − MACs ratio = {cost['gap']:+.3f}")
         print(f"setup   this: {_setup_text(cost['config'])}; against: {_setup_text(cost['against_config'])}")
+        print(
+            f"memory  {_host_memory_text(cost['host_memory'])}; page faults per forward: this "
+            f"{cost['page_faults']}, against {cost['against_page_faults']}"
+        )
         if len(cost["configs"]) > 1:
             print("by setup (this / against ms, same-setup ratio):")
             for c in cost["configs"]:
@@ -309,8 +340,30 @@ def _prune(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
     score_kw = _scorer_inputs(args)
+    mode = _host_memory(args, latency_target or args.round_to == "auto")
+    with host_memory_context(mode):
+        plan = _prune_plan(args, model, size, latency_kw, score_kw)
+    summary = _prune_summary(args, model, plan, before, size)
+    if latency_target or args.round_to == "auto":
+        summary["host_memory"] = mode
+    if scorer_of(args.method) == "thinet":
+        summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
+    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
+    meta = {"pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "target", "thinet") if k in summary}}
+    save_model(model, out, meta={**meta, "source": args.checkpoint or args.model})
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_pruned(model, plan, summary, out)
+    return 0
+
+
+def _prune_plan(
+    args: argparse.Namespace, model: SegmentationModel, size: tuple[int, ...], latency_kw: dict, score_kw: dict
+) -> Any:
+    """The plan ``prune`` asks for, timing what ``--target latency`` / ``--round-to auto`` time."""
     cost = plan_cost(model, args.target[0], size, **latency_kw) if args.target else None
-    plan = prune(
+    return prune(
         model,
         args.method,
         args.ratio,
@@ -324,17 +377,6 @@ def _prune(args: argparse.Namespace) -> int:
         fit=_fit(args, model, size),
         **score_kw,
     )
-    summary = _prune_summary(args, model, plan, before, size)
-    if scorer_of(args.method) == "thinet":
-        summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
-    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
-    meta = {"pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "target", "thinet") if k in summary}}
-    save_model(model, out, meta={**meta, "source": args.checkpoint or args.model})
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        _print_pruned(model, plan, summary, out)
-    return 0
 
 
 def _latency_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -466,6 +508,15 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _host_memory_arg(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument(
+        "--host-memory",
+        choices=HOST_MEMORY,
+        help=f"{when}: time with glibc as configured (system) or keeping freed memory for reuse (cached: no page "
+        "faults of the large tensors each forward maps afresh; default with --best where glibc allows it)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write a checkpoint of a freshly initialised model")
     p.add_argument("--model", required=True, type=_model_name, metavar="SPEC", help=MODEL_HELP)
@@ -521,6 +572,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="time every layer (forward hooks) and list the slowest with their MACs and GMAC/s",
     )
+    _host_memory_arg(p, "with --latency")
     p.add_argument("--top", type=int, default=15, metavar="N", help="layers listed by --per-layer (default 15)")
     p.add_argument("--runs", type=int, default=20, help="timed runs after warm-up (≥ 20, default 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
@@ -554,6 +606,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--runs", type=int, default=None, help="--target latency: paired rounds per candidate (≥ 20; 20)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads while timing (default: torch's)")
+    _host_memory_arg(p, "with --target latency or --round-to auto")
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
     p.add_argument(
         "--round-to",

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtprune.errors import UsageError
+from mtprune.evaluate.host_memory import host_memory, minor_faults
 from mtprune.models.base import eval_mode
 from mtprune.models.groups import bn_source, dependency_graph
 from mtprune.pruning.apply import apply_plan
@@ -91,6 +92,8 @@ class Latency:
     latency_iqr_ms: float
     device: str
     runs: int
+    page_faults: int = 0  # median minor page faults per forward
+    host_memory: str = "system"  # mtprune.evaluate.host_memory.host_memory() while timed
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -186,7 +189,7 @@ def measure_latency(
     setups = {"model": Setup(channels_last, fold_bn, compile, runtime)}
     kw = {"warmup": warmup, "runs": runs, "setups": setups, "clock": clock}
     r = interleaved_latency({"model": model}, size, device, dtype, **kw)["model"]
-    return Latency(r["latency_ms"], r["latency_iqr_ms"], r["device"], runs)
+    return Latency(r["latency_ms"], r["latency_iqr_ms"], r["device"], runs, r["page_faults"], r["host_memory"])
 
 
 #: the runtimes a net can be timed in: PyTorch itself, or ONNX Runtime's CPU execution provider
@@ -237,7 +240,9 @@ def interleaved_latency(
 
     Every net runs with ``channels_last`` / ``fold_bn`` / ``compile``, or with its own :class:`Setup`
     from ``setups`` (same keys as ``models``; the same model object may appear under several keys, each
-    gets its own copy). Returns ``{name: {"latency_ms", "latency_iqr_ms", "device", "runs"}}`` and, with
+    gets its own copy). Returns ``{name: {"latency_ms", "latency_iqr_ms", "device", "runs", "page_faults"
+    (median minor page faults per forward: the host memory each forward maps afresh), "host_memory"
+    (:func:`~mtprune.evaluate.host_memory.host_memory`)}}`` and, with
     ``reference`` (a key of ``models``), ``"ratio"`` and ``"ratio_iqr"``: the median and IQR over rounds
     of the net's time divided by the reference's time in the same round. ``clock``: the timer read just
     before and just after each timed forward, in seconds (``time.perf_counter``; tests pass a fake one).
@@ -266,6 +271,7 @@ def interleaved_latency(
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     names = list(nets)
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
     with autocast, _compile_settings(len(names)):
         for n in names:
             for _ in range(warmup):
@@ -273,14 +279,16 @@ def interleaved_latency(
         for r in range(runs):
             for n in names if r % 2 == 0 else reversed(names):
                 sync()
-                t0 = clock()
+                f0, t0 = minor_faults(), clock()
                 nets[n](inputs[n])
                 sync()
                 times[n].append((clock() - t0) * 1000.0)
+                faults[n].append(minor_faults() - f0)
     out: dict[str, dict[str, object]] = {}
     for n in names:
         out[n] = {"latency_ms": statistics.median(times[n]), "latency_iqr_ms": _iqr(times[n])}
         out[n].update({"device": _device_name(device), "runs": runs, "times_ms": times[n]})
+        out[n].update({"page_faults": int(statistics.median(faults[n])), "host_memory": host_memory()})
         if reference is not None:
             out[n].update(paired_ratio(times[n], times[reference]))
     return out
@@ -498,8 +506,8 @@ def best_latency(
     """The net in its fastest configuration — the figure a deployment engineer ships: every setup of
     :func:`all_setups`, timed round-robin (:func:`interleaved_latency`), and which was fastest.
 
-    Returns ``{"best": {"layout", "fold_bn", "compile", "runtime", "latency_ms", "latency_iqr_ms", "device"},
-    "configs": [...]}``.
+    Returns ``{"best": {"layout", "fold_bn", "compile", "runtime", "latency_ms", "latency_iqr_ms", "device",
+    "page_faults"}, "configs": [...], "host_memory"}``.
     """
     setups = {st.label: st for st in all_setups(compile, onnxruntime)}
     timed = interleaved_latency(
@@ -507,11 +515,11 @@ def best_latency(
     )
     model.to(memory_format=torch.contiguous_format)
     configs = [
-        {**setup_dict(st), **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device")}}
+        {**setup_dict(st), **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device", "page_faults")}}
         for name, st in setups.items()
     ]
     best = min(configs, key=lambda c: c["latency_ms"])
-    return {"best": best, "configs": configs}
+    return {"best": best, "configs": configs, "host_memory": host_memory()}
 
 
 AGAINST = "against"
@@ -538,8 +546,11 @@ def latency_against(
 
     Returns ``{name: {"latency_ratio", "latency_ratio_iqr" (median and IQR over rounds of the per-round
     ratio), "latency_ms", "latency_iqr_ms", "against_latency_ms", "against_latency_iqr_ms", "config",
-    "against_config" (each net's fastest setup), "device", "runs", "times_ms", "configs": [{**setup,
-    "latency_ms", "latency_iqr_ms", "same_setup_ratio", "times_ms"}]}}``.
+    "against_config" (each net's fastest setup), "device", "runs", "page_faults", "against_page_faults"
+    (per forward, in the fastest setups), "host_memory", "times_ms", "configs": [{**setup, "latency_ms",
+    "latency_iqr_ms", "same_setup_ratio", "page_faults", "against_page_faults", "times_ms"}]}}``. Run it
+    inside :func:`~mtprune.evaluate.host_memory.cached_host_memory` to time the nets as a deployment with
+    cached host memory runs them.
     """
     if AGAINST in models:
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
@@ -580,6 +591,9 @@ def _against_entry(
         "against_config": setup_dict(ref),
         "device": t["device"],
         "runs": t["runs"],
+        "page_faults": t["page_faults"],
+        "against_page_faults": a["page_faults"],
+        "host_memory": t["host_memory"],
         "times_ms": t["times_ms"],
         "against_times_ms": a["times_ms"],
         "configs": configs,
@@ -595,6 +609,8 @@ def _config_row(st: Setup, net: dict[str, Any], against: dict[str, Any]) -> dict
         "against_latency_ms": against["latency_ms"],
         "against_latency_iqr_ms": against["latency_iqr_ms"],
         "same_setup_ratio": paired_ratio(net["times_ms"], against["times_ms"])["ratio"],
+        "page_faults": net["page_faults"],
+        "against_page_faults": against["page_faults"],
         "times_ms": net["times_ms"],
         "against_times_ms": against["times_ms"],
     }
@@ -635,6 +651,6 @@ def model_cost(
     if latency:
         lat = measure_latency(model, size, **latency_kw)  # type: ignore[arg-type]
         d = asdict(lat)
-        out.update({k: d[k] for k in ("latency_ms", "latency_iqr_ms", "device")})
+        out.update({k: d[k] for k in ("latency_ms", "latency_iqr_ms", "device", "page_faults", "host_memory")})
         out["latency_runs"] = lat.runs
     return out

@@ -1,0 +1,139 @@
+"""Host memory against the latency ratio: glibc as a process runs a net, against cached host memory, in one run.
+
+    python bench/host_memory.py [--models pspnet_resnet50 deeplabv3_resnet101] [--variants foldbn compile]
+                                [--rounds 32] [--threads 2] [--as-started] [--json FILE]
+
+For each model: the dense net, a uniform 0.5× plan and an irregular one (``bn`` on random γ, round-to 16),
+BN folded, channels_last, timed round-robin as ``mtprune cost --against`` times them. The rounds alternate
+in pairs between the two host memories, so both see the same machine: ``cached`` inside
+:func:`mtprune.evaluate.host_memory.cached_host_memory`, ``system`` after leaving it (glibc set as its
+dynamic thresholds leave a process that has run a net — blocks above 32 MiB mmap'd — and the kept memory
+returned). Reports per host memory each net's median time and minor page faults per forward, and the paired
+ratios against dense. A process *started* with glibc's defaults can fault more than this ``system``
+(its thresholds depend on what it freed before): ``--as-started`` times every round in the host memory the
+process was started with (no switching; ``host_memory`` in the JSON says which), to be run in several fresh
+processes, with and without ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from latency import cpu_model  # bench/latency.py, next to this script
+from mtprune.evaluate.cost import _compile_settings, _inference_net, count_macs
+from mtprune.evaluate.host_memory import CACHED, SYSTEM, cached_host_memory, host_memory, minor_faults
+from mtprune.models import build_model
+from mtprune.pruning import apply_plan, make_plan
+
+CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
+
+
+def nets(name: str) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    out = {"dense": build_model(name, CLASSES[name])}
+    torch.manual_seed(1)
+    u = build_model(name, CLASSES[name])
+    out["uniform 0.5×"] = apply_plan(u, make_plan(u, "uniform", 0.5))
+    torch.manual_seed(1)
+    m = build_model(name, CLASSES[name])
+    with torch.no_grad():
+        for b in m.modules():
+            if isinstance(b, torch.nn.BatchNorm2d):
+                b.weight.uniform_(0.0, 1.0)
+    out["irregular 0.5×, round-to 16"] = apply_plan(m, make_plan(m, "bn", 0.5, round_to=16))
+    return out
+
+
+@torch.no_grad()
+def ab(
+    models: dict[str, torch.nn.Module], size: tuple[int, int], compile: bool, rounds: int, switch: bool = True
+) -> dict:
+    """Times and faults per host memory, rounds alternating in pairs (one untimed forward after each switch);
+    ``switch=False``: every round in the process's own host memory (reported under its name)."""
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    modes = (SYSTEM, CACHED) if switch else (host_memory(),)
+    times = {hm: {k: [] for k in models} for hm in modes}
+    faults = {hm: {k: [] for k in models} for hm in modes}
+    with _compile_settings(len(models)):
+        run = {k: _inference_net(m, "cpu", True, True, compile) for k, m in models.items()}
+        for f in run.values():
+            for _ in range(3):
+                f(x)
+        for r in range(0, rounds, 2):
+            hm = (SYSTEM, CACHED)[(r // 2) % 2] if switch else host_memory()
+            with cached_host_memory() if hm == CACHED and switch else contextlib.nullcontext():
+                next(iter(run.values()))(x)
+                for i in range(2):
+                    for k in list(run) if (r + i) % 2 == 0 else list(reversed(run)):
+                        f0, t0 = minor_faults(), time.perf_counter()
+                        run[k](x)
+                        times[hm][k].append((time.perf_counter() - t0) * 1e3)
+                        faults[hm][k].append(minor_faults() - f0)
+    out = {}
+    for hm in modes:
+        d = times[hm]["dense"]
+        out[hm] = {
+            k: {
+                "ms": statistics.median(v),
+                "page_faults": int(statistics.median(faults[hm][k])),
+                "ratio": statistics.median([a / b for a, b in zip(v, d, strict=True)]),
+            }
+            for k, v in times[hm].items()
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["pspnet_resnet50", "deeplabv3_resnet101"], choices=list(CLASSES))
+    ap.add_argument("--variants", nargs="+", default=["foldbn", "compile"], choices=["foldbn", "compile"])
+    ap.add_argument("--size", nargs=2, type=int, default=[513, 513], metavar=("H", "W"))
+    ap.add_argument("--rounds", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--as-started", action="store_true", help="no switching: the host memory the process has")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.rounds < 20:
+        ap.error(f"--rounds must be at least 20 (got {a.rounds})")
+    torch.set_num_threads(a.threads)
+    size = (a.size[0], a.size[1])
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {cpu_model()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "command": "python bench/host_memory.py " + " ".join(sys.argv[1:]),
+        "host_memory": host_memory(),
+        "rows": [],
+    }
+    modes = [host_memory()] if a.as_started else [SYSTEM, CACHED]
+    print("| model | variant | net | MACs × | " + " | ".join(f"{hm} ms (faults) | × dense" for hm in modes) + " |")
+    print("|---|---|---|---|" + "---|---|" * len(modes))
+    for name in a.models:
+        models = nets(name)
+        dmacs = count_macs(models["dense"], size)
+        macs = {k: count_macs(m, size) / dmacs for k, m in models.items()}
+        for v in a.variants:
+            r = ab(models, size, v == "compile", a.rounds, switch=not a.as_started)
+            results["rows"].append({"model": name, "variant": v, "macs_ratio": macs, **r})
+            for k in models:
+                c = [r[hm][k] for hm in r]
+                cells = " | ".join(f"{x['ms']:.0f} ({x['page_faults']}) | {x['ratio']:.3f}" for x in c)
+                print(f"| {name} | {v} | {k} | {macs[k]:.3f} | {cells} |", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
