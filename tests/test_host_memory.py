@@ -102,3 +102,29 @@ def test_cost_best_times_with_cached_host_memory_unless_told_otherwise(tmp_path,
     assert "memory  system; page faults per forward: this " in text
     assert main([*args[:-1], "--host-memory", "cached"]) == 2
     assert "--host-memory: only when nets are timed" in capsys.readouterr().err
+
+
+@glibc
+def test_prune_times_round_to_auto_in_the_host_memory_asked_for_and_records_it(tmp_path, capsys, monkeypatch):
+    from tests.test_fit import fake_ms, fake_ratio
+
+    import mtprune.evaluate.fit as fit_mod
+
+    seen = set()
+
+    def timed(s, *_, **__):
+        seen.add(host_memory())
+        return fake_ms(s)
+
+    monkeypatch.setattr(fit_mod, "time_conv", timed)
+    monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
+    d = str(tmp_path / "d")
+    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.25", "--out", d])
+    base = ["prune", "--checkpoint", d, "--method", "uniform", "--ratio", "0.4", "--size", "32", "32"]
+    assert main([*base, "--round-to", "auto", "--host-memory", "cached", "--out", str(tmp_path / "p")]) == 0
+    plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    assert plan["cost"]["host_memory"] == CACHED and seen == {CACHED} and host_memory() == SYSTEM
+    capsys.readouterr()
+    assert main([*base, "--host-memory", "cached", "--out", str(tmp_path / "q")]) == 2
+    assert "--host-memory: only when nets are timed" in capsys.readouterr().err and not (tmp_path / "q").exists()

@@ -30,7 +30,15 @@ from mtprune.evaluate.cost import (
     plan_cost,
 )
 from mtprune.evaluate.fit import LatencyTable, latency_fit
-from mtprune.evaluate.host_memory import CACHED, DEPLOY_ENV, HOST_MEMORY, SYSTEM, can_cache, host_memory_context
+from mtprune.evaluate.host_memory import (
+    CACHED,
+    DEPLOY_ENV,
+    HOST_MEMORY,
+    SYSTEM,
+    can_cache,
+    host_memory,
+    host_memory_context,
+)
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models, load_weights
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
@@ -130,7 +138,7 @@ def _init(args: argparse.Namespace) -> int:
 def _host_memory(args: argparse.Namespace, timing: bool) -> str:
     """``--host-memory``, or its default: ``cached`` with ``--best`` where glibc allows it (the fastest setup
     a deployment can ship, :mod:`mtprune.evaluate.host_memory`), else ``system``."""
-    if args.host_memory is not None and not timing:  # fmt: skip
+    if args.host_memory is not None and not timing:
         raise UsageError(
             "--host-memory: only when nets are timed (cost --latency; prune --target latency, --round-to auto)"
         )
@@ -316,6 +324,8 @@ def _prune(args: argparse.Namespace) -> int:
     model = _model_from_args(args)
     latency_kw = _latency_kw(args)
     latency_target = bool(args.target) and args.target[0] == "latency"
+    timed = latency_target or args.round_to == "auto"
+    memory = _host_memory(args, timed)
     if args.round_to != "auto" and args.latency_table:
         raise UsageError("--latency-table: only with --round-to auto")
     if args.channels_last and not (latency_target or args.round_to == "auto"):
@@ -340,11 +350,11 @@ def _prune(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {args.samples})")
     score_kw = _scorer_inputs(args)
-    mode = _host_memory(args, latency_target or args.round_to == "auto")
-    with host_memory_context(mode):
+    with host_memory_context(memory):
         plan = _prune_plan(args, model, size, latency_kw, score_kw)
+        mode = host_memory()  # as timed: a process started with cached host memory says so
     summary = _prune_summary(args, model, plan, before, size)
-    if latency_target or args.round_to == "auto":
+    if timed:
         summary["host_memory"] = mode
     if scorer_of(args.method) == "thinet":
         summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
