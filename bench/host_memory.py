@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-from latency import cpu_model  # bench/latency.py, next to this script
+from latency import run_header  # bench/latency.py, next to this script
 from mtprune.evaluate.cost import _compile_settings, _inference_net, count_macs
 from mtprune.evaluate.host_memory import CACHED, SYSTEM, cached_host_memory, host_memory, minor_faults
 from mtprune.models import build_model
@@ -106,16 +103,7 @@ def main() -> None:
         ap.error(f"--rounds must be at least 20 (got {a.rounds})")
     torch.set_num_threads(a.threads)
     size = (a.size[0], a.size[1])
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {cpu_model()}",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": a.threads,
-        "torch": torch.__version__,
-        "command": "python bench/host_memory.py " + " ".join(sys.argv[1:]),
-        "host_memory": host_memory(),
-        "rows": [],
-    }
+    results = {**run_header("host_memory.py", a.threads), "rows": []}
     modes = [host_memory()] if a.as_started else [SYSTEM, CACHED]
     print("| model | variant | net | MACs × | " + " | ".join(f"{hm} ms (faults) | × dense" for hm in modes) + " |")
     print("|---|---|---|---|" + "---|---|" * len(modes))

@@ -303,6 +303,20 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_header(script: str, threads: int) -> dict:
+    """What every benchmark JSON records first: date, machine, CPU capability, threads, torch, the command,
+    the host memory (``mtprune.evaluate.host_memory``)."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {cpu_model()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "command": f"python bench/{script} " + " ".join(sys.argv[1:]),
+        "host_memory": host_memory(),
+    }
+
+
 def cpu_model() -> str:
     """The CPU's model name as ``lscpu`` shows it (``/proc/cpuinfo``), else ``platform.processor()``."""
     try:
@@ -369,17 +383,11 @@ def main() -> None:
 def run(a: argparse.Namespace) -> dict:
     """Every model's rows (and profiles) as :func:`main` was asked."""
     results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {cpu_model()}",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **run_header("latency.py", a.threads),
         "device": a.device,
-        "threads": a.threads,
         "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
         "onnxruntime": _version("onnxruntime"),
         "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
-        "command": "python bench/latency.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "host_memory": host_memory(),
         "rows": [],
     }
     print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}; round-robin, {a.runs} rounds")

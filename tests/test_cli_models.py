@@ -186,14 +186,18 @@ def test_checkpoint_of_another_arch_is_one_line_exit_1(tmp_path, capsys):
     assert "tensor 'backbone.conv1.weight' has shape (32, 3, 7, 7), arch.json expects (16, 3, 7, 7)" in err
 
 
-def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, capsys):
-    base = ["--size", "32", "32"]
+def dense_and_pruned(tmp_path, capsys, size=("32", "32")) -> list[str]:
+    """A tiny dense checkpoint ``d`` and its uniform 0.5× prune ``p``: ``cost --checkpoint p --against d --size``."""
     main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125",
           "--out", str(tmp_path / "d")])  # fmt: skip
-    main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", *base,
+    main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", "--size", *size,
           "--out", str(tmp_path / "p")])  # fmt: skip
     capsys.readouterr()
-    args = ["cost", "--checkpoint", str(tmp_path / "p"), "--against", str(tmp_path / "d"), *base]
+    return ["cost", "--checkpoint", str(tmp_path / "p"), "--against", str(tmp_path / "d"), "--size", *size]
+
+
+def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, capsys):
+    args = dense_and_pruned(tmp_path, capsys)
     assert main([*args, "--latency", "--best", "--threads", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("latency_ratio", "latency_ratio_iqr", "latency_ms", "against_latency_ms", "macs_ratio", "params_ratio"):

@@ -85,13 +85,9 @@ def test_timings_report_page_faults_per_forward_and_the_host_memory():
 
 @glibc
 def test_cost_best_times_with_cached_host_memory_unless_told_otherwise(tmp_path, capsys):
-    base = ["--size", "32", "32"]
-    main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125",
-          "--out", str(tmp_path / "d")])  # fmt: skip
-    main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", *base,
-          "--out", str(tmp_path / "p")])  # fmt: skip
-    capsys.readouterr()
-    args = ["cost", "--checkpoint", str(tmp_path / "p"), "--against", str(tmp_path / "d"), *base, "--latency"]
+    from tests.test_cli_models import dense_and_pruned
+
+    args = [*dense_and_pruned(tmp_path, capsys), "--latency"]
     assert main([*args, "--best", "--threads", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["host_memory"] == CACHED and out["page_faults"] == out["against_page_faults"] == 0
