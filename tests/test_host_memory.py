@@ -124,3 +124,11 @@ def test_prune_times_round_to_auto_in_the_host_memory_asked_for_and_records_it(t
     capsys.readouterr()
     assert main([*base, "--host-memory", "cached", "--out", str(tmp_path / "q")]) == 2
     assert "--host-memory: only when nets are timed" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_host_memory_names_a_preloaded_allocator_and_the_environment(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert host_memory() == "preloaded (libjemalloc.so.2)"
+    monkeypatch.delenv("LD_PRELOAD")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert host_memory() == CACHED

@@ -4,9 +4,9 @@ glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) 
 gives it back on ``free``, so each forward of a segmentation net at 513² page-faults its large tensors
 afresh: the unpruned residual stream at output stride 8 (2048 × 65² floats, 35 MB per tensor), the logits
 upsampled to the input size (150 × 513², 158 MB for ADE20K's classes). That kernel time does not shrink
-with the pruned channels. Measured (bench/README.md, issue 19): PSPNet-R50 at 513², BN folded, 100 046
-minor faults per forward dense and 68 132 pruned to 0.5× uniformly; with cached host memory none, both
-nets 8–10 % faster and the latency ratio 0.459 → 0.441.
+with the pruned channels. Measured (``bench/host_memory.py``, bench/README.md, issue 19): PSPNet-R50 at
+513², BN folded, 115 076 minor faults per forward dense and 79 269 pruned to 0.5× uniformly; with cached
+host memory none, the pruned net 12 % faster and the paired latency ratio 0.482 → 0.453.
 
 :func:`cached_host_memory` makes glibc keep freed memory for reuse (``mallopt``: no mmap'd blocks, no
 trimming), as ONNX Runtime's arena and PyTorch's CUDA caching allocator already do; a deployment gets the
@@ -64,13 +64,13 @@ def _from_environment() -> bool:
 
 
 def host_memory() -> str:
-    """The host memory the process has now: :data:`CACHED` inside :func:`cached_host_memory` or when started
-    with :data:`DEPLOY_ENV`, ``"preloaded (<library>)"`` under another allocator (``LD_PRELOAD`` jemalloc,
-    tcmalloc …), else :data:`SYSTEM`."""
-    if _depth or _from_environment():
-        return CACHED
+    """The host memory the process has now: ``"preloaded (<library>)"`` under another allocator
+    (``LD_PRELOAD`` jemalloc, tcmalloc …: glibc's settings do not reach it), :data:`CACHED` inside
+    :func:`cached_host_memory` or when started with :data:`DEPLOY_ENV`, else :data:`SYSTEM`."""
     preload = [p for p in os.environ.get("LD_PRELOAD", "").split() if "malloc" in os.path.basename(p)]
-    return f"preloaded ({os.path.basename(preload[0])})" if preload else SYSTEM
+    if preload:
+        return f"preloaded ({os.path.basename(preload[0])})"
+    return CACHED if _depth or _from_environment() else SYSTEM
 
 
 @contextlib.contextmanager
