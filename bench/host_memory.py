@@ -25,29 +25,21 @@ import time
 
 import torch
 
-from latency import run_header  # bench/latency.py, next to this script
-from mtprune.evaluate.cost import _compile_settings, _inference_net, count_macs
+from latency import SIZES, build_nets, run_header  # bench/latency.py, next to this script
+from mtprune.evaluate.cost import _compile_settings, _inference_net
 from mtprune.evaluate.host_memory import CACHED, SYSTEM, cached_host_memory, host_memory, minor_faults
-from mtprune.models import build_model
-from mtprune.pruning import apply_plan, make_plan
 
-CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
+#: build_nets' labels → the names this benchmark prints
+NAMES = {"dense": "dense", "uniform 0.5 rt16": "uniform 0.5×", "irregular 0.5 rt16": "irregular 0.5×, round-to 16"}
 
 
-def nets(name: str) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
-    out = {"dense": build_model(name, CLASSES[name])}
-    torch.manual_seed(1)
-    u = build_model(name, CLASSES[name])
-    out["uniform 0.5×"] = apply_plan(u, make_plan(u, "uniform", 0.5))
-    torch.manual_seed(1)
-    m = build_model(name, CLASSES[name])
-    with torch.no_grad():
-        for b in m.modules():
-            if isinstance(b, torch.nn.BatchNorm2d):
-                b.weight.uniform_(0.0, 1.0)
-    out["irregular 0.5×, round-to 16"] = apply_plan(m, make_plan(m, "bn", 0.5, round_to=16))
-    return out
+def nets(name: str, size: tuple[int, int]) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """The dense net and the two 0.5× plans (uniform; irregular = ``bn`` on random γ, round-to 16) as
+    ``bench/latency.py`` builds them, and each net's MACs as a fraction of dense's."""
+    a = argparse.Namespace(size=list(size), plans=["uniform", "irregular"], ratios=[0.5], round_to=[16])
+    built = build_nets(name, a)
+    dmacs = built["dense"][0]["macs"]
+    return {NAMES[k]: m for k, (_, m) in built.items()}, {NAMES[k]: r["macs"] / dmacs for k, (r, _) in built.items()}
 
 
 @torch.no_grad()
@@ -91,7 +83,7 @@ def ab(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["pspnet_resnet50", "deeplabv3_resnet101"], choices=list(CLASSES))
+    ap.add_argument("--models", nargs="+", default=["pspnet_resnet50", "deeplabv3_resnet101"], choices=list(SIZES))
     ap.add_argument("--variants", nargs="+", default=["foldbn", "compile"], choices=["foldbn", "compile"])
     ap.add_argument("--size", nargs=2, type=int, default=[513, 513], metavar=("H", "W"))
     ap.add_argument("--rounds", type=int, default=32)
@@ -108,9 +100,7 @@ def main() -> None:
     print("| model | variant | net | MACs × | " + " | ".join(f"{hm} ms (faults) | × dense" for hm in modes) + " |")
     print("|---|---|---|---|" + "---|---|" * len(modes))
     for name in a.models:
-        models = nets(name)
-        dmacs = count_macs(models["dense"], size)
-        macs = {k: count_macs(m, size) / dmacs for k, m in models.items()}
+        models, macs = nets(name, size)
         for v in a.variants:
             r = ab(models, size, v == "compile", a.rounds, switch=not a.as_started)
             results["rows"].append({"model": name, "variant": v, "macs_ratio": macs, **r})

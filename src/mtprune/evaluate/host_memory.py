@@ -25,6 +25,11 @@ from collections.abc import Iterator
 
 from mtprune.errors import UsageError
 
+try:
+    import resource
+except ImportError:  # Windows: no getrusage
+    resource = None
+
 #: the two ways a timing can get its host memory: glibc as configured, or freed memory kept for reuse
 SYSTEM, CACHED = "system", "cached"
 HOST_MEMORY = (SYSTEM, CACHED)
@@ -109,8 +114,4 @@ def host_memory_context(mode: str) -> contextlib.AbstractContextManager:
 
 def minor_faults() -> int:
     """Minor page faults of this process so far, all threads (0 where ``getrusage`` does not exist)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    return 0 if resource is None else int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
