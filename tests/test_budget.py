@@ -10,6 +10,7 @@ from tests.conftest import randomize_bn
 from mtprune.cli import main
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import count_macs, plan_cost
+from mtprune.evaluate.host_memory import can_cache
 from mtprune.models import build_model
 from mtprune.pruning import make_plan, plan_overlap, prune
 from mtprune.pruning.plan import LayerPlan, PruningPlan
@@ -174,14 +175,20 @@ def test_a_run_s_prune_stage_takes_a_latency_target(tmp_path, monkeypatch):
     from mtprune.pipeline.run import check_run_config
 
     calls = _fake_timing(monkeypatch, gap=0.1)
-    cfg = tiny_cfg("run.targets=[{latency: 0.7}]", "run.latency_runs=25", "run.latency_threads=1")
+    memory = "cached" if can_cache() else "system"
+    cfg = tiny_cfg(
+        "run.targets=[{latency: 0.7}]",
+        "run.latency_runs=25",
+        "run.latency_threads=1",
+        f"run.latency_host_memory={memory}",
+    )
     check_run_config(cfg)  # {latency: X} is a target a run accepts
     model = _net()
     save_model(model, tmp_path / "d")
     execute(pl.pruning(tmp_path / "d", "uniform", {"latency": 0.7}, "independent", cfg, tmp_path / "p"))
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["target"]["latency"] == 0.7 and plan["target"]["reached"] <= 0.7
-    assert calls[0] == {"device": "cpu", "runs": 25}
+    assert calls[0] == {"device": "cpu", "runs": 25} and plan["cost"]["host_memory"] == memory  # timed as configured
     pruned = json.loads((tmp_path / "p" / "done.json").read_text())
     assert pruned["target"] == {"latency": 0.7}
     macs = count_macs(pl.load_model(tmp_path / "p" / "model"), pl.cost_size(cfg)) / count_macs(model, pl.cost_size(cfg))

@@ -79,6 +79,21 @@ def test_the_table_is_kept_so_a_second_fit_times_nothing(tmp_path):
         LatencyTable(tmp_path / "t.json")
 
 
+def test_the_default_table_is_one_per_host_memory(tmp_path, monkeypatch):
+    from mtprune.evaluate.fit import default_table_path
+    from mtprune.evaluate.host_memory import cached_host_memory, can_cache
+
+    if not can_cache():
+        pytest.skip("cached host memory needs glibc")
+    monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path))
+    system = default_table_path("cpu", channels_last=True)
+    with cached_host_memory():
+        cached = default_table_path("cpu", channels_last=True)
+    assert system.parent == cached.parent == tmp_path and system.name.endswith(f"_torch{torch.__version__}.json")
+    assert cached.name == system.name.removesuffix(".json") + "_cached.json"
+    assert default_table_path("cpu", channels_last=True) == system  # left: the system's again
+
+
 def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monkeypatch):
     import mtprune.evaluate.fit as fit_mod
 

@@ -231,6 +231,31 @@ def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, mon
     assert len(calls) == 2
 
 
+def test_latency_stage_times_with_the_configured_host_memory_and_reports_page_faults(tmp_path, monkeypatch):
+    from tests.conftest import tiny
+
+    import mtprune.pipeline.stages as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.evaluate.host_memory import can_cache, host_memory
+    from mtprune.pipeline import execute
+
+    if not can_cache():
+        pytest.skip("cached host memory needs glibc")
+    save_model(tiny("deeplabv3_resnet18"), tmp_path / "d")
+    save_model(tiny("deeplabv3_resnet18", seed=3), tmp_path / "p")
+    models = {"dense": tmp_path / "d", "other": tmp_path / "p"}
+    lat = execute(pl.latency(models, tiny_cfg("run.latency_threads=1"), tmp_path / "latency"))
+    assert {e["host_memory"] for e in lat.values()} == {"system"}
+    assert all(isinstance(e["page_faults"], int) and e["page_faults"] >= 0 for e in lat.values())
+    seen: list[str] = []
+    real = pl.latency_against
+    monkeypatch.setattr(pl, "latency_against", lambda *a, **k: seen.append(host_memory()) or real(*a, **k))
+    cached = tiny_cfg("run.latency_threads=1", "run.latency_host_memory=cached")
+    lat = execute(pl.latency(models, cached, tmp_path / "latency"))  # another setting: timed again, cached
+    assert seen == ["cached"] and {e["host_memory"] for e in lat.values()} == {"cached"}
+    assert host_memory() == "system"  # left as it was after the stage
+
+
 def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
     cfg = tiny_cfg(
         "run.methods=[uniform]", "run.pretrain=false", "run.latency=true", "run.latency_threads=1", "run.qualitative=0"

@@ -213,6 +213,8 @@ class RunConfig:
     latency_size: list[int] | None = None  # default: the segmentation crop size
     latency_runs: int = 20
     latency_threads: int | None = None  # CPU threads while timing (None: torch's default); see README
+    # system | cached: glibc keeps freed memory for the next forward while timing (mtprune.evaluate.host_memory)
+    latency_host_memory: Literal["system", "cached"] = "system"
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
     sparsity_threshold: float = SPARSITY_THRESHOLD
     seeds: list[int] = field(default_factory=list)  # several seeds: one run each + summary (mtprune run --seeds)

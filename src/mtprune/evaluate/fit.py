@@ -40,6 +40,7 @@ from torch import nn
 
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import ONNXRUNTIME, TORCH
+from mtprune.evaluate.host_memory import SYSTEM, host_memory
 from mtprune.io import write_json
 from mtprune.models.groups import dependency_graph
 from mtprune.pruning import Fit, PruningPlan, apply_plan
@@ -249,9 +250,10 @@ def time_pair(a: list[ConvShape], b: list[ConvShape], device: str = "cpu", chann
 
 
 def default_table_path(device: str = "cpu", channels_last: bool = False, runtime: str = TORCH) -> Path:
-    """``~/.cache/mtprune/latency-<device>-<threads or GPU>-<layout>-torch<version>.json``, for ONNX Runtime
-    ``latency-cpu-<capability>-<threads>-onnxruntime<version>.json`` (``$MTPRUNE_CACHE`` instead of
-    ``~/.cache/mtprune`` if set)."""
+    """``~/.cache/mtprune/latency-<device>_<threads or GPU>_<layout>_torch<version>.json``, for ONNX Runtime
+    ``latency-cpu_<capability>_<threads>_onnxruntime<version>.json``, with ``_cached`` before ``.json`` when
+    the host memory is not the system's (:func:`~mtprune.evaluate.host_memory.host_memory`: a conv's time
+    includes faulting its output in, or not); ``$MTPRUNE_CACHE`` instead of ``~/.cache/mtprune`` if set."""
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(device)
     else:
@@ -262,7 +264,8 @@ def default_table_path(device: str = "cpu", channels_last: bool = False, runtime
         kind = f"onnxruntime{onnxruntime.__version__}"
     else:
         kind = ("channels_last" if channels_last else "contiguous") + f"-torch{torch.__version__}"
-    tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{kind}")
+    memory = "" if device.startswith("cuda") or host_memory() == SYSTEM else f"-{host_memory()}"
+    tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{kind}{memory}")
     root = Path(os.environ.get("MTPRUNE_CACHE", Path.home() / ".cache" / "mtprune"))
     return root / f"latency-{tag}.json"
 

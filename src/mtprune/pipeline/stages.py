@@ -16,6 +16,7 @@ from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.evaluate.cost import count_macs, count_params, latency_against, plan_cost
 from mtprune.evaluate.fit import LatencyTable, latency_fit
+from mtprune.evaluate.host_memory import host_memory, host_memory_context
 from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
 from mtprune.layout import QUALITATIVE_FILE, Budget
@@ -55,9 +56,9 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
     how: dict[str, Any] = {"ratio": budget}
     if isinstance(budget, dict):
         how = {"target": budget, "size": list(cost_size(cfg))}
-        keys += ("run.latency_runs", "run.latency_threads") if "latency" in budget else ()
+        keys += ("run.latency_runs", "run.latency_threads", "run.latency_host_memory") if "latency" in budget else ()
     if cfg.run.round_to == "auto":  # counts timed at the cost size's feature sizes
-        keys += ("run.latency_threads", "run.round_to_runtime")
+        keys += ("run.latency_threads", "run.latency_host_memory", "run.round_to_runtime")
         how["size"] = list(cost_size(cfg))
     return {
         "stage": "prune",
@@ -90,7 +91,8 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
             plan = prune(
                 model, m.scorer, ratio, th, 1 if auto else cfg.run.round_to, cfg.run.min_channels, fit=fit, **kw
             )
-        write_json(out / "plan.json", plan.to_dict())
+            timing = {"cost": {"host_memory": host_memory()}} if timed else {}  # as mtprune prune records it
+        write_json(out / "plan.json", plan.to_dict() | timing)
         pruned = {"method": method, "ratio": plan.ratio, "thresholds": thresholds}
         if isinstance(budget, dict):
             pruned["target"] = budget
@@ -108,12 +110,14 @@ def _target_timing(target: tuple[str, float], cfg: Config) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def latency_threads(cfg: Config) -> Iterator[None]:
-    """``run.latency_threads`` CPU threads inside the block (torch's default when unset), restored after."""
+    """``run.latency_threads`` CPU threads inside the block (torch's default when unset), restored after,
+    and the host memory ``run.latency_host_memory`` (:func:`~mtprune.evaluate.host_memory.host_memory_context`)."""
     threads = torch.get_num_threads()
     if cfg.run.latency_threads:
         torch.set_num_threads(cfg.run.latency_threads)
     try:
-        yield
+        with host_memory_context(cfg.run.latency_host_memory):
+            yield
     finally:
         torch.set_num_threads(threads)
 
@@ -166,7 +170,8 @@ def save_predictions(model: torch.nn.Module, cfg: Config, n: int, path: Path) ->
 
 def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
     """What the latency stage measures: the model behind every tag and the timing settings."""
-    keys = ("run.latency_size", "run.latency_runs", "run.latency_threads", "data.seg.crop_size")
+    keys = ("run.latency_size", "run.latency_runs", "run.latency_threads", "run.latency_host_memory")
+    keys += ("data.seg.crop_size",)
     return {
         "stage": "latency",
         "inputs": {tag: input_id(src) for tag, src in sorted(sources.items())},
@@ -178,8 +183,9 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
     """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
     (:func:`~mtprune.evaluate.cost.latency_against`, as ``mtprune cost --against``: one forward of each per
     round, so the machine's drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms",
-    "latency_device", "ratio", "ratio_iqr"}}``, the ratio paired per round. Redone (not refused) when a
-    model or a setting changed."""
+    "latency_device", "ratio", "ratio_iqr", "page_faults", "host_memory"}}``, the ratio paired per round,
+    the page faults the median per forward, timed with ``run.latency_threads`` threads and
+    ``run.latency_host_memory``. Redone (not refused) when a model or a setting changed."""
 
     def run() -> dict[str, dict[str, Any]]:
         size = cost_size(cfg)
@@ -200,9 +206,11 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
 
 def _latency_entry(t: dict[str, Any]) -> dict[str, Any]:
     keys = {"latency_ms": "latency_ms", "latency_iqr_ms": "latency_iqr_ms", "latency_device": "device"}
+    keys |= {"page_faults": "page_faults", "host_memory": "host_memory"}
     return {k: t[v] for k, v in keys.items()} | {"ratio": t["latency_ratio"], "ratio_iqr": t["latency_ratio_iqr"]}
 
 
 def _dense_entry(t: dict[str, Any]) -> dict[str, Any]:
     keys = {"latency_ms": "against_latency_ms", "latency_iqr_ms": "against_latency_iqr_ms", "latency_device": "device"}
+    keys |= {"page_faults": "against_page_faults", "host_memory": "host_memory"}
     return {k: t[v] for k, v in keys.items()} | {"ratio": 1.0, "ratio_iqr": 0.0}
