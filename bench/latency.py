@@ -33,7 +33,6 @@ import datetime
 import json
 import platform
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,11 +43,12 @@ from mtprune.evaluate.cost import (
     count_macs,
     count_params,
     latency_against,
-    layer_latency,
+    paired_ratio,
     setup_dict,
 )
 from mtprune.evaluate.fit import LatencyTable, latency_fit
 from mtprune.evaluate.host_memory import HOST_MEMORY, SYSTEM, host_memory, host_memory_context
+from mtprune.evaluate.layers import channels_text, compare_layers, excess_by_kind, layer_profiles
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
 
@@ -234,47 +234,46 @@ def print_profile(prof: dict[str, dict[str, float]], macs_ratio: float, label: s
         print(f"    {op:40s} {dm:9.1f} → {pm:9.1f} ms  ({pm / dm if dm else 0:.3f}×, {share:4.1f} % of pruned)")
 
 
-def per_layer(model, size, a) -> dict:
-    """Per-layer times in the first layout/variant asked for (``mtprune.evaluate.cost.layer_latency``)."""
-    rows, total = layer_latency(
-        model, size, device=a.device, channels_last=a.layouts[0] == "channels_last", fold_bn=a.variants[0] != "eager"
-    )
-    return {"total_ms": total, "layers": {r.name: {**asdict(r), "out_size": list(r.out_size)} for r in rows}}
+def per_layer(nets: dict, size, a) -> dict:
+    """Every net's layers timed round-robin (``mtprune.evaluate.layers.layer_profiles``: one forward of each
+    per round, ``--runs`` rounds) in the first layout/variant asked for, each pruned net compared with dense
+    layer by layer (``compare_layers``): ``{label: {"total_ms", "dense_total_ms", "ratio", "rows"}}``."""
+    models = {label: m for label, (_, m) in nets.items()}
+    prof = layer_profiles(
+        models, size, device=a.device, channels_last=a.layouts[0] == "channels_last",
+        fold_bn=a.variants[0] != "eager", runs=a.runs,
+    )  # fmt: skip
+    dense = prof["dense"]
+    return {
+        label: {
+            "total_ms": p.total_ms,
+            "dense_total_ms": dense.total_ms,
+            "ratio": paired_ratio(p.totals_ms, dense.totals_ms)["ratio"],
+            "rows": compare_layers(p, dense),
+        }
+        for label, p in prof.items()
+        if label != "dense"
+    }
 
 
-def print_layer_comparison(dense: dict, pruned: dict, label: str, top: int = 10) -> None:
+def print_layer_comparison(layers: dict, label: str, top: int = 10) -> None:
     """Which layers lose: for each layer, its time in the pruned net against what it would take if its time
-    shrank with its work (its MACs ratio for convolutions, its output-channel ratio for BN/ReLU …); the
-    excess is the difference in ms. Then the totals by layer kind and outside modules."""
-    rows = []
-    for name, p in pruned["layers"].items():
-        d = dense["layers"].get(name)
-        if d is None or d["ms"] <= 0:
-            continue
-        if d["macs"]:
-            work = p["macs"] / d["macs"]
-        else:
-            work = p["out_channels"] / d["out_channels"] if d["out_channels"] else 1.0
-        rows.append((p["ms"] - work * d["ms"], name, d, p, work))
-    rows.sort(reverse=True)
-    td, tp = dense["total_ms"], pruned["total_ms"]
-    print(f"  layers {label}: forward with hooks {td:.0f} → {tp:.0f} ms ({tp / td:.3f}×); slowest against their work:")
-    for ex, name, d, p, work in rows[:top]:
+    shrank with its work (its MACs ratio for convolutions, its output-channel ratio for BN/ReLU …), both
+    nets timed in the same rounds; the excess is the difference in ms. Then the totals by layer kind and
+    the time outside modules."""
+    td, tp = layers["dense_total_ms"], layers["total_ms"]
+    print(
+        f"  layers {label}: forward with hooks {td:.0f} → {tp:.0f} ms (paired {layers['ratio']:.3f}×); "
+        "most time beyond their work:"
+    )
+    for r in layers["rows"][:top]:
         print(
-            f"    {name[:34]:34s} {p['kind'][:22]:22s} {d['in_channels']:>4d}→{d['out_channels']:<4d} → "
-            f"{p['in_channels']:>4d}→{p['out_channels']:<4d} {d['ms']:7.2f} → {p['ms']:7.2f} ms "
-            f"(× {p['ms'] / d['ms']:.2f}, work × {work:.2f}, +{ex:.2f} ms)"
+            f"    {r['name'][:34]:34s} {r['kind'][:22]:22s} {channels_text(r):26s} "
+            f"{r['against_ms']:7.2f} → {r['ms']:7.2f} ms (paired × {r['ratio']:.2f} ± {r['ratio_iqr']:.2f}, "
+            f"work × {r['work_ratio']:.2f}, {r['excess_ms']:+.2f} ms)"
         )
-    kinds: dict[str, list[float]] = {}
-    for ex, _name, d, p, _work in rows:
-        k = kinds.setdefault(p["kind"].split(" ")[0], [0.0, 0.0, 0.0])
-        k[0] += d["ms"]
-        k[1] += p["ms"]
-        k[2] += ex
-    out_d = td - sum(v["ms"] for v in dense["layers"].values())
-    out_p = tp - sum(v["ms"] for v in pruned["layers"].values())
-    summary = "; ".join(f"{k} {v[0]:.0f} → {v[1]:.0f} ms ({v[2]:+.0f})" for k, v in sorted(kinds.items()))
-    print(f"    by kind: {summary}; outside modules {out_d:.0f} → {out_p:.0f} ms")
+    kinds = excess_by_kind(layers["rows"])
+    print("    by kind: " + "; ".join(f"{k} {d:.0f} → {p:.0f} ms ({e:+.0f})" for k, (d, p, e) in kinds.items()))
 
 
 def markdown(results: dict) -> str:
@@ -422,7 +421,7 @@ def run(a: argparse.Namespace) -> dict:
                 )
         dense = nets["dense"][1]
         if a.profile or a.per_layer:
-            dlayers = per_layer(dense, size, a) if a.per_layer else None
+            layers = per_layer(nets, size, a) if a.per_layer else {}
             for label, (row, model) in nets.items():
                 if label == "dense":
                     continue
@@ -438,9 +437,9 @@ def run(a: argparse.Namespace) -> dict:
                     r["profile"] = profile_pair(dense, model, size, a)
                     r["profile_floor"] = profile_floor(r["profile"], r["macs_ratio"])
                     print_profile(r["profile"], r["macs_ratio"], label)
-                if dlayers is not None:
-                    r["layers"] = {"dense": dlayers, "pruned": per_layer(model, size, a)}
-                    print_layer_comparison(dlayers, r["layers"]["pruned"], label)
+                if label in layers:
+                    r["layers"] = layers[label]
+                    print_layer_comparison(layers[label], label)
         del nets
     return results
 

@@ -206,8 +206,28 @@ def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, cap
     assert out["config"]["layout"] in ("contiguous", "channels_last") and len(out["configs"]) == 4
     assert main(args) == 0
     assert "MACs" in capsys.readouterr().out
-    assert main([*args, "--latency", "--per-layer"]) == 2
-    assert "--per-layer profiles one net" in capsys.readouterr().err
+
+
+def test_cost_against_per_layer_compares_both_nets_layer_by_layer_in_the_same_rounds(tmp_path, capsys):
+    args = dense_and_pruned(tmp_path, capsys)
+    assert main([*args, "--per-layer", "--fold-bn", "--channels-last", "--threads", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers_setup"] == {"layout": "channels_last", "fold_bn": True} and out["layers_runs"] == 20
+    rows = {r["name"]: r for r in out["layers"]}
+    assert "backbone.layer1.0.bn1" not in rows  # folded
+    conv = rows["backbone.layer1.0.conv1"]
+    assert conv["out_channels"] < conv["against_out_channels"] and conv["work_ratio"] < 0.7
+    assert rows["(outside modules)"]["kind"] == "functional" and out["layers_ratio"] > 0
+    # with --best: the layers in this net's fastest eager PyTorch setup
+    assert main([*args, "--latency", "--best", "--per-layer", "--top", "4", "--threads", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    eager = [c for c in out["configs"] if c["runtime"] == "torch" and not c["compile"]]
+    fastest = min(eager, key=lambda c: c["latency_ms"])
+    assert out["layers_setup"] == {"layout": fastest["layout"], "fold_bn": fastest["fold_bn"]}
+    assert main([*args, "--per-layer", "--top", "4", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "per layer, both nets in the same 20 rounds (contiguous;" in text and "by kind (against → this" in text
+    assert text.count("→") >= 4 and "Conv2d" in text
 
 
 def test_cost_onnxruntime_times_the_exported_net_alone_and_against_another(tmp_path, capsys):

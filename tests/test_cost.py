@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from tests.conftest import tiny
@@ -223,8 +225,44 @@ def test_folded_batchnorm_computes_the_same_output(name):
     assert count_macs(folded, (48, 64)) == count_macs(m, (48, 64))
 
 
+def test_two_nets_are_profiled_layer_by_layer_in_the_same_rounds():
+    from mtprune.evaluate.layers import compare_layers, layer_profiles
+    from mtprune.pruning import prune
+
+    torch.manual_seed(0)
+    dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
+    prune(pruned, "uniform", 0.5)
+    prof = layer_profiles({"dense": dense, "pruned": pruned, "again": pruned}, (48, 64), runs=3, warmup=1)
+    for p in prof.values():  # every layer timed once per round (the same module under two keys: own hooks)
+        assert len(p.totals_ms) == 3 and all(len(r.times_ms) == 3 for r in p.rows)
+        assert all(o > 0 for o in p.outside_ms()) and p.total_ms == statistics.median(p.totals_ms)
+    rows = compare_layers(prof["pruned"], prof["dense"])
+    assert [r["excess_ms"] for r in rows] == sorted((r["excess_ms"] for r in rows), reverse=True)
+    by = {r["name"]: r for r in rows}
+    conv = by["backbone.layer1.0.conv1"]
+    assert conv["work_ratio"] == conv["macs"] / conv["against_macs"] == pytest.approx(0.5, abs=0.05)
+    assert conv["out_channels"] < conv["against_out_channels"]
+    assert conv["excess_ms"] == pytest.approx(conv["ms"] - conv["work_ratio"] * conv["against_ms"])
+    # a BasicBlock calls its ReLU twice per forward: one time per round, the sum of both calls (the shapes
+    # are its last call's: after the residual sum, unpruned). A clock that ticks 1 ms per reading: 1 ms per call
+    ticks = iter(range(10**6))
+    fake = layer_profiles({"d": dense}, (48, 64), runs=2, warmup=1, clock=lambda: next(ticks) / 1000)["d"]
+    ms = {r.name: r.times_ms for r in fake.rows}
+    assert ms["backbone.layer1.0.relu"] == pytest.approx([2.0, 2.0]) and ms["backbone.layer1.0.conv1"] == pytest.approx(
+        [1.0, 1.0]
+    )
+    assert by["backbone.layer1.0.relu"]["work_ratio"] == 1.0
+    stem = by["backbone.conv1"]  # not pruned: all of its work is left
+    assert stem["work_ratio"] == 1.0 and stem["in_channels"] == stem["against_in_channels"] == 3
+    ratios = [a / b for a, b in zip(prof["pruned"].rows[0].times_ms, prof["dense"].rows[0].times_ms, strict=True)]
+    assert by[prof["pruned"].rows[0].name]["ratio"] == statistics.median(ratios)  # paired per round
+    outside = by["(outside modules)"]
+    assert outside["kind"] == "functional" and outside["work_ratio"] == 1.0
+    assert outside["ms"] == statistics.median(prof["pruned"].outside_ms())
+
+
 def test_per_layer_macs_add_up_to_the_model_and_shrink_with_pruning():
-    from mtprune.evaluate.cost import layer_latency
+    from mtprune.evaluate.layers import layer_latency
     from mtprune.pruning import prune
 
     torch.manual_seed(0)

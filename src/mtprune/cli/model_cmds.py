@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mtprune.checkpoint import load_model, save_model
 from mtprune.cli.args import fresh_out, positive_int
@@ -25,8 +26,8 @@ from mtprune.evaluate.cost import (
     compare_cost,
     count_macs,
     count_params,
-    layer_latency,
     model_cost,
+    paired_ratio,
     plan_cost,
 )
 from mtprune.evaluate.fit import LatencyTable, latency_fit
@@ -39,6 +40,7 @@ from mtprune.evaluate.host_memory import (
     host_memory,
     host_memory_context,
 )
+from mtprune.evaluate.layers import channels_text, compare_layers, excess_by_kind, layer_latency, layer_profiles
 from mtprune.io import write_json
 from mtprune.models import build_model, list_models, load_weights
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
@@ -198,7 +200,7 @@ def _cost_in(args: argparse.Namespace) -> int:
         layers, total = layer_latency(
             model, size, device=args.device, channels_last=args.channels_last, fold_bn=args.fold_bn
         )
-        cost["layers"] = [{**asdict(r), "gmacs_per_s": r.gmacs_per_s} for r in layers]
+        cost["layers"] = [{**_row(r), "gmacs_per_s": r.gmacs_per_s} for r in layers]
         cost["layers_total_ms"] = total
     if _printed_json(args, cost):
         return 0
@@ -234,12 +236,20 @@ def _printed_json(args: argparse.Namespace, cost: dict[str, Any]) -> bool:
     return bool(args.json)
 
 
+def _row(r: Any) -> dict[str, Any]:
+    """A :class:`~mtprune.evaluate.layers.LayerTime` as JSON, without its per-run times."""
+    return {k: v for k, v in asdict(r).items() if k != "times_ms"}
+
+
 def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: SegmentationModel, size) -> int:
-    """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side."""
-    if args.per_layer:
-        raise UsageError("--per-layer profiles one net: drop --against, or run it on each checkpoint")
+    """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side (and with
+    ``--per-layer`` layer by layer, in the same rounds)."""
     kw = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
+    if args.latency or args.per_layer:
+        check_latency_args(args.device, args.dtype, args.runs)
     cost = compare_cost(model, against, size, latency=args.latency, setups=_setups(args), **kw)
+    if args.per_layer:
+        cost.update(_layers_against(args, cost, model, against, size))
     if _printed_json(args, cost):
         return 0
     print(f"size    {size[0]}×{size[1]}      {'this':>12s} {'against':>12s} {'ratio':>8s}")
@@ -263,7 +273,60 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
                     f"  {_setup_text(c):40s} {c['latency_ms']:9.2f} / {c['against_latency_ms']:9.2f}"
                     f"  {c['same_setup_ratio']:.3f}"
                 )
+    if args.per_layer:
+        print(_layers_against_table(cost, args.top))
     return 0
+
+
+def _layers_against(
+    args: argparse.Namespace, cost: dict[str, Any], model: nn.Module, against: nn.Module, size
+) -> dict[str, Any]:
+    """``--per-layer`` with ``--against``: both nets' layers timed round-robin, compared by name."""
+    layout, fold_bn = _eager_setup(args, cost)
+    both = layer_profiles(
+        {"this": model, "against": against}, size, device=args.device, channels_last=layout == "channels_last",
+        fold_bn=fold_bn, runs=args.runs,
+    )  # fmt: skip
+    this, other = both["this"], both["against"]
+    return {
+        "layers": compare_layers(this, other),
+        "layers_total_ms": this.total_ms,
+        "against_layers_total_ms": other.total_ms,
+        "layers_ratio": paired_ratio(this.totals_ms, other.totals_ms)["ratio"],
+        "layers_setup": {"layout": layout, "fold_bn": fold_bn},
+        "layers_runs": args.runs,
+    }
+
+
+def _eager_setup(args: argparse.Namespace, cost: dict[str, Any]) -> tuple[str, bool]:
+    """The layout and BN folding of the per-layer comparison: as given, or with ``--best`` this net's fastest
+    eager PyTorch setup (forward hooks need eager modules: not compiled, not ONNX Runtime)."""
+    eager = [c for c in cost.get("configs", []) if c["runtime"] == TORCH and not c["compile"]]
+    if not args.best or not eager:
+        return ("channels_last" if args.channels_last else "contiguous"), bool(args.fold_bn)
+    fastest = min(eager, key=lambda c: c["latency_ms"])
+    return fastest["layout"], fastest["fold_bn"]
+
+
+def _layers_against_table(cost: dict[str, Any], top: int) -> str:
+    """The ``top`` layers that cost most beyond shrinking with their work, then the totals by kind."""
+    rows, setup = cost["layers"], cost["layers_setup"]
+    lines = [
+        f"per layer, both nets in the same {cost['layers_runs']} rounds ({setup['layout']}"
+        f"{', BN folded' if setup['fold_bn'] else ''}; forward with hooks {cost['against_layers_total_ms']:.1f} → "
+        f"{cost['layers_total_ms']:.1f} ms, paired × {cost['layers_ratio']:.3f}); most time beyond their work:",
+        f"  {'layer':38s} {'kind':22s} {'in→out (against → this)':>26s} {'ms':>17s} {'× paired':>9s} {'work ×':>7s} "
+        f"{'excess':>8s}",
+    ]
+    for r in rows[:top]:
+        lines.append(
+            f"  {r['name'][:38]:38s} {r['kind'][:22]:22s} {channels_text(r):>26s} {r['against_ms']:7.2f} → "
+            f"{r['ms']:7.2f} {r['ratio']:9.3f} {r['work_ratio']:7.3f} {r['excess_ms']:+8.2f}"
+        )
+    kinds = excess_by_kind(rows)
+    summary = "; ".join(f"{k} {a:.1f} → {b:.1f} ms ({e:+.1f})" for k, (a, b, e) in kinds.items())
+    lines.append(f"  by kind (against → this, excess): {summary}")
+    return "\n".join(lines)
 
 
 def _setups(args: argparse.Namespace) -> list[Setup]:
@@ -580,7 +643,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--per-layer",
         action="store_true",
-        help="time every layer (forward hooks) and list the slowest with their MACs and GMAC/s",
+        help="time every layer (forward hooks) and list the slowest with their MACs and GMAC/s; with --against "
+        "both nets in the same --runs rounds, each layer's paired ratio against its work (MACs) ratio",
     )
     _host_memory_arg(p, "with --latency")
     p.add_argument("--top", type=int, default=15, metavar="N", help="layers listed by --per-layer (default 15)")
