@@ -187,7 +187,7 @@ def test_without_cls_finetune_for_some_methods_only():
         check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))
 
 
-def test_run_config_rejects_too_few_latency_rounds_before_training():
+def test_run_config_rejects_too_few_latency_rounds_before_training(monkeypatch):
     from mtprune.errors import UsageError
     from mtprune.pipeline import check_run_config
 
@@ -197,6 +197,15 @@ def test_run_config_rejects_too_few_latency_rounds_before_training():
         check_run_config(tiny_cfg("run.latency=true", "run.latency_runs=5"))
     with pytest.raises(UsageError, match="run.latency_threads: 0 is below 1"):
         check_run_config(tiny_cfg("run.latency=true", "run.latency_threads=0"))
+    import mtprune.pipeline.run as run_mod
+
+    if run_mod.can_cache():
+        check_run_config(tiny_cfg("run.latency_host_memory=cached"))
+    monkeypatch.setattr(run_mod, "can_cache", lambda: False)  # as off glibc (musl, macOS)
+    with pytest.raises(UsageError, match="run.latency_host_memory: cached needs glibc"):
+        check_run_config(tiny_cfg("run.latency_host_memory=cached"))
+    with pytest.raises(UsageError, match="latency_host_memory"):  # not one of system | cached
+        check_run_config(tiny_cfg("run.latency_host_memory=lots"))
 
 
 def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):

@@ -192,17 +192,10 @@ def layer_profiles(
     return {k: LayerProfile(clocks[k].rows(flops[k]), totals[k]) for k in names}
 
 
-def layer_latency(
-    model: nn.Module,
-    size: tuple[int, int],
-    device: str = "cpu",
-    channels_last: bool = False,
-    fold_bn: bool = False,
-    warmup: int = 2,
-    runs: int = 5,
-) -> tuple[list[LayerTime], float]:
-    """One net's :func:`layer_profiles`: its rows and its median forward time with hooks (ms)."""
-    p = layer_profiles({"net": model}, size, device, channels_last, fold_bn, warmup, runs)["net"]
+def layer_latency(model: nn.Module, size: tuple[int, int], **kw: Any) -> tuple[list[LayerTime], float]:
+    """One net's :func:`layer_profiles` (the same keywords): its rows and its median forward time with hooks
+    (ms)."""
+    p = layer_profiles({"net": model}, size, **kw)["net"]
     return p.rows, p.total_ms
 
 

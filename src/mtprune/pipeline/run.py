@@ -22,6 +22,7 @@ import torch
 from mtprune import layout
 from mtprune.config import Config, save_config
 from mtprune.errors import UsageError
+from mtprune.evaluate.host_memory import CACHED, can_cache
 from mtprune.io import folder_lock, read_json, write_json
 from mtprune.layout import Variant, variants
 from mtprune.pipeline.budget import finetune_budget
@@ -58,6 +59,8 @@ def check_run_config(cfg: Config) -> None:
         raise UsageError(f"run.latency_runs: {r.latency_runs} is below 20 (latency medians need at least 20 rounds)")
     if r.latency and r.latency_threads is not None and r.latency_threads < 1:
         raise UsageError(f"run.latency_threads: {r.latency_threads} is below 1")
+    if r.latency_host_memory == CACHED and not can_cache():
+        raise UsageError("run.latency_host_memory: cached needs glibc's malloc (Linux); set it to system")
 
 
 def run_stage(
