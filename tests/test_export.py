@@ -120,3 +120,23 @@ def test_exported_files_run_anywhere_and_re_exports_leave_nothing_behind(tmp_pat
         monkeypatch.setattr(ex, "PROTOBUF_LIMIT", 2**31)
         ex.export_onnx(m, tmp_path / "d" / "m.onnx", (64, 64))
         assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["m.onnx"]
+
+
+def test_adaptive_pooling_with_uneven_windows_exports_as_matrix_products(tmp_path):
+    import onnx
+
+    from mtprune.export import PoolByMatmul, export_onnx, pools_by_matmul
+
+    x = torch.randn(2, 5, 13, 65)
+    for out in ((6, 3), (2, 2), (1, 6)):
+        ref = torch.nn.functional.adaptive_avg_pool2d(x, out)
+        assert torch.allclose(PoolByMatmul(out, (13, 65))(x), ref, atol=1e-6)
+    m = tiny("pspnet_resnet18")  # 64² input: 8² features, pyramid bins 1, 2, 3, 6 (3 and 6 do not divide 8)
+    swapped = pools_by_matmul(m, (64, 64))
+    kinds = {n: type(q).__name__ for n, q in swapped.named_modules() if "pool" in n.split(".")[-1]}
+    assert sorted(k for k in kinds.values() if k == "PoolByMatmul") == ["PoolByMatmul"] * 2
+    assert not any(isinstance(q, PoolByMatmul) for q in m.modules())  # the model itself is left as it was
+    ops = {n.op_type for n in onnx.load(export_onnx(m, tmp_path / "p.onnx", (64, 64))).graph.node}
+    assert "MatMul" in ops and not ops & {"GatherND", "Where"}
+    deeplab = tiny("deeplabv3_resnet18")  # its only adaptive pooling is global: nothing to swap
+    assert pools_by_matmul(deeplab, (64, 64)) is deeplab
