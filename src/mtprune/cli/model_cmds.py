@@ -245,7 +245,7 @@ def _cost_against(args: argparse.Namespace, model: SegmentationModel, against: S
     """``cost --against D``: the model against the (unpruned) checkpoint D, timed side by side (and with
     ``--per-layer`` layer by layer, in the same rounds)."""
     kw = {"device": args.device, "dtype": args.dtype, "runs": args.runs}
-    if args.latency or args.per_layer:
+    if args.per_layer:  # before the latency rounds (which check their own arguments)
         check_latency_args(args.device, args.dtype, args.runs)
     cost = compare_cost(model, against, size, latency=args.latency, setups=_setups(args), **kw)
     if args.per_layer:

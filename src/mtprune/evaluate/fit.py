@@ -264,7 +264,8 @@ def default_table_path(device: str = "cpu", channels_last: bool = False, runtime
         kind = f"onnxruntime{onnxruntime.__version__}"
     else:
         kind = ("channels_last" if channels_last else "contiguous") + f"-torch{torch.__version__}"
-    memory = "" if device.startswith("cuda") or host_memory() == SYSTEM else f"-{host_memory()}"
+    mode = host_memory()
+    memory = "" if device.startswith("cuda") or mode == SYSTEM else f"-{mode}"
     tag = re.sub(r"[^A-Za-z0-9.+]+", "_", f"{device.split(':')[0]}-{where}-{kind}{memory}")
     root = Path(os.environ.get("MTPRUNE_CACHE", Path.home() / ".cache" / "mtprune"))
     return root / f"latency-{tag}.json"

@@ -85,7 +85,7 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
         ratio = None if isinstance(budget, dict) else budget
         auto = cfg.run.round_to == "auto"
         timed = auto or (isinstance(budget, dict) and "latency" in budget)
-        with latency_threads(cfg) if timed else contextlib.nullcontext():
+        with latency_timing(cfg) if timed else contextlib.nullcontext():
             table = LatencyTable(runtime=cfg.run.round_to_runtime) if auto else None
             fit = latency_fit(model, cost_size(cfg), table) if table else None
             plan = prune(
@@ -109,9 +109,10 @@ def _target_timing(target: tuple[str, float], cfg: Config) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def latency_threads(cfg: Config) -> Iterator[None]:
-    """``run.latency_threads`` CPU threads inside the block (torch's default when unset), restored after,
-    and the host memory ``run.latency_host_memory`` (:func:`~mtprune.evaluate.host_memory.host_memory_context`)."""
+def latency_timing(cfg: Config) -> Iterator[None]:
+    """How a run times: ``run.latency_threads`` CPU threads inside the block (torch's default when unset),
+    restored after, and the host memory ``run.latency_host_memory``
+    (:func:`~mtprune.evaluate.host_memory.host_memory_context`)."""
     threads = torch.get_num_threads()
     if cfg.run.latency_threads:
         torch.set_num_threads(cfg.run.latency_threads)
@@ -191,7 +192,7 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
         size = cost_size(cfg)
         models = {tag: load_model(src).cpu() for tag, src in sources.items()}
         dense = models.pop("dense")
-        with latency_threads(cfg):
+        with latency_timing(cfg):
             timed = latency_against(models or {"dense-copy": dense}, dense, size, runs=cfg.run.latency_runs)
         lat = {"dense": _dense_entry(next(iter(timed.values())))} if timed else {}
         lat.update({tag: _latency_entry(t) for tag, t in timed.items() if tag in models})
