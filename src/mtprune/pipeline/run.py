@@ -63,6 +63,12 @@ def check_run_config(cfg: Config) -> None:
         raise UsageError("run.latency_host_memory: cached needs glibc's malloc (Linux); set it to system")
 
 
+def runs_pretrain(cfg: Config) -> bool:
+    """Whether a run starts with ``pretrain-cls``: with ``run.pretrain``, unless ``model.backbone_weights`` gives
+    the backbone its pre-training already (ImageNet weights)."""
+    return cfg.run.pretrain and not cfg.model.backbone_weights
+
+
 def run_stage(
     stage: str,
     cfg: Config,
@@ -111,7 +117,7 @@ def run_pipeline(
 
 def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | os.PathLike | None) -> list[dict]:
     init = str(pretrained) if pretrained is not None else None
-    if init is None and cfg.run.pretrain:
+    if init is None and runs_pretrain(cfg):
         execute(training(layout.PRETRAIN, cfg, out / layout.PRETRAIN, env), env, say)
         init = str(out / layout.PRETRAIN)
     dense_dir = out / layout.TRAIN_SEG
@@ -231,7 +237,7 @@ def run_seeds(
 
 def _seeds(cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, progress: Say | None) -> dict[str, Any]:
     pretrained = None
-    if cfg.run.pretrain and cfg.run.shared_pretrain:
+    if runs_pretrain(cfg) and cfg.run.shared_pretrain:
         first = deepcopy(cfg)
         first.seed = seeds[0]
         shared = training(layout.PRETRAIN, first, out / layout.PRETRAIN, env)
