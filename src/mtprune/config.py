@@ -62,8 +62,14 @@ class SegDataConfig:
 
 @dataclass
 class ClsDataConfig:
+    # teacher: MTP's classification task without labels (Eq. 7's ℓcls against a frozen teacher's outputs): the
+    # training images are every image under ``roots`` (or ROOT/train_split), the validation ones ROOT/val_split
     dataset: str = "synthetic"
     root: str | None = None
+    roots: list[str] = field(default_factory=list)  # teacher: the training image folders
+    teacher: str | None = None  # teacher: its checkpoint (None: cfg.model built with its backbone_weights)
+    temperature: float = 2.0  # teacher, logits: the distillation temperature T
+    target: Literal["logits", "features"] = "logits"  # teacher: its cls head's logits, or its last backbone map
     train_split: str = "train"
     val_split: str = "val"
     size: int = 64
@@ -360,7 +366,7 @@ def _where(e: yaml.YAMLError) -> str:
 def _rule(key: str) -> tuple[str, float] | None:
     """The bound a numeric key must respect: ``(">", 0)``, ``(">=", 0)``, ``(">=", 1)``, or None."""
     name = key.rsplit(".", 1)[-1]
-    if name in ("lr", "gamma_lr", "l1_budget") or name.startswith("lr_"):
+    if name in ("lr", "gamma_lr", "l1_budget", "temperature") or name.startswith("lr_"):
         return (">", 0.0)
     if name == "batch_size" or name.endswith("_batch_size") or name in ("rounds", "steps_seg", "log_every"):
         return (">=", 1)

@@ -10,10 +10,12 @@ from typing import Any
 import torch
 
 from mtprune.checkpoint import load_model
+from mtprune.config import load_config
 from mtprune.data import DATASETS
 from mtprune.data.from_config import eval_dataset
 from mtprune.errors import MtpruneError, UsageError
 from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
+from mtprune.train.teacher import TEACHER, teacher_net
 
 
 def _default_split(splits: tuple[str, ...]) -> str:
@@ -76,10 +78,23 @@ def _dataset(args: argparse.Namespace) -> tuple[Any, str, str, bool]:
     )
 
 
+def _teacher(args: argparse.Namespace, model: Any) -> Any:
+    """``--dataset teacher``: the frozen teacher ``--teacher DIR`` (checked against the model), giving logits."""
+    if args.dataset != TEACHER:
+        if args.teacher:
+            raise UsageError("--teacher applies to --dataset teacher only")
+        return None
+    if not args.teacher:
+        raise UsageError("--dataset teacher needs --teacher DIR: the net whose top-1 the model is compared with")
+    cfg = load_config(overrides=[f"data.cls.dataset={TEACHER}", f"data.cls.teacher={args.teacher}"])
+    return teacher_net(cfg, model, args.device)
+
+
 def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, task: str) -> dict[str, Any]:
+    teacher = _teacher(args, model)
     loader = build_eval_loader(dataset, args.batch_size, args.workers, skip_bad=args.skip_bad)
     if task != "seg":
-        return evaluate_classification(model, loader, device=args.device, amp=args.amp)
+        return evaluate_classification(model, loader, device=args.device, amp=args.amp, teacher=teacher)
     return evaluate_segmentation(
         model,
         loader,
@@ -104,7 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device=args.device)
     model_classes = model.num_classes if task == "seg" else model.cls_classes
     what = "segmentation" if task == "seg" else "classification"
-    if model_classes != dataset.num_classes:
+    if model_classes != dataset.num_classes and dataset.num_classes is not None:  # None: a teacher's classes
         hint = " (pass --num-classes N for the in-memory synthetic set)" if in_memory else ""
         raise MtpruneError(
             f"checkpoint {args.checkpoint} has {model_classes} {what} classes, dataset {args.dataset} ({split}) "
@@ -147,6 +162,10 @@ def _report(args: argparse.Namespace, res: dict[str, Any], model: Any, task: str
         print(f"  {'pixel accuracy':<{width}}  {_fmt(res['pixel_acc'])}")
         if any(v is None for v in res["per_class"].values()):
             print("  (—: class neither in the targets nor predicted; not part of the mIoU)")
+    elif args.dataset == TEACHER:
+        print(f"{head} (backbone + classification head against the teacher {args.teacher})")
+        print(f"  top-1  {_fmt(res['top1'])} %  (the net's top-1 = the teacher's)")
+        print(f"  top-5  {_fmt(res['top5'])} %  (the teacher's top-1 in the net's top 5)")
     else:
         print(f"{head} (backbone + classification head, {model.cls_classes} classes)")
         print(f"  top-1  {_fmt(res['top1'])} %")
@@ -163,7 +182,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on a dataset split. Segmentation: per-class IoU, mIoU (mean over "
         "the classes present in the targets or the predictions) and pixel accuracy, optionally with "
         "multi-scale (--scales) and flip (--flip) testing. Classification datasets (imagefolder, synthetic "
-        "--task cls): top-1/top-5 of backbone + classification head. --json prints one object with fractions "
+        "--task cls): top-1/top-5 of backbone + classification head; --dataset teacher --root FOLDER --teacher DIR: "
+        "agreement with a teacher's top-1 on any images. --json prints one object with fractions "
         "in [0, 1] (miou, per_class, pixel_acc; or top1, top5).",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (arch.json + model.safetensors)")
@@ -183,6 +203,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="segmentation: resize images and masks "
         "(shorter side N, or H W) before evaluating, for reduced-resolution protocols",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="DIR",
+        help="--dataset teacher: the checkpoint whose top-1 is the target (top1 = agreement with it, top5 = its "
+        "top-1 within the net's top 5), on every image under --root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (and say how many)")

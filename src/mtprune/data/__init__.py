@@ -11,6 +11,7 @@ ade20k     seg  ``ADEChallengeData2016/{images,annotations}/{training,validation
 camvid     seg  SegNet: ``{split}.txt`` lists, ``{split}/``, ``{split}annot/``            11
 imagefolder cls ``{split}/<class>/*`` (ImageNet, the CIFAR-10 tree)                       folders
 synthetic  seg/cls in memory (``root=None``) or the folder ``make-data synthetic`` wrote   6 / 10
+teacher    cls  any images under one or more folders; the labels are a teacher's          teacher's
 ========== ==== ======================================================================== =======
 
 Segmentation items are ``(image, mask)`` with mask values ``0..K-1`` or 255 (ignore);
@@ -50,6 +51,7 @@ from mtprune.data.synthetic import (
     read_meta,
     write_synthetic,
 )
+from mtprune.data.teacher import TeacherImages, build_teacher_images
 from mtprune.data.transforms import (
     DATASET_TRANSFORM_DEFAULTS,
     IMAGENET_MEAN,
@@ -101,6 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
         "cls", ("train", "val", "test"), ImageFolderDataset, "classification, ROOT/SPLIT/<class>/*"
     ),
     "synthetic": DatasetSpec("seg", ("train", "val"), _build_synthetic, "synthetic textured shapes (seg or cls)"),
+    "teacher": DatasetSpec("cls", ("",), build_teacher_images, "any images in folders, a teacher's labels"),
 }
 
 
@@ -155,6 +158,7 @@ __all__ = [
     "SkipBadSamples",
     "SyntheticClassification",
     "SyntheticSegmentation",
+    "TeacherImages",
     "VOCDataset",
     "build_dataset",
     "build_loader",

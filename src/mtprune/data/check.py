@@ -75,7 +75,7 @@ def check_dataset(dataset: Any, num_workers: int = 0, progress: bool = True) -> 
     """Decode every sample of ``dataset`` (anything with ``inspect(i)``, such as the datasets of
     :mod:`mtprune.data`) and gather a :class:`CheckReport`; a tqdm bar goes to stderr when it is a
     terminal and ``progress`` is true."""
-    k = int(dataset.num_classes)
+    k = int(dataset.num_classes or 0)  # None: a label-free set (a teacher's)
     report = CheckReport(
         name=str(getattr(dataset, "name", "")),
         split=str(getattr(dataset, "split", "")),

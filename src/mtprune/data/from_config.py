@@ -44,10 +44,13 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
         tcfg.update(size=d.size, resize=d.resize, min_area=d.min_area)
     options = d.options if train else {**d.options, **d.val_options}
     split = d.train_split if train else d.val_split
+    root: Any = d.root
+    if task == "cls" and d.dataset == "teacher" and train and d.roots:
+        root, split = list(d.roots), ""  # the training folders as they are
     try:
         ds = build_dataset(
             d.dataset,
-            d.root,
+            root,
             split,
             build_transforms(task, train, tcfg),
             **_dataset_kwargs(d.dataset, task, options, cfg.seed),
@@ -62,6 +65,12 @@ def make_dataset(cfg: Config, task: str, train: bool) -> Any:
     # training substitutes a good sample for a bad one (batches keep their size); evaluation skips and
     # counts bad samples itself (mtprune.evaluate.inference.EvalDataset), never counting one twice
     return SkipBadSamples(ds) if cfg.data.skip_bad and train else ds
+
+
+def has_validation(cfg: Config, task: str) -> bool:
+    """Whether the config names a validation split of ``task``: a label-free ``teacher`` set has one only
+    with ``data.cls.root`` (its images under ROOT/val_split)."""
+    return not (task == "cls" and cfg.data.cls.dataset == "teacher" and cfg.data.cls.root is None)
 
 
 def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) -> list[torch.Tensor]:
@@ -105,4 +114,4 @@ def eval_dataset(
     return build_dataset(name, root, split, transforms, **kw)
 
 
-__all__ = ["eval_dataset", "make_dataset", "sample_images"]
+__all__ = ["eval_dataset", "has_validation", "make_dataset", "sample_images"]

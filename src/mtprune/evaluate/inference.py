@@ -332,8 +332,11 @@ def evaluate_classification(
     progress: bool = True,
     amp: bool = False,
     ks: Sequence[int] = (1, 5),
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Top-k accuracy of ``model.forward_cls`` (backbone + classification head) on ``loader``.
+    """Top-k accuracy of ``model.forward_cls`` (backbone + classification head) on ``loader``; with a
+    ``teacher`` (a module giving logits), against the teacher's top-1 instead of the labels: ``top1`` is the
+    agreement of the two top-1s, ``top5`` how often the teacher's top-1 is in the net's top 5.
 
     Works with a plain or DDP-wrapped :class:`~mtprune.models.base.SegmentationModel` (or any module
     whose ``forward_cls``, else ``forward``, gives ``N×M`` logits). Returns ``top1``, ``top5`` (one
@@ -351,6 +354,8 @@ def evaluate_classification(
             targets = targets.to(dev, non_blocking=True)
             with autocast(dev, amp):
                 logits = forward(images).float()
+                if teacher is not None:
+                    targets = teacher(images).argmax(1)
             m = logits.shape[1]
             if targets.numel():
                 lo, hi = int(targets.min()), int(targets.max())

@@ -13,11 +13,12 @@ from torch.utils.data import Subset
 
 from mtprune.config import Config
 from mtprune.data.check import check_dataset
-from mtprune.data.from_config import make_dataset
+from mtprune.data.from_config import has_validation, make_dataset
 from mtprune.errors import DataError
 from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 from mtprune.models.base import SegmentationModel
 from mtprune.train.distributed import DistEnv
+from mtprune.train.teacher import teacher_net, uses_teacher
 
 
 def _first(ds: Any, n: int | None) -> Any:
@@ -53,7 +54,9 @@ def final_metrics(
             progress=False,
         )
         out.update(miou=r["miou"], pixel_acc=r["pixel_acc"], per_class=r["per_class"])
-    if "cls" in tasks:
+    if "cls" in tasks and has_validation(cfg, "cls") and not (uses_teacher(cfg) and cfg.data.cls.target != "logits"):
+        # a teacher's set: top-1 / top-5 are the agreement with the teacher's top-1 (its logits)
+        teacher = teacher_net(cfg, model, env.device) if uses_teacher(cfg) else None
         ds = make_dataset(cfg, "cls", train=False)
         loader = build_eval_loader(
             _first(ds, cfg.eval.max_images),
@@ -62,7 +65,7 @@ def final_metrics(
             distributed=env.distributed,
             skip_bad=cfg.data.skip_bad,
         )
-        r = evaluate_classification(model, loader, device=env.device, progress=False)
+        r = evaluate_classification(model, loader, device=env.device, progress=False, teacher=teacher)
         out.update(top1=r["top1"], top5=r["top5"])
     return out
 
@@ -75,6 +78,8 @@ def check_validation_data(cfg: Config, tasks: tuple[str, ...]) -> None:
     a bad file at its final evaluation: the first problem is one :class:`~mtprune.errors.DataError` line
     (with ``data.skip_bad`` a note says how many samples the evaluation will skip)."""
     for task in tasks:
+        if not has_validation(cfg, task):
+            continue
         d = cfg.data.seg if task == "seg" else cfg.data.cls
         key = json.dumps([task, dataclasses.asdict(d), cfg.seed], sort_keys=True, default=str)
         if key in _checked:

@@ -7,6 +7,7 @@
 - :func:`joint_seg_objective` / :func:`joint_seg_backward` — Eq. 8 and Eq. 9 from one segmentation forward.
 - :func:`add_alm_grad_` — the ALM terms' gradient added in place (inside the ``*_backward`` functions).
 - :func:`eq10_update` — the multiplier update ``E ← E + μ(W1−W3)``, ``μ ← ρμ``.
+- :func:`teacher_kl`, :func:`feature_mse` — Eq. 7's ℓcls when a frozen teacher, not labels, gives Y1.
 """
 
 from mtprune.method.mtp import (
@@ -25,8 +26,11 @@ from mtprune.method.mtp import (
     relative_gap,
     soft_threshold_,
 )
+from mtprune.method.teacher import feature_mse, teacher_kl
 
 __all__ = [
+    "feature_mse",
+    "teacher_kl",
     "add_alm_grad_",
     "alm_coupling",
     "eq7_backward",

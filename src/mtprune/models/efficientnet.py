@@ -233,7 +233,7 @@ class DeepLabV3EfficientNet(SegmentationModel):
         if coupled not in ("skip", "group"):
             raise UsageError(f"coupled must be skip or group, got '{coupled}'")
         self.variant, self.output_stride, self.rates, self.coupled = variant, os_, tuple(rates), coupled
-        self._explicit_args = args
+        self.model_args = args
         self.backbone = EfficientNetLiteBackbone(VARIANTS[variant], width, os_)
         c5 = self.backbone.out_channels
         self.decoder = DeepLabV3Decoder(c5, num_classes, scaled(256, width), self.rates)
@@ -243,7 +243,7 @@ class DeepLabV3EfficientNet(SegmentationModel):
         return {"out": upsample_to(self.decoder(self.backbone(x)), x.shape[-2:]), "aux": []}
 
     def arch(self) -> dict[str, Any]:
-        return {**super().arch(), "model_args": dict(self._explicit_args), "coupled": self.coupled}
+        return {**super().arch(), "model_args": dict(self.model_args), "coupled": self.coupled}
 
 
 # --- ImageNet weights -------------------------------------------------------------------------------

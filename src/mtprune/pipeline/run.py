@@ -21,6 +21,7 @@ import torch
 
 from mtprune import layout
 from mtprune.config import Config, save_config
+from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
 from mtprune.evaluate.host_memory import CACHED, can_cache
 from mtprune.io import folder_lock, read_json, write_json
@@ -33,6 +34,7 @@ from mtprune.report import write_report
 from mtprune.report.seeds import write_seeds_summary
 from mtprune.train import seed_everything
 from mtprune.train.distributed import DistEnv, barrier, setup
+from mtprune.train.teacher import check_teacher, load_teacher, uses_teacher
 
 
 def check_run_config(cfg: Config) -> None:
@@ -61,12 +63,22 @@ def check_run_config(cfg: Config) -> None:
         raise UsageError(f"run.latency_threads: {r.latency_threads} is below 1")
     if r.latency_host_memory == CACHED and not can_cache():
         raise UsageError("run.latency_host_memory: cached needs glibc's malloc (Linux); set it to system")
+    _check_teacher(cfg)
 
 
 def runs_pretrain(cfg: Config) -> bool:
     """Whether a run starts with ``pretrain-cls``: with ``run.pretrain``, unless ``model.backbone_weights`` gives
-    the backbone its pre-training already (ImageNet weights)."""
-    return cfg.run.pretrain and not cfg.model.backbone_weights
+    the backbone its pre-training already (ImageNet weights) or a teacher is the classification task (the
+    teacher is the pre-trained net)."""
+    return cfg.run.pretrain and not cfg.model.backbone_weights and not uses_teacher(cfg)
+
+
+def _check_teacher(cfg: Config) -> None:
+    """A teacher's classification task: the teacher and the image folders, checked before anything is written."""
+    if not uses_teacher(cfg):
+        return
+    check_teacher(cfg, load_teacher(cfg), None)
+    make_dataset(cfg, "cls", train=True)  # an empty or missing image folder is one line here
 
 
 def run_stage(
@@ -117,6 +129,8 @@ def run_pipeline(
 
 def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | os.PathLike | None) -> list[dict]:
     init = str(pretrained) if pretrained is not None else None
+    if init is None and uses_teacher(cfg) and cfg.data.cls.teacher:
+        init = cfg.data.cls.teacher  # the teacher is the net before segmentation training
     if init is None and runs_pretrain(cfg):
         execute(training(layout.PRETRAIN, cfg, out / layout.PRETRAIN, env), env, say)
         init = str(out / layout.PRETRAIN)

@@ -85,14 +85,16 @@ class SegNet(nn.Module):
 
 
 class ClsNet(nn.Module):
-    """A backbone + a classification head as one module: the classification net N1."""
+    """A backbone + a classification head as one module: the classification net N1. ``output``: what it
+    returns, the head's ``logits`` or the backbone's last ``features`` (a teacher's feature target)."""
 
-    def __init__(self, backbone: nn.Module, cls_head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, cls_head: nn.Module, output: str = "logits") -> None:
         super().__init__()
-        self.backbone, self.cls_head = backbone, cls_head
+        self.backbone, self.cls_head, self.output = backbone, cls_head, output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cls_head(last_feature(self.backbone(x)))
+        features = last_feature(self.backbone(x))
+        return features if self.output == "features" else self.cls_head(features)
 
 
 def set_train_mode(module: nn.Module, cfg: Config) -> None:
@@ -201,7 +203,7 @@ def initial_model(cfg: Config, init: str | None, seg_classes: int | None, cls_cl
             which = "segmentation" if key == "num_classes" else "classification"
             raise UsageError(f"model.{key}: {given}, but the {which} dataset has {data} classes (leave it unset)")
     nc = m.num_classes or seg_classes
-    cc = m.cls_classes or cls_classes
+    cc = m.cls_classes or cls_classes or (1000 if cfg.data.cls.dataset == "teacher" else None)  # a teacher's: ImageNet
     if nc is None or cc is None:
         raise UsageError("model.num_classes and model.cls_classes are needed (or the datasets that give them)")
     if is_spec(m.name):  # model.width and backbone_weights belong to the built-in nets

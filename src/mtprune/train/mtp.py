@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mtprune.checkpoint import SCORES_FILE
 from mtprune.config import Config
@@ -77,6 +76,7 @@ from mtprune.train.engine import (
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
+from mtprune.train.teacher import cls_task
 
 #: the ℓ1 weight of each part's γ, named in the sparsity warning
 ALPHA_KEYS = {BACKBONE: "sparse_mtp.alpha1", DECODER: "sparse_mtp.alpha2"}
@@ -137,7 +137,9 @@ class SparseMTP:
     def __post_init__(self) -> None:
         c, model = self.cfg.sparse_mtp, self.model
         self.backbone1 = copy.deepcopy(model.backbone)
-        self.cls_net, self.seg_net = ClsNet(self.backbone1, model.cls_head), SegNet(model)
+        self.cls_task = cls_task(self.cfg, model, self.env.device)  # Eq. 7's ℓcls: labels or a teacher's outputs
+        self.cls_net = ClsNet(self.backbone1, model.cls_head, self.cls_task.output)
+        self.seg_net = SegNet(model)
         self.w1, self.w3 = list(self.backbone1.parameters()), list(model.backbone.parameters())
         self.alm = ALMState([torch.zeros_like(p) for p in self.w1], c.mu0)
         bns = [
@@ -168,7 +170,7 @@ class SparseMTP:
         set_lr(self.opt1, lr)
         with autocast(self.env.device, self.cfg.optim.amp):
             logits = self.ddp_cls(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = self.cls_task.loss(logits, x, y)
         self.check(loss, "classification (Eq. 7)")
         self.opt1.zero_grad(set_to_none=True)
         eq7_backward(loss, self.w1, self.w3, self.alm.E, self.alm.mu, self.gamma1, self.alpha1)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtprune.config import Config
@@ -43,6 +42,7 @@ from mtprune.train.engine import (
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
+from mtprune.train.teacher import ClsTask, cls_task, uses_teacher
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Phase:
     alpha: float = 0.0
     l1: str = "subgradient"
     gamma_lr: float = 1.0  # the γ's learning rate, as a multiple of ``lr``
+    cls: ClsTask = field(default_factory=ClsTask)  # a cls phase's loss: labels or a teacher's outputs
 
 
 def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, evaluate: Evaluator) -> None:
@@ -79,7 +80,7 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
                 x, y = to_device(next(ph.stream), cfg, env)
                 with autocast(env.device, cfg.optim.amp):
                     out = ph.net(x)
-                loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else F.cross_entropy(out.float(), y)
+                loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else ph.cls.loss(out, x, y)
                 run.check_finite(loss, ph.name)
                 objective = loss
                 if ph.gammas and ph.l1 == "subgradient":
@@ -127,15 +128,15 @@ def _phase(
     seed = cfg.seed if task == "seg" else cfg.seed + 1
     stream = training_stream(dataset, getattr(c, batch), seed, cfg, env, f"{section}.{batch}")
     head = model.decoder if task == "seg" else model.cls_head
-    net = wrap_ddp(SegNet(model) if task == "seg" else ClsNet(model.backbone, model.cls_head), env)
+    ct = cls_task(cfg, model, env.device) if task == "cls" else ClsTask()
+    net = wrap_ddp(SegNet(model) if task == "seg" else ClsNet(model.backbone, model.cls_head, ct.output), env)
     gam = kw.get("gammas", ())
     params = list(model.backbone.parameters()) + list(head.parameters())
     opt = sgd(params, getattr(c, lr), cfg, gam, kw.get("gamma_lr", 1.0))
     schedule = getattr(c, "schedule", "poly" if task == "seg" else "linear")
     aux = getattr(c, "aux_weight", 0.4)
-    return Phase(
-        task, task, net, opt, stream, steps_for(getattr(c, epochs), stream), getattr(c, lr), schedule, aux, **kw
-    )
+    steps = steps_for(getattr(c, epochs), stream)
+    return Phase(task, task, net, opt, stream, steps, getattr(c, lr), schedule, aux, cls=ct, **kw)
 
 
 def _stage_phases(
@@ -170,6 +171,11 @@ def run_supervised(
     validates the model per epoch (``eval.every_epoch``) and at the end."""
     if stage == "finetune" and not init:
         raise UsageError("finetune needs --init DIR: the pruned checkpoint to fine-tune")
+    if stage == "pretrain-cls" and uses_teacher(cfg):
+        raise UsageError(
+            "pretrain-cls trains on labels, and data.cls.dataset teacher has none (the teacher's weights are the "
+            "pre-training: run.pretrain false)"
+        )
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
