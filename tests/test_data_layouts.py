@@ -112,7 +112,7 @@ def make_imagefolder(root: Path, splits: tuple[str, ...] = ("train", "val")) -> 
 
 # --- every layout reads with its classes and ignore value -----------------------------------------
 def test_registry_covers_every_layout() -> None:
-    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "camvid", "imagefolder", "synthetic"}
+    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "camvid", "imagefolder", "synthetic", "teacher"}
     with pytest.raises(UsageError):
         build_dataset("coco", "/nowhere", "train")
 

@@ -128,7 +128,10 @@ def test_the_feature_target_trains_and_a_pruned_last_map_is_one_line(tmp_path, t
 
 
 def test_a_run_with_a_teacher_skips_pretrain_cls_and_starts_from_the_teacher(tmp_path, teacher_dir):
-    c = _cfg(tmp_path, teacher_dir, "run.methods=[mtp, uniform]", "run.ratios=[0.5]", "eval.every_epoch=false")
+    c = _cfg(
+        tmp_path, teacher_dir, "run.methods=[mtp, uniform]", "run.ratios=[0.5]", "eval.every_epoch=false",
+        "run.eval_pruned=true",
+    )  # fmt: skip
     c.run.qualitative = 0
     from mtprune.pipeline import run_pipeline
 
@@ -137,6 +140,11 @@ def test_a_run_with_a_teacher_skips_pretrain_cls_and_starts_from_the_teacher(tmp
     assert {r["tag"] for r in rows} >= {"dense", "mtp-0.5-independent", "uniform-0.5"}
     mtp = next(r for r in rows if r["method"] == "mtp")
     assert mtp["top1"] is not None  # the teacher agreement of the pruned net's backbone
+    # run.eval_pruned: the pruned net before fine-tuning, evaluated too; the sparse stage's sparsity on the row
+    assert 0 <= mtp["miou_pruned"] <= 1 and mtp["top1_pruned"] is not None
+    done = json.loads((tmp_path / "run" / "eval-mtp-0.5-independent-pruned" / "done.json").read_text())
+    assert done["metrics"]["miou"] == mtp["miou_pruned"]
+    assert set(mtp["sparsity"]) == {"backbone", "decoder"} and "sparsity" not in rows[0]
 
 
 def _refused(argv: list[str], capsys) -> str:

@@ -157,8 +157,8 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
             extra = sorted(keys - set(expected))
             if extra:
                 raise CheckpointError(f"{wpath}: unexpected tensor '{extra[0]}' (not part of {arch['model']})")
-            for name in expected:
-                state[name] = f.get_tensor(name)
+            for name in expected:  # copied: a tensor read from the file may be only 8-byte aligned, and
+                state[name] = f.get_tensor(name).clone()  # CPU kernels round differently on such memory
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{wpath}: truncated or corrupt weights file ({msg})") from None

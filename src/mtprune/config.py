@@ -224,6 +224,7 @@ class RunConfig:
     # system | cached: glibc keeps freed memory for the next forward while timing (mtprune.evaluate.host_memory)
     latency_host_memory: Literal["system", "cached"] = "system"
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
+    eval_pruned: bool = False  # also evaluate every pruned net before fine-tuning (rows' miou_pruned, top1_pruned)
     sparsity_threshold: float = SPARSITY_THRESHOLD
     seeds: list[int] = field(default_factory=list)  # several seeds: one run each + summary (mtprune run --seeds)
     shared_pretrain: bool = True  # with seeds: pretrain-cls once (first seed), shared by every seed

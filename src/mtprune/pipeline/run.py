@@ -148,6 +148,7 @@ def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | 
         rows.append(_row(v, metrics, dense, extra[v.method]))
     if env.is_main:
         _add_overlaps(rows, out)
+        _add_sparsity(rows, out)
     if env.is_main and cfg.run.latency:
         _add_latency(rows, cfg, out, env, say)
     if env.is_main:
@@ -174,9 +175,19 @@ def _variant(
         ft_cfg.finetune.cls_epochs = 0
     if seg_epochs is not None:
         ft_cfg.finetune.seg_epochs = seg_epochs
+    before: dict[str, Any] = {}
+    if cfg.run.eval_pruned:  # the pruned net before fine-tuning: what the sparse stage and the cut left
+        no_pictures = deepcopy(cfg)
+        no_pictures.run.qualitative = 0
+        m = execute(
+            evaluation(pruned, no_pictures, env, out / layout.eval_dir(v.tag.removesuffix("-nocls") + "-pruned")),
+            env,
+            say,
+        )
+        before = {"miou_pruned": m.get("miou"), "top1_pruned": m.get("top1")}
     tuned = out / layout.finetune_dir(v.tag)
     execute(training("finetune", ft_cfg, tuned, env, str(pruned)), env, say)
-    return v, execute(evaluation(tuned, cfg, env, out / layout.eval_dir(v.tag)), env, say)
+    return v, {**execute(evaluation(tuned, cfg, env, out / layout.eval_dir(v.tag)), env, say), **before}
 
 
 def _add_overlaps(rows: list[dict[str, Any]], out: Path) -> None:
@@ -187,6 +198,17 @@ def _add_overlaps(rows: list[dict[str, Any]], out: Path) -> None:
     for r in pruned:
         others = [o for o in pruned if layout.budget_key(o) == layout.budget_key(r) and o["tag"] != r["tag"]]
         r["plan_overlap"] = {o["tag"]: plan_overlap(plans[r["tag"]], plans[o["tag"]]) for o in others}
+
+
+def _add_sparsity(rows: list[dict[str, Any]], out: Path) -> None:
+    """``sparsity`` of every row whose method has a sparse stage: the fraction of each part's prunable γ that
+    stage left below ``run.sparsity_threshold`` × the part's 95th percentile (its ``done.json``)."""
+    for r in rows:
+        stage = METHODS[r["method"]].sparse_stage if r["method"] in METHODS else None
+        done = out / stage / "done.json" if stage else None
+        if done is not None and done.is_file():
+            metrics = read_json(done).get("metrics", {})
+            r["sparsity"] = {k.removeprefix("sparse_"): v for k, v in metrics.items() if k.startswith("sparse_")}
 
 
 def _add_latency(rows: list[dict[str, Any]], cfg: Config, out: Path, env: DistEnv, say: Say) -> None:
@@ -225,6 +247,7 @@ def _row(
         "top5": m.get("top5"),
         "pixel_acc": m.get("pixel_acc"),
         "per_class": m.get("per_class"),
+        **{k: m[k] for k in ("miou_pruned", "top1_pruned") if k in m},
     }
 
 

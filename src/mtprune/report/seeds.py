@@ -17,7 +17,7 @@ from mtprune.pruning.methods import METHODS
 from mtprune.report.tables import Row, _table
 
 #: the row keys summarised over seeds
-_KEYS = ("miou", "delta_miou", "params_ratio", "macs_ratio", "latency_ratio", "top1")
+_KEYS = ("miou", "delta_miou", "params_ratio", "macs_ratio", "latency_ratio", "top1", "miou_pruned", "top1_pruned")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -89,6 +89,7 @@ def _ms(st: dict[str, Any] | None, scale: float = 100.0, fmt: str = ".2f", signe
 
 def render_seeds(summary: dict[str, Any], title: str = "mtprune run — seeds") -> str:
     seeds = summary["seeds"]
+    pruned = any("miou_pruned" in m for m in summary["models"].values())  # run.eval_pruned
     body = [
         [
             m["name"],
@@ -100,13 +101,16 @@ def render_seeds(summary: dict[str, Any], title: str = "mtprune run — seeds") 
             _ms(m.get("latency_ratio"), 1.0, ".2f"),
             _ms(m.get("top1"), fmt=".1f"),
         ]
+        + ([_ms(m.get("miou_pruned")), _ms(m.get("top1_pruned"), fmt=".1f")] if pruned else [])
         for tag, m in summary["models"].items()
     ]
+    head = ["model", "seeds", "mIoU %", "Δ", "params ×", "MACs ×", "latency ×", "top-1 %"]
+    head += ["mIoU before FT %", "top-1 before FT %"] if pruned else []
     parts = [
         f"# {title}\n",
         f"Seeds {', '.join(map(str, seeds))}: mean ± sample std over seeds; mIoU, Δ and top-1 in %, × against "
         "the same seed's dense model. Each seed's full report is in its `seed-<k>/` folder.\n",
-        _table(["model", "seeds", "mIoU %", "Δ", "params ×", "MACs ×", "latency ×", "top-1 %"], body),
+        _table(head, body),
     ]
     if summary["paired"]:
         prow = [
