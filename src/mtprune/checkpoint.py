@@ -11,19 +11,22 @@ that are not there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mtprune.errors import CheckpointError, MtpruneError
+from mtprune.errors import CheckpointError, MtpruneError, UsageError
 from mtprune.io import ensure_dir, read_json, save_tensors, write_json, write_text
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes, resize_modules
+from mtprune.models.specs import ran_here
 from mtprune.version import __version__
 
 ARCH_FILE = "arch.json"
@@ -43,6 +46,32 @@ def pruned_shapes(model: SegmentationModel) -> dict[str, list[int]]:
 
 #: the copy of a ``python:`` model's factory file a checkpoint carries (it is the user's code: it runs on load)
 MODEL_SOURCE_FILE = "model_src.py"
+#: the environment variable that consents to running the code checkpoints carry (as ``--trust-code``)
+TRUST_CODE_ENV = "MTPRUNE_TRUST_CODE"
+_trust_code = False  # --trust-code of the running command (trusting_code)
+
+
+@contextlib.contextmanager
+def trusting_code(trust: bool = True) -> Iterator[None]:
+    """Consent, inside the block, to running the code a checkpoint carries (the CLI's ``--trust-code``)."""
+    global _trust_code
+    before, _trust_code = _trust_code, bool(trust) or _trust_code
+    try:
+        yield
+    finally:
+        _trust_code = before
+
+
+def check_code_consent(source: Path, trust_code: bool = False) -> None:
+    """One line refusing to run a checkpoint's ``model_src.py`` unless the user consented: ``trust_code``,
+    ``--trust-code`` (:func:`trusting_code`), ``MTPRUNE_TRUST_CODE=1``, or the same code already ran in this
+    process because the user named its file (a run's own checkpoints)."""
+    if trust_code or _trust_code or os.environ.get(TRUST_CODE_ENV) == "1" or ran_here(source):
+        return
+    raise UsageError(
+        f"{source}: the checkpoint carries Python code (its model's factory) that runs when it loads; if you "
+        f"trust it, pass --trust-code (API: trust_code=True; or {TRUST_CODE_ENV}=1)"
+    )
 
 
 def _build(arch: dict[str, Any], source: Path | None = None) -> SegmentationModel:
@@ -120,10 +149,14 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
 _KIND = {"model": "model name", "num_classes": "positive integer", "cls_classes": "positive integer", "width": "number"}
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> SegmentationModel:
+def load_model(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False
+) -> SegmentationModel:
     """Rebuild the model described by ``DIR/arch.json`` and load ``DIR/model.safetensors`` into it.
 
     ``DIR`` may also be a stage output folder of ``mtprune train`` (its final model is in ``DIR/model``).
+    A ``python:`` model is built from the checkpoint's own ``model_src.py`` only (never a file ``arch.json``
+    names), and only with consent (``trust_code``, see :func:`check_code_consent`): loading runs that code.
 
     The model is returned in eval mode (call ``.train()`` to train it). Raises :class:`CheckpointError`
     naming the first tensor whose name or shape does not fit the
@@ -132,9 +165,16 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     directory = resolve_checkpoint(directory)
     arch = read_arch(directory)
     source = directory / MODEL_SOURCE_FILE
+    if arch["model"].startswith("python:"):
+        if not source.is_file():
+            raise CheckpointError(
+                f"{directory / ARCH_FILE}: names Python code ({arch['model']}) but {directory} carries no "
+                f"{MODEL_SOURCE_FILE}: a checkpoint runs no code but its own"
+            )
+        check_code_consent(source, trust_code)
     try:
         with torch.device("meta"):
-            model = _build(arch, source if source.is_file() else None)
+            model = _build(arch, source if arch["model"].startswith("python:") else None)
             resize_modules(model, {k: list(v) for k, v in arch.get("channels", {}).items()})
     except MtpruneError as e:
         raise CheckpointError(f"{directory / ARCH_FILE}: {e}") from None

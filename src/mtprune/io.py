@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mtprune.errors import MtpruneError, WriteError
+from mtprune.errors import MtpruneError, UsageError, WriteError
 
 #: the temp files of an interrupted write: ours (``.<name>.<random>.tmp``) and safetensors' (``.tmp<random>``)
 TEMP_PATTERNS = (".*.tmp", ".tmp*")
@@ -112,6 +112,17 @@ def ensure_dir(folder: str | os.PathLike) -> Path:
 LOCK_FILE = ".lock"
 
 
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` (``O_NOFOLLOW``): a link planted in a run
+    folder (``.lock → victim``) is refused in one line instead of having its target truncated or appended to."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, FILE_MODE)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{path} is a symbolic link: mtprune never writes through one (remove it)") from None
+        raise
+
+
 class FolderBusy(MtpruneError):
     """Another process holds a folder's lock."""
 
@@ -125,7 +136,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     when its process ends however it ends, so the lock of a killed process is simply taken over."""
     folder = ensure_dir(folder)
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = open_no_follow(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise WriteError(f"{folder}: {write_failure(e)} (cannot take the folder's lock)") from None
     try:
@@ -162,7 +173,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     data = (line + "\n").encode("utf-8")
     path = Path(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as e:
         raise WriteError(f"{path.parent}: {write_failure(e)} while writing {path.name}") from None
     try:

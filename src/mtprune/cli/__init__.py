@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from mtprune import interrupt
+from mtprune.checkpoint import trusting_code
 from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
 from mtprune.errors import MtpruneError
 from mtprune.version import __version__
@@ -33,7 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
     for module in (model_cmds, train_cmds, run_cmds, eval_cmds, export_cmds, data_cmds):
         module.register(sub)
+    for name in LOADS_CHECKPOINTS:
+        sub.choices[name].add_argument(
+            "--trust-code",
+            action="store_true",
+            help="run the Python code a python: model's checkpoint carries (model_src.py) when it loads; refused "
+            "without it (or MTPRUNE_TRUST_CODE=1)",
+        )
     return parser
+
+
+#: the commands that load checkpoints, and so take --trust-code
+LOADS_CHECKPOINTS = ("cost", "prune", "eval", "export", "train", "run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     interrupt.install()
     try:
-        return int(args.func(args) or 0)
+        with trusting_code(getattr(args, "trust_code", False)):
+            return int(args.func(args) or 0)
     except MtpruneError as e:
         print(f"mtprune {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

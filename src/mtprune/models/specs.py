@@ -30,6 +30,19 @@ from mtprune.models.generic import WrappedSegmentationModel
 
 KINDS = ("torchvision", "smp", "python")
 
+#: SHA-256 of the factory files this process ran because the user named them (not a checkpoint's copy): a
+#: checkpoint carrying the same code needs no further consent here (mtprune.checkpoint.load_model)
+_TRUSTED: set[str] = set()
+
+
+def code_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def ran_here(path: Path) -> bool:
+    """Whether this process already ran the code in ``path`` because the user named its file or module."""
+    return code_digest(path) in _TRUSTED
+
 
 def is_spec(name: str) -> bool:
     """``name`` is a ``kind:…`` spec (not a built-in name)."""
@@ -102,6 +115,8 @@ def _load_factory(target: str, source: Path | None = None) -> tuple[Any, Path | 
     if not callable(fn):
         raise UsageError(f"python:{target}: {where} has no function '{func}'")
     file = getattr(module, "__file__", None)
+    if file and source is None:  # the user named this code: its checkpoints' copies are theirs
+        _TRUSTED.add(code_digest(Path(file)))
     return fn, Path(file) if file else None
 
 
