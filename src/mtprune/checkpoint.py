@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,12 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
         value = arch[key]
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
             raise CheckpointError(f"{path}: '{key}' is {json.dumps(value)}, not a {_KIND[key]}")
-    if not isinstance(arch.get("channels", {}), dict):
-        raise CheckpointError(f"{path}: 'channels' must map module names to channel counts")
+    channels = arch.get("channels", {})
+    if not isinstance(channels, dict) or not all(
+        isinstance(v, list) and 1 <= len(v) <= 2 and all(type(c) is int and c >= 1 for c in v)
+        for v in channels.values()
+    ):
+        raise CheckpointError(f"{path}: 'channels' must map module names to lists of positive channel counts")
     if not isinstance(arch.get("model_args", {}), dict):
         raise CheckpointError(f"{path}: 'model_args' must be an object (the builder's keyword arguments)")
     parts = arch.get("parts", {})
@@ -147,6 +152,18 @@ def read_arch(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 _KIND = {"model": "model name", "num_classes": "positive integer", "cls_classes": "positive integer", "width": "number"}
+
+
+def _as_expected(t: torch.Tensor, ref: torch.Tensor, name: str, path: Path, cast: set[str]) -> torch.Tensor:
+    """``t`` in ``ref``'s dtype: another floating dtype is cast (and named in ``cast``); anything else is one
+    line naming the tensor and its dtype."""
+    if t.dtype == ref.dtype:
+        return t
+    if t.is_floating_point() and ref.is_floating_point():
+        cast.add(str(t.dtype).removeprefix("torch."))
+        return t.to(ref.dtype)
+    have, want = str(t.dtype).removeprefix("torch."), str(ref.dtype).removeprefix("torch.")
+    raise CheckpointError(f"{path}: tensor '{name}' is {have}, {want} expected")
 
 
 def load_model(
@@ -197,8 +214,11 @@ def load_model(
             extra = sorted(keys - set(expected))
             if extra:
                 raise CheckpointError(f"{wpath}: unexpected tensor '{extra[0]}' (not part of {arch['model']})")
-            for name in expected:  # copied: a tensor read from the file may be only 8-byte aligned, and
-                state[name] = f.get_tensor(name).clone()  # CPU kernels round differently on such memory
+            cast: set[str] = set()
+            for name, ref in expected.items():  # copied: a tensor read from the file may be only 8-byte
+                state[name] = _as_expected(f.get_tensor(name), ref, name, wpath, cast).clone()  # aligned
+            if cast:
+                print(f"note: {wpath}: {', '.join(sorted(cast))} weights cast to float32", file=sys.stderr)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{wpath}: truncated or corrupt weights file ({msg})") from None

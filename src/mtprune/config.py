@@ -322,6 +322,23 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: ``*name`` (a billion-laughs bomb expands to 10⁹ leaves) is refused at once."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (:class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
 ) -> Config:
@@ -334,8 +351,10 @@ def load_config(
         if not p.is_file():
             raise UsageError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = safe_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
+            if "aliases" in str(e):
+                raise UsageError(f"{p}: {getattr(e, 'problem', e)}{_where(e)}") from None
             raise UsageError(f"{p}: not valid YAML{_where(e)}") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"{p}: a config file must be a mapping")
@@ -346,8 +365,10 @@ def load_config(
             raise UsageError(f"--set expects key=value, got '{item}'")
         k, v = item.split("=", 1)
         try:
-            value = yaml.safe_load(v) if v != "" else None
-        except yaml.YAMLError:
+            value = safe_yaml(v) if v != "" else None
+        except yaml.YAMLError as e:
+            if "aliases" in str(e):
+                raise UsageError(f"--set {item}: {getattr(e, 'problem', e)}") from None
             value = v
         _set_dotted(over, k.strip(), value)
     data = _merge(data, over)
@@ -382,7 +403,10 @@ def _rule(key: str) -> tuple[str, float] | None:
 
 def check_values(cfg: Any, prefix: str = "") -> None:
     """Every float finite, and the counts, epochs and learning rates in range (:func:`_rule`), for the
-    whole configuration: one line naming the key and the value otherwise."""
+    whole configuration, and the values no stage could use (:func:`_check_shapes`): one line naming the key
+    and the value otherwise."""
+    if isinstance(cfg, Config):
+        _check_shapes(cfg)
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
@@ -395,6 +419,40 @@ def check_values(cfg: Any, prefix: str = "") -> None:
         rule = _rule(key)
         if rule and not (value > rule[1] if rule[0] == ">" else value >= rule[1]):
             raise UsageError(f"{key}: {value} must be {rule[0]} {rule[1]:g}")
+
+
+def _check_shapes(cfg: Config) -> None:
+    """Sizes, scale ranges, flip probabilities, the seed, and batches BatchNorm can train on."""
+    d = cfg.data
+    for key, size in (("data.seg.crop_size", d.seg.crop_size), ("data.seg.eval_resize", d.seg.eval_resize)):
+        if size is not None and (len(size) != 2 or min(size) < 1):
+            raise UsageError(f"{key}: {size} is not [H, W] with H, W ≥ 1")
+    lo_hi = d.seg.scale_range
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise UsageError(f"data.seg.scale_range: {lo_hi} is not [low, high] with 0 < low ≤ high")
+    for key, p in (("data.seg.hflip", d.seg.hflip), ("data.cls.hflip", d.cls.hflip)):
+        if not 0 <= p <= 1:
+            raise UsageError(f"{key}: {p} is not a probability in [0, 1]")
+    if cfg.seed < 0:
+        raise UsageError(f"seed: {cfg.seed} must be ≥ 0")
+    if cfg.data.cls.size < 1:
+        raise UsageError(f"data.cls.size: {cfg.data.cls.size} must be ≥ 1")
+    if not cfg.optim.freeze_bn_stats:
+        for key, n in _batch_sizes(cfg):
+            if n == 1:
+                raise UsageError(
+                    f"{key}: 1 — BatchNorm in training needs ≥ 2 images a batch (or optim.freeze_bn_stats: true)"
+                )
+
+
+def _batch_sizes(cfg: Config) -> list[tuple[str, int]]:
+    out = []
+    for section in ("pretrain_cls", "train_seg", "sparse_mtp", "sparse_slimming", "finetune"):
+        c = getattr(cfg, section)
+        out += [
+            (f"{section}.{f.name}", getattr(c, f.name)) for f in dataclasses.fields(c) if f.name.endswith("batch_size")
+        ]
+    return out
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

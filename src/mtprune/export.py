@@ -8,6 +8,7 @@ The exported graph is the segmentation forward (``image`` → ``logits`` at the 
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import shutil
 import statistics
@@ -168,12 +169,35 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def sweep_dead_exports(path: Path) -> list[Path]:
+    """Remove the temp folders (``.<name>.<pid>.<random>.tmp/``) that exports of ``path`` killed before they
+    finished left beside it: those whose process is gone (a live one's is left alone). Returns them."""
+    gone = []
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = d.name[len(path.name) + 2 :].split(".", 1)[0]
+        if d.is_dir() and not d.is_symlink() and (not pid.isdigit() or not _alive(int(pid))):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_onnx(path: Path, export: Any) -> None:
     """Run ``export(target)`` into a temp folder beside ``path`` under ``path``'s own name, so an external
     weights file is named (and referenced) ``<name>.data``; then move the data file, then the model, into
     place. Without external data any stale ``<name>.data`` goes: the ``.onnx`` is self-contained."""
     ensure_dir(path.parent)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_dead_exports(path)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         export(tmp_dir / path.name)
         data = tmp_dir / f"{path.name}.data"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mtprune.checkpoint import load_model, save_model
-from mtprune.cli.args import fresh_out, positive_int
+from mtprune.cli.args import check_out, claim_out, positive_int
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.evaluate.cost import (
@@ -126,12 +126,13 @@ def _init(args: argparse.Namespace) -> int:
     model = build_model(  # bad weights or arguments are refused before anything is written
         args.model, args.num_classes, args.cls_classes, args.width, args.backbone_weights, **_spec(args)
     )
-    fresh_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite)
     meta = {"backbone_weights": str(args.backbone_weights)} if args.backbone_weights else {}
     if args.weights:
         load_weights(model, args.weights)
         meta["weights"] = str(args.weights)
-    save_model(model, args.out, meta=meta)
+    with claim_out(args.out, args.overwrite):
+        save_model(model, args.out, meta=meta)
     print(f"wrote {args.model} ({count_params(model) / 1e6:.3f} M params) to {args.out}")
     return 0
 
@@ -395,7 +396,7 @@ def _prune(args: argparse.Namespace) -> int:
         raise UsageError("--channels-last: only with --target latency=X or --round-to auto")
     if args.threads:
         torch.set_num_threads(args.threads)
-    fresh_out(out, args.overwrite)
+    check_out(out, args.overwrite)
     size = tuple(args.size)
     before = {"params": count_params(model), "macs": count_macs(model, size)}
     thinet_flags = [
@@ -421,9 +422,10 @@ def _prune(args: argparse.Namespace) -> int:
         summary["host_memory"] = mode
     if scorer_of(args.method) == "thinet":
         summary["thinet"] = {"images": score_kw["num_samples"], "rescale": not args.no_rescale}
-    write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
     meta = {"pruned": {k: summary[k] for k in ("method", "ratio", "thresholds", "target", "thinet") if k in summary}}
-    save_model(model, out, meta={**meta, "source": args.checkpoint or args.model})
+    with claim_out(out, args.overwrite):
+        write_json(out / "plan.json", {**plan.to_dict(), "cost": summary})
+        save_model(model, out, meta={**meta, "source": args.checkpoint or args.model})
     if args.json:
         print(json.dumps(summary))
     else:

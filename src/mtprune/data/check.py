@@ -30,6 +30,7 @@ class CheckReport:
     ignore_pixels: int = 0
     class_samples: np.ndarray | None = None  # cls: samples per class
     problems: list[SampleProblem] = field(default_factory=list)
+    unlabelled: list[int] = field(default_factory=list)  # seg: samples whose mask is entirely ignore
 
     @property
     def ok(self) -> bool:
@@ -49,6 +50,7 @@ class CheckReport:
             out["pixels_per_class"] = {n: int(c) for n, c in zip(self.class_names, self.class_pixels, strict=True)}
             out["ignore_pixels"] = int(self.ignore_pixels)
             out["ignore_index"] = self.ignore_index
+            out["masks_all_ignore"] = len(self.unlabelled)
         if self.class_samples is not None:
             out["samples_per_class"] = {n: int(c) for n, c in zip(self.class_names, self.class_samples, strict=True)}
         out["problems"] = [{"file": p.file, "problem": p.what, "value": p.value} for p in self.problems]
@@ -107,6 +109,8 @@ def check_dataset(dataset: Any, num_workers: int = 0, progress: bool = True) -> 
         if info.class_counts is not None and report.class_pixels is not None:
             report.class_pixels += info.class_counts
             report.ignore_pixels += info.ignore_count
+            if not info.class_counts.any():
+                report.unlabelled.append(info.index)
         if info.label is not None and report.class_samples is not None and 0 <= info.label < k:
             report.class_samples[info.label] += 1
         report.problems.extend(info.problems)
@@ -149,6 +153,12 @@ def format_report(report: CheckReport, max_sizes: int = 5) -> str:
         lines.append(f"samples per class ({len(report.class_names)} classes):")
         for i, (name, c) in enumerate(zip(report.class_names, report.class_samples, strict=True)):
             lines.append(f"  {i:>3} {name:<{width}} {int(c):>8}")
+    if report.unlabelled:
+        first = ", ".join(f"#{i}" for i in report.unlabelled[:5]) + (" …" if len(report.unlabelled) > 5 else "")
+        lines.append(
+            f"warning: {len(report.unlabelled)} mask(s) entirely ignore (no labelled pixel: samples {first}); "
+            "training counts a batch of them as contributing 0"
+        )
     if report.problems:
         lines.append(f"{len(report.problems)} problem{'s' if len(report.problems) != 1 else ''}:")
         lines.extend(f"PROBLEM: {p}" for p in report.problems)

@@ -36,7 +36,7 @@ from torch import nn
 from mtprune.errors import CheckpointError, UsageError
 from mtprune.models.base import SegmentationModel, scaled, upsample_to
 from mtprune.models.deeplabv3 import DeepLabV3Decoder
-from mtprune.models.weights import check_state
+from mtprune.models.weights import check_state, first_line, load_tensors
 
 #: BatchNorm ε of the reference (TensorFlow's 1e-3)
 BN_EPS = 1e-3
@@ -271,10 +271,9 @@ def load_efficientnet_weights(model: DeepLabV3EfficientNet, path: str | Path | N
     if not path.is_file():
         raise CheckpointError(f"{path}: backbone weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file (a pickle payload included) is one line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read backbone weights ({msg[:200]})") from None
+        raise CheckpointError(f"{path}: cannot read backbone weights ({first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     head = model.cls_head.state_dict()

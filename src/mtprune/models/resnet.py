@@ -21,7 +21,7 @@ from torchvision.models import resnet as tvr
 
 from mtprune.errors import CheckpointError
 from mtprune.models.base import scaled
-from mtprune.models.weights import check_state
+from mtprune.models.weights import check_state, first_line, load_tensors
 
 
 class BasicBlock(tvr.BasicBlock):
@@ -122,9 +122,9 @@ def load_torchvision_weights(model: nn.Module, path: str | Path) -> list[str]:
     if not path.is_file():
         raise CheckpointError(f"{path}: backbone weights file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one error line
-        raise CheckpointError(f"{path}: cannot read backbone weights ({type(e).__name__}: {e})") from None
+        state = load_tensors(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file (a pickle payload included) is one error line
+        raise CheckpointError(f"{path}: cannot read backbone weights ({type(e).__name__}: {first_line(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from mtprune.errors import UsageError
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors only (a pickle payload is refused), torch's warnings
+    about the file's pickle protocol kept off the one-line error path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one short line (torch's weights_only refusals run to ~8 lines)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -18,10 +34,9 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:  # a torchvision-style .pth: tensors only (weights_only refuses arbitrary objects)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors(path)
     except Exception as e:  # truncated, corrupt, or holding objects weights_only refuses
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: cannot read a state dict ({msg})") from None
+        raise UsageError(f"{path}: cannot read a state dict ({first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path}: not a state dict of tensors (name → tensor)")
     return state
@@ -52,6 +67,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     expected = target.state_dict()
     check_state(state, expected, path, "the model")
     extra = sorted(set(state) - set(expected))
+    if extra and extra[0].startswith("aux_classifier."):  # torchvision's released DeepLabv3 / FCN weights
+        raise UsageError(
+            f"{path}: unexpected tensor '{extra[0]}': the weights have an auxiliary head; build the model with "
+            """it: --model-args '{"aux_loss": true}' (model_args: {aux_loss: true})"""
+        )
     if extra:
         raise UsageError(f"{path}: unexpected tensor '{extra[0]}' (not in the model)")
     with torch.no_grad():

@@ -92,6 +92,8 @@ def run_stage(
     """Run, resume or reuse one training stage in ``out`` (``mtprune train``); returns its final metrics.
     ``progress`` receives the runner's ``[stage] running / reused`` line (default: none is printed, the
     stage's own progress bar and messages say it)."""
+    if init is not None and Path(init).resolve().is_relative_to(Path(out).resolve()):
+        raise UsageError(f"--out is the --init checkpoint or holds it ({out}): the stage would overwrite its input")
     env = env or setup(cfg.device)
     return execute(training(stage, cfg, out, env, init), env, progress or (lambda msg: None))
 
@@ -106,9 +108,11 @@ def _open_run(
     out = Path(out)
     env = env or setup(cfg.device)
     with folder_lock(out) if env.is_main else contextlib.nullcontext():
-        if env.is_main:
+        if env.is_main and not (out / "config.yaml").is_file():
             save_config(cfg, out / "config.yaml")
         yield out, env, progress or say_on_main(env)
+        if env.is_main:  # a run refused by one of its stages keeps the config.yaml it had
+            save_config(cfg, out / "config.yaml")
 
 
 def run_pipeline(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtprune.errors import WriteError
 from mtprune.io import folder_lock, read_json
 from mtprune.recipe import RECIPE_FILE, check_recipe, differences, write_recipe
 from mtprune.train.distributed import DistEnv
@@ -69,7 +70,14 @@ def execute(stage: Stage, env: DistEnv | None = None, say: Say | None = None) ->
     group (None: a single process); every rank decides alike, rank 0 writes the recipe."""
     say = say or say_on_main(env)
     main = env is None or env.is_main
-    with folder_lock(stage.out) if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        try:
+            if main:
+                held.enter_context(folder_lock(stage.out))
+        except WriteError:  # a read-only place: a finished stage is reused all the same (reuse writes nothing)
+            if not ((stage.out / DONE_FILE).is_file() and _same_recipe(stage)):
+                raise
+            main = False
         return _execute(stage, main, say)
 
 

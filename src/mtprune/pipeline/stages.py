@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,17 @@ def training(stage: str, cfg: Config, out: str | os.PathLike, env: DistEnv, init
         check_validation_data(cfg, tuple(dict.fromkeys(tasks + (("seg",) if cfg.eval.every_epoch else ()))))
         return train_stage(stage, cfg, out, env, init, evaluate=final_metrics)
 
-    return Stage(out.name, out, stage_recipe(check_stage(stage), cfg, init), run, resumable=True)
+    def reused(done: dict[str, Any]) -> dict[str, Any]:
+        measured, now = done.get("eval"), {"scales": list(cfg.eval.scales), "flip": cfg.eval.flip}
+        if measured is not None and measured != now:
+            print(
+                f"note: {out}: reused; its metrics were measured with eval scales {measured['scales']}, flip "
+                f"{measured['flip']} (this config: {now['scales']}, {now['flip']}); mtprune eval measures it anew",
+                file=sys.stderr,
+            )
+        return dict(done.get("metrics", {}))
+
+    return Stage(out.name, out, stage_recipe(check_stage(stage), cfg, init), run, result=reused, resumable=True)
 
 
 def cost_size(cfg: Config) -> tuple[int, int]:

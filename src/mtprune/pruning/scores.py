@@ -82,9 +82,13 @@ def stored_gammas(source: Path | None, cfg: Config, samples: int | None) -> dict
     if not path.is_file():
         return {}
     try:
-        return {"scores": load_file(str(path))}
+        scores = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt scores file ({str(e).splitlines()[0]})") from None
+    bad = next((k for k, v in scores.items() if not torch.isfinite(v.float()).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: '{bad}' holds a non-finite score (NaN or inf): the sparse stage diverged")
+    return {"scores": scores}
 
 
 def training_images(source: Path | None, cfg: Config, samples: int | None) -> dict[str, Any]:

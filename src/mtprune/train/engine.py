@@ -65,11 +65,22 @@ def lr_at(schedule: str, base_lr: float, it: int, total: int) -> float:
 
 
 def seg_loss(outputs: dict[str, Any], target: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """Cross-entropy (ignore 255) on the main logits + ``aux_weight`` × each auxiliary head's."""
-    loss = F.cross_entropy(outputs["out"].float(), target, ignore_index=IGNORE_INDEX)
+    """Cross-entropy (ignore 255) on the main logits + ``aux_weight`` × each auxiliary head's; a batch without
+    a labelled pixel contributes 0 (not the NaN of a mean over nothing)."""
+    valid = (target != IGNORE_INDEX).sum().clamp_min(1)  # no host sync: the mean is the sum over the count
+
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum") / valid
+
+    loss = ce(outputs["out"])
     for aux in outputs.get("aux", []):
-        loss = loss + aux_weight * F.cross_entropy(aux.float(), target, ignore_index=IGNORE_INDEX)
+        loss = loss + aux_weight * ce(aux)
     return loss
+
+
+def has_labels(batch: Any) -> bool:
+    """Whether a segmentation batch (still on the CPU: no device sync) has a labelled pixel."""
+    return bool((batch[1] != IGNORE_INDEX).any())
 
 
 class SegNet(nn.Module):
@@ -231,6 +242,7 @@ class StageRun:
     step: int = 0
     total: int = 0
     saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+    unlabelled: int = 0  # segmentation batches without a labelled pixel (they contributed 0), this process
     meter: SpeedMeter = field(init=False)
     _pbar: Any = None
 
@@ -362,6 +374,7 @@ class StageRun:
             if extra_files:
                 extra_files(self.out / "model")
             done: dict[str, Any] = {"stage": self.stage, "steps": self.step, "metrics": metrics}
+            done["eval"] = {"scales": list(self.cfg.eval.scales), "flip": self.cfg.eval.flip}  # what measured them
             speed = self.meter.report()
             if speed is not None:
                 done["throughput"] = speed
@@ -375,8 +388,19 @@ class StageRun:
         barrier(self.env)
         return metrics
 
+    def seg_batch(self, batch: Any) -> Any:
+        """A segmentation batch, counted (and said once) when no pixel of it is labelled."""
+        if not has_labels(batch):
+            self.unlabelled += 1
+            if self.unlabelled == 1 and self.env.is_main:
+                print(f"{self.stage}: step {self.step}: a batch with no labelled pixel (all ignore) "
+                      "contributes 0; counted in done.json (batches_without_labels)", file=sys.stderr)  # fmt: skip
+        return batch
+
     def _count_skipped(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """``metrics`` plus the bad samples each stream skipped (``data.skip_bad``), said on stderr."""
+        if self.unlabelled:
+            metrics = {**metrics, "batches_without_labels": self.unlabelled}
         skipped = {n: s.dataset.num_skipped for n, s in self.streams.items() if isinstance(s.dataset, SkipBadSamples)}
         if not any(skipped.values()):
             return metrics

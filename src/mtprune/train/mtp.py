@@ -284,7 +284,7 @@ def _rounds(run: StageRun, mtp: SparseMTP, cls_stream: BatchStream, seg_stream: 
             j = k - c.steps_cls
             sub = "w2w3" if c.mode == "joint" else ("w2" if j < c.steps_seg else "w3")
             lr = lr_at("poly", c.lr_seg, rnd * c.steps_seg + (j % c.steps_seg), c.rounds * c.steps_seg)
-            loss = mtp.seg_step(*to_device(next(seg_stream), cfg, env), lr, sub)
+            loss = mtp.seg_step(*to_device(run.seg_batch(next(seg_stream)), cfg, env), lr, sub)
             record = {"phase": sub, "loss": loss, "lr": lr}
         if k == per_round - 1:  # end of the round
             run.log({"step": run.step + 1, **mtp.end_round(rnd)})

@@ -77,7 +77,8 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
                 i = run.step - offset
                 lr = lr_at(ph.schedule, ph.lr, i, ph.steps)
                 set_lr(ph.opt, lr)
-                x, y = to_device(next(ph.stream), cfg, env)
+                batch = next(ph.stream)
+                x, y = to_device(run.seg_batch(batch) if ph.task == "seg" else batch, cfg, env)
                 with autocast(env.device, cfg.optim.amp):
                     out = ph.net(x)
                 loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else ph.cls.loss(out, x, y)
