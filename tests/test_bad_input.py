@@ -242,3 +242,16 @@ def test_an_export_killed_before_it_finished_leaves_no_temp_folder_behind(tmp_pa
         (d / "m.onnx").write_bytes(b"half")
     assert sweep_dead_exports(tmp_path / "m.onnx") == [dead]
     assert not dead.exists() and live.exists()
+
+
+def test_a_crop_larger_than_every_training_image_is_said(tmp_path, capsys):
+    from mtprune.data import write_synthetic
+
+    root = tmp_path / "syn"
+    write_synthetic(root, num_train=4, num_val=2, image_size=24, num_cls_train=4, num_cls_val=2)
+    sets = (f"data.seg.root={root}", "data.seg.dataset=synthetic", "data.seg.options={}", "data.seg.val_options={}",
+            "train_seg.batch_size=2")  # fmt: skip
+    run_stage("train-seg", cfg(*sets, "data.seg.crop_size=[64,64]", "data.seg.scale_range=[1.0,1.5]"), tmp_path / "a")
+    assert "data.seg.crop_size [64, 64] is larger than every training image" in capsys.readouterr().err
+    run_stage("train-seg", cfg(*sets, "data.seg.crop_size=[32,32]", "data.seg.scale_range=[1.0,1.5]"), tmp_path / "b")
+    assert "larger than every" not in capsys.readouterr().err  # 24 × 1.5 = 36 ≥ 32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,3 +166,28 @@ def format_report(report: CheckReport, max_sizes: int = 5) -> str:
     else:
         lines.append("no problems")
     return "\n".join(lines)
+
+
+def crop_warning(dataset: Any, crop: Sequence[int], largest_scale: float) -> str | None:
+    """A ``warning:`` line when a training crop is larger than every image of a file-backed segmentation set
+    even at the largest scale (the batches would be mostly padding, ignored pixels); None otherwise. Reads
+    the images' headers only."""
+    samples = getattr(dataset, "samples", None)
+    if not samples or getattr(dataset, "task", "") != "seg":
+        return None
+    from PIL import Image
+
+    sizes = []
+    for image, _ in samples:
+        try:
+            with Image.open(image) as im:
+                sizes.append(im.size)  # (width, height)
+        except OSError:
+            return None  # a bad file is the data check's to report
+    h, w = max(s[1] for s in sizes), max(s[0] for s in sizes)
+    if crop[0] > h * largest_scale and crop[1] > w * largest_scale:
+        return (
+            f"warning: data.seg.crop_size {list(crop)} is larger than every training image at the largest scale "
+            f"(at most {h}×{w} × {largest_scale:g}): the batches are mostly padding (ignored pixels)"
+        )
+    return None

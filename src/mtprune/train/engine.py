@@ -27,6 +27,7 @@ from mtprune import interrupt
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, save_config
 from mtprune.data import IGNORE_INDEX, SkipBadSamples
+from mtprune.data.check import crop_warning
 from mtprune.errors import MtpruneError, UsageError, WriteError
 from mtprune.io import append_line, ensure_dir, read_lines, sweep_temp_files, write_json, write_text
 from mtprune.models import build_model
@@ -412,6 +413,16 @@ class StageRun:
 
 
 _SHOWN = ("loss", "lr", "phase", "mu")  # the record keys the progress bar shows
+
+
+def warn_crop(seg_ds: Any, cfg: Config, env: DistEnv) -> None:
+    """Say (rank 0) when the training crop is larger than every training image (:func:`crop_warning`)."""
+    if env.is_main:
+        warning = crop_warning(
+            getattr(seg_ds, "dataset", seg_ds), cfg.data.seg.crop_size, max(cfg.data.seg.scale_range)
+        )
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def training_stream(dataset: Any, batch_size: int, seed: int, cfg: Config, env: DistEnv, key: str) -> BatchStream:

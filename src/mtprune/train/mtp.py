@@ -73,6 +73,7 @@ from mtprune.train.engine import (
     sync_buffers,
     to_device,
     training_stream,
+    warn_crop,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -299,6 +300,7 @@ def run_sparse_mtp(
     check_mtp_config(cfg)
     c = cfg.sparse_mtp
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)
+    warn_crop(seg_ds, cfg, env)
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
     convert_sync_bn([model.backbone, model.decoder], cfg, env)

@@ -39,6 +39,7 @@ from mtprune.train.engine import (
     sync_buffers,
     to_device,
     training_stream,
+    warn_crop,
     wrap_ddp,
 )
 from mtprune.train.streams import BatchStream
@@ -178,6 +179,8 @@ def run_supervised(
             "pre-training: run.pretrain false)"
         )
     seg_ds, cls_ds = make_dataset(cfg, "seg", True), make_dataset(cfg, "cls", True)  # built once per stage
+    if stage != "pretrain-cls":
+        warn_crop(seg_ds, cfg, env)
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
     convert_sync_bn([model.backbone, model.decoder], cfg, env)

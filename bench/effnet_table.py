@@ -1,0 +1,78 @@
+"""The real-ImageNet benchmark's table (issue 28), from the seeds of an ``mtprune run`` folder.
+
+Per model: mIoU (val), params ×, MACs ×, latency ×, teacher agreement (top-1 of the backbone against the
+ImageNet teacher on CamVid's validation frames), mIoU and agreement right after pruning (before fine-tuning),
+sparsity the sparse stage reached (backbone / decoder) and the plan overlap with Uniform's at the same budget —
+mean ± std over the seeds present — and the paired per-seed mIoU differences of every method against Uniform.
+
+    python bench/effnet_table.py runs/effnet
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _ms(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:{fmt}}"
+    return f"{mean:{fmt}} ± {statistics.stdev(values) * scale:{fmt}}"
+
+
+def _uniform_tag(row: dict[str, Any]) -> str | None:
+    t = row.get("target")
+    return f"uniform-{''.join(f'{k}{v:g}' for k, v in t.items())}" if t else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = Path((argv or sys.argv[1:])[0])
+    seeds = sorted(p for p in run.glob("seed-*") if (p / "results.json").is_file())
+    by_tag: dict[str, dict[int, dict[str, Any]]] = {}
+    for s in seeds:
+        for r in json.loads((s / "results.json").read_text()):
+            by_tag.setdefault(r["tag"], {})[int(s.name.split("-")[1])] = r
+    print(f"seeds: {', '.join(s.name for s in seeds)}\n")
+    head = ["model", "mIoU %", "params ×", "MACs ×", "latency ×", "agree top-1 %", "mIoU before FT %",
+            "agree before FT %", "sparse bb / dec %", "overlap w/ uniform"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for tag, rows in by_tag.items():
+        rs = list(rows.values())
+
+        def col(key: str, rows: list[dict[str, Any]] = rs) -> list[float]:
+            return [r[key] for r in rows if r.get(key) is not None]
+
+        sparse = [r["sparsity"] for r in rs if r.get("sparsity")]
+        sp = (
+            f"{_ms([x['backbone'] for x in sparse], fmt='.0f')} / {_ms([x['decoder'] for x in sparse], fmt='.0f')}"
+            if sparse
+            else "–"
+        )
+        ut = _uniform_tag(rs[0])
+        overlap = [r["plan_overlap"][ut]["all"] for r in rs if ut and ut in r.get("plan_overlap", {})]
+        print(
+            f"| {tag} | {_ms(col('miou'), fmt='.2f')} | {_ms(col('params_ratio'), 1, '.3f')} | "
+            f"{_ms(col('macs_ratio'), 1, '.3f')} | {_ms(col('latency_ratio'), 1, '.2f')} | {_ms(col('top1'))} | "
+            f"{_ms(col('miou_pruned'), fmt='.2f')} | {_ms(col('top1_pruned'))} | {sp} | {_ms(overlap, 1, '.2f')} |"
+        )
+    print("\npaired per-seed mIoU differences against Uniform at the same budget (points):\n")
+    for tag, rows in by_tag.items():
+        ut = _uniform_tag(next(iter(rows.values())))
+        if not ut or ut == tag or ut not in by_tag:
+            continue
+        diffs = [100 * (rows[s]["miou"] - by_tag[ut][s]["miou"]) for s in rows if s in by_tag[ut]]
+        if diffs:
+            per, wins = " ".join(f"{d:+.2f}" for d in diffs), sum(d > 0 for d in diffs)
+            print(f"- {tag} − {ut}: {per} (mean {statistics.fmean(diffs):+.2f}, {wins}/{len(diffs)} > 0)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
