@@ -10,7 +10,6 @@ logits) or ``features`` (its last backbone feature map, for nets without a train
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +122,3 @@ def cls_task(cfg: Config, student: SegmentationModel, device: torch.device | str
         return ClsTask()
     c = cfg.data.cls
     return ClsTask(teacher_net(cfg, student, device), c.target, c.temperature)
-
-
-def describe(cfg: Config) -> dict[str, Any]:
-    """The teacher settings a stage records (``done.json``'s metrics)."""
-    c = cfg.data.cls
-    return {"teacher": c.teacher or f"{cfg.model.name} ({cfg.model.backbone_weights})", "target": c.target}
