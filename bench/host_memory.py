@@ -6,7 +6,7 @@
 For each model: the dense net, a uniform 0.5× plan and an irregular one (``bn`` on random γ, round-to 16),
 BN folded, channels_last, timed round-robin as ``mtprune cost --against`` times them. The rounds alternate
 in pairs between the two host memories, so both see the same machine: ``cached`` inside
-:func:`mtprune.evaluate.host_memory.cached_host_memory`, ``system`` after leaving it (glibc set as its
+:func:`mtprune.cost.host_memory.cached_host_memory`, ``system`` after leaving it (glibc set as its
 dynamic thresholds leave a process that has run a net — blocks above 32 MiB mmap'd — and the kept memory
 returned). Reports per host memory each net's median time and minor page faults per forward, and the paired
 ratios against dense. A process *started* with glibc's defaults can fault more than this ``system``
@@ -26,8 +26,8 @@ import time
 import torch
 
 from latency import SIZES, build_nets, run_header  # bench/latency.py, next to this script
-from mtprune.evaluate.cost import _compile_settings, _inference_net
-from mtprune.evaluate.host_memory import CACHED, SYSTEM, cached_host_memory, host_memory, minor_faults
+from mtprune.cost.host_memory import CACHED, SYSTEM, cached_host_memory, host_memory, minor_faults
+from mtprune.cost.runtimes import compile_settings, inference_net
 
 #: build_nets' labels → the names this benchmark prints
 NAMES = {"dense": "dense", "uniform 0.5 rt16": "uniform 0.5×", "irregular 0.5 rt16": "irregular 0.5×, round-to 16"}
@@ -52,8 +52,8 @@ def ab(
     modes = (SYSTEM, CACHED) if switch else (host_memory(),)
     times = {hm: {k: [] for k in models} for hm in modes}
     faults = {hm: {k: [] for k in models} for hm in modes}
-    with _compile_settings(len(models)):
-        run = {k: _inference_net(m, "cpu", True, True, compile) for k, m in models.items()}
+    with compile_settings(len(models)):
+        run = {k: inference_net(m, "cpu", True, True, compile) for k, m in models.items()}
         for f in run.values():
             for _ in range(3):
                 f(x)

@@ -1,29 +1,26 @@
 """Real speed-up against MACs: dense against pruned nets of the paper's models at the paper's sizes.
 
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
-                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto auto-ort]
-                            [--layouts contiguous channels_last] [--device cpu] [--dtypes float32]
-                            [--size H W] [--threads 2] [--runs 20]
-                            [--variants eager foldbn compile onnxruntime] [--profile] [--per-layer]
-                            [--host-memory system|cached] [--skip-timing] [--json FILE] | --render FILE…
+                            [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto]
+                            [--runtime R[,R…]] [--timing device=cpu runs=20 threads=2 host_memory=… dtype=…]
+                            [--size H W] [--profile] [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
 ``--round-to``, the pruned net. All nets of a model, in every layout and variant, are timed round-robin
-(``mtprune.evaluate.cost.latency_against``, as ``mtprune cost --against``: one batch-1 forward of each
+(``mtprune.cost.latency_against``, as ``mtprune cost --against``: one batch-1 forward of each
 per round, CUDA synchronised), so the machine's drift hits them alike; each cell is the median and IQR
 over rounds, and ratios are paired per round. "Best against best" compares each net in its fastest setup
 with dense in its fastest — the figure a deployment engineer ships. ``--render FILE…`` prints saved
 ``--json`` files as markdown.
-Variants: ``eager`` (PyTorch as is), ``foldbn`` (BatchNorm folded into the convolutions, as every
-deployment runtime does), ``compile`` (``torch.compile`` with inductor freezing), ``onnxruntime`` (the net
-exported to ONNX, run by ONNX Runtime's CPU provider, which picks its own layout). ``--profile`` prints the
-self time of each operator, dense against pruned: which work shrinks with the MACs and which does not;
-``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks least against
-their work (MACs, or channels for BN/ReLU), in the first layout and variant given. ``--host-memory cached``
-times everything with glibc keeping freed memory for reuse (``mtprune.evaluate.host_memory``; a process
-started with ``MALLOC_MMAP_MAX_=0`` is recorded as cached too); each net's page faults per forward are in
-the JSON either way.
+Setups in mtprune's timing vocabulary (``--runtime``, as ``mtprune cost``: ``eager``, ``channels-last``,
+``fold-bn``, ``channels-last+fold-bn``, ``compile``, ``onnxruntime``, ``best``; default ``best``) and
+``--timing`` (``device``, ``runs``, ``threads`` — 2 here unless given —, ``host_memory``, ``dtype``).
+``--round-to auto`` times its convs as ``mtprune prune --round-to auto`` does in the same ``--runtime``.
+``--profile`` prints the self time of each operator, dense against pruned: which work shrinks with the MACs
+and which does not; ``--per-layer`` times every layer (forward hooks) and lists the layers whose time shrinks
+least against their work (MACs, or channels for BN/ReLU), in the first eager setup named. Each net's page
+faults per forward are in the JSON.
 """
 
 from __future__ import annotations
@@ -37,41 +34,34 @@ from pathlib import Path
 
 import torch
 
-from mtprune.evaluate.cost import (
-    ONNXRUNTIME,
-    Setup,
-    count_macs,
-    count_params,
-    latency_against,
-    paired_ratio,
-    setup_dict,
-)
-from mtprune.evaluate.fit import LatencyTable, latency_fit
-from mtprune.evaluate.host_memory import HOST_MEMORY, SYSTEM, host_memory, host_memory_context
-from mtprune.evaluate.layers import channels_text, compare_layers, excess_by_kind, layer_profiles
+from mtprune.cli.model_args import timing_of
+from mtprune.config import Timing
+from mtprune.cost import Setup, count_macs, count_params, latency_against, paired_ratio, setups_of, timed_as
+from mtprune.cost.host_memory import host_memory
+from mtprune.cost.layers import channels_text, compare_layers, excess_by_kind, layer_profiles
+from mtprune.cost.runtimes import TORCH, setup_dict
+from mtprune.cost.tables import LatencyTable
+from mtprune.cost.timing import table_setup
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan
+from mtprune.pruning.fit import latency_fit
 
 SIZES = {"deeplabv3_resnet101": (513, 513), "pspnet_resnet50": (513, 513), "bisenet_resnet18": (1024, 2048)}
 CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18": 19}
 
 
-#: PyTorch as is; BN folded into convs; BN folded + torch.compile; exported to ONNX Runtime (its own layout)
-VARIANTS = ("eager", "foldbn", "compile", "onnxruntime")
-#: --round-to auto: counts timed in PyTorch; auto-ort: in ONNX Runtime (mtprune prune --round-to auto --onnxruntime)
-AUTO = ("auto", "auto-ort")
+#: --round-to auto: the counts this machine likes, timed in the --runtime named (mtprune prune --round-to auto)
+AUTO = ("auto",)
 
 
 def setups(a) -> dict[str, Setup]:
-    out = {}
-    for layout in a.layouts:
-        for v in a.variants:
-            if v == "onnxruntime":
-                st = Setup(runtime=ONNXRUNTIME)
-            else:
-                st = Setup(layout == "channels_last", v != "eager", v == "compile")
-            out[st.label] = st
-    return out
+    """The setups ``--runtime`` names, by label."""
+    return {st.label: st for st in setups_of(a.timing)}
+
+
+def eager_setup(a) -> Setup:
+    """The first eager PyTorch setup named (profiles need modules): ``eager`` when none is."""
+    return next((st for st in setups_of(a.timing) if st.runtime == TORCH and not st.compile), Setup())
 
 
 def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
@@ -97,10 +87,10 @@ def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
                                 m.weight.uniform_(0.0, 1.0)
                 method = "bn" if plan_kind == "irregular" else "uniform"
                 fit = None
-                if rt in AUTO:  # the counts this machine likes, timed in the last layout asked for (or ORT)
-                    runtime = ONNXRUNTIME if rt == "auto-ort" else "torch"
-                    cl = a.layouts[-1] == "channels_last"
-                    fit = latency_fit(model, size, LatencyTable(device=a.device, channels_last=cl, runtime=runtime))
+                if rt in AUTO:  # the counts this machine likes, timed as mtprune prune --round-to auto times them
+                    runtime, cl = table_setup(a.timing)
+                    table = LatencyTable(a.timing.table, a.timing.device, cl, runtime=runtime)
+                    fit = latency_fit(model, size, table)
                 plan = make_plan(model, method, ratio, round_to=1 if rt in AUTO else rt, fit=fit)
                 label = f"{plan_kind} {ratio} rt{rt}"
                 key = (plan_kind, ratio, tuple(sorted((k, len(lp.kept)) for k, lp in plan.layers.items())))
@@ -171,13 +161,12 @@ def _profiled_forward(net, x) -> dict[str, float]:
 @torch.no_grad()
 def profile_pair(dense, pruned, size, a, rounds: int = 6) -> dict[str, dict[str, float]]:
     """Self CPU time per operator (ms per forward), dense and pruned profiled one forward each in turn
-    (``rounds`` times, summed then averaged), so drifts hit both alike; the first layout / variant asked."""
-    from mtprune.evaluate.cost import fold_batchnorm
+    (``rounds`` times, summed then averaged), so drifts hit both alike; the first eager setup named."""
+    from mtprune.cost import fold_batchnorm
 
-    fmt = torch.channels_last if a.layouts[0] == "channels_last" else torch.contiguous_format
-    nets = [
-        (fold_batchnorm(m) if a.variants[0] != "eager" else m.eval()).to(memory_format=fmt) for m in (dense, pruned)
-    ]
+    st = eager_setup(a)
+    fmt = torch.channels_last if st.channels_last else torch.contiguous_format
+    nets = [(fold_batchnorm(m) if st.fold_bn else m.eval()).to(memory_format=fmt) for m in (dense, pruned)]
     x = torch.randn(1, 3, *size).to(memory_format=fmt)
     for net in nets:
         net(x)
@@ -235,14 +224,14 @@ def print_profile(prof: dict[str, dict[str, float]], macs_ratio: float, label: s
 
 
 def per_layer(nets: dict, size, a) -> dict:
-    """Every net's layers timed round-robin (``mtprune.evaluate.layers.layer_profiles``: one forward of each
-    per round, ``--runs`` rounds) in the first layout/variant asked for, each pruned net compared with dense
+    """Every net's layers timed round-robin (``mtprune.cost.layers.layer_profiles``: one forward of each
+    per round, the timing's rounds) in the first eager setup named, each pruned net compared with dense
     layer by layer (``compare_layers``): ``{label: {"total_ms", "dense_total_ms", "ratio", "rows"}}``."""
     models = {label: m for label, (_, m) in nets.items()}
+    st = eager_setup(a)
     prof = layer_profiles(
-        models, size, device=a.device, channels_last=a.layouts[0] == "channels_last",
-        fold_bn=a.variants[0] != "eager", runs=a.runs,
-    )  # fmt: skip
+        models, size, device=a.timing.device, channels_last=st.channels_last, fold_bn=st.fold_bn, runs=a.timing.runs
+    )
     dense = prof["dense"]
     return {
         label: {
@@ -304,7 +293,7 @@ def markdown(results: dict) -> str:
 
 def run_header(script: str, threads: int) -> dict:
     """What every benchmark JSON records first: date, machine, CPU capability, threads, torch, the command,
-    the host memory (``mtprune.evaluate.host_memory``)."""
+    the host memory (``mtprune.cost.host_memory``)."""
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {cpu_model()}",
@@ -341,22 +330,17 @@ def main() -> None:
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
     ap.add_argument("--plans", nargs="+", default=["uniform", "irregular"], choices=["uniform", "irregular"])
     ap.add_argument("--round-to", nargs="+", type=lambda v: v if v in AUTO else int(v), default=[1, 8, 16],
-                    help="multiples K, auto (mtprune prune --round-to auto) or auto-ort (… --onnxruntime)")  # fmt: skip
-    ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"])
-    ap.add_argument("--dtypes", nargs="+", default=["float32"])
-    ap.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
+                    help="multiples K, or auto (mtprune prune --round-to auto, in --runtime)")  # fmt: skip
+    ap.add_argument("--runtime", default="best", help="mtprune cost --runtime (default best)")
+    ap.add_argument("--timing", nargs="+", default=[], metavar="KEY=VALUE", help="mtprune cost --timing")
     ap.add_argument("--profile", action="store_true", help="per-operator self time, dense against each pruned net")
     ap.add_argument(
         "--per-layer", action="store_true", help="per-layer time against per-layer work, dense against each pruned net"
     )
     ap.add_argument("--skip-timing", action="store_true", help="only --profile / --per-layer, no latency table")
-    ap.add_argument("--host-memory", default=SYSTEM, choices=HOST_MEMORY, help="mtprune cost --host-memory")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--size", nargs=2, type=int, metavar=("H", "W"), help="input size for every model (default: the paper's)"
     )
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument(
@@ -368,10 +352,9 @@ def main() -> None:
             with open(f) as fh:
                 print(markdown(json.load(fh)) + "\n")
         return
-    if a.runs < 20 and not a.skip_timing:
-        ap.error(f"--runs must be at least 20 (got {a.runs}): medians and IQRs of fewer rounds are noise")
-    torch.set_num_threads(a.threads)
-    with host_memory_context(a.host_memory):
+    timing = timing_of(a.runtime, a.timing)
+    a.timing = Timing(**{**vars(timing), "threads": timing.threads or 2})
+    with timed_as(a.timing):
         results = run(a)
     print("\n" + markdown(results))
     if a.json:
@@ -382,14 +365,16 @@ def main() -> None:
 def run(a: argparse.Namespace) -> dict:
     """Every model's rows (and profiles) as :func:`main` was asked."""
     results = {
-        **run_header("latency.py", a.threads),
-        "device": a.device,
-        "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else cpu_model(),
+        **run_header("latency.py", a.timing.threads),
+        "timing": vars(a.timing),
+        "device": a.timing.device,
+        "device_name": torch.cuda.get_device_name(a.timing.device) if a.timing.device != "cpu" else cpu_model(),
         "onnxruntime": _version("onnxruntime"),
         "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
         "rows": [],
     }
-    print(f"# {results['date']} {a.device} threads={a.threads} torch {torch.__version__}; round-robin, {a.runs} rounds")
+    t = a.timing
+    print(f"# {results['date']} {t.device} threads={t.threads} torch {torch.__version__}; paired, {t.runs} rounds")
     print(
         f"{'model':20s} {'dtype':8s} {'net':26s} {'MACs×':>6s} "
         + " ".join(f"{st + ' ms (× dense)':>31s}" for st in setups(a))
@@ -400,12 +385,12 @@ def run(a: argparse.Namespace) -> dict:
         nets = build_nets(name, a)
         sts = setups(a)
         dmacs = nets["dense"][0]["macs"]
-        for dtype in a.dtypes:
+        for dtype in [a.timing.dtype]:
             timed = {}
             if not a.skip_timing:
                 others = {label: m for label, (_, m) in nets.items() if label != "dense"}
-                timed = latency_against(others, nets["dense"][1], size, list(sts.values()), a.device, dtype,
-                                        a.runs, a.warmup)  # fmt: skip
+                timed = latency_against(others, nets["dense"][1], size, list(sts.values()), t.device, dtype,
+                                        t.runs, a.warmup)  # fmt: skip
             for label, (row, _) in nets.items():
                 r = {"model": name, "dtype": dtype, **row, "macs_ratio": row["macs"] / dmacs}
                 cells = ""

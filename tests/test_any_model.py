@@ -377,7 +377,7 @@ def test_an_smp_net_that_needs_divisible_sizes_gets_any_size_padded_and_cropped_
 def test_batchnorm_folds_into_a_wrapped_net_that_torch_fx_cannot_trace(tmp_path):
     """``cost --best`` / ``--fold-bn`` on a torchvision or smp net: folded module by module on the dependency
     graph (torch.fx cannot trace the wrapper, whose forward is the net's own), same logits."""
-    from mtprune.evaluate.cost import fold_batchnorm
+    from mtprune.cost import fold_batchnorm
 
     torch.manual_seed(0)
     model = build_model("torchvision:lraspp_mobilenet_v3_large", 4, 10)

@@ -7,6 +7,7 @@ import torch
 
 from mtprune import load_model
 from mtprune.cli import main
+from mtprune.cost.runtimes import onnxruntime_installed
 
 
 def test_version_and_help(capsys):
@@ -105,9 +106,9 @@ def test_cost_keys_with_latency(capsys):
 
 def test_cost_best_and_per_layer(capsys):
     base = ["cost", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125", "--size", "32", "32"]
-    assert main([*base, "--latency", "--best", "--per-layer", "--json"]) == 0
+    assert main([*base, "--latency", "--runtime", "best", "--per-layer", "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)
-    assert len(cost["configs"]) == 4 and cost["best"] in cost["configs"]
+    assert len(cost["configs"]) == 4 + onnxruntime_installed() and cost["best"] in cost["configs"]
     assert cost["latency_ms"] == cost["best"]["latency_ms"] == min(c["latency_ms"] for c in cost["configs"])
     assert sum(r["macs"] for r in cost["layers"]) == cost["macs"]
     assert {"name", "kind", "in_channels", "out_channels", "out_size", "ms", "gmacs_per_s"} <= set(cost["layers"][0])
@@ -115,8 +116,10 @@ def test_cost_best_and_per_layer(capsys):
     text = capsys.readouterr().out
     by_kind = next(ln for ln in text.splitlines() if "by kind:" in ln)  # kinds ordered by time: any order
     assert "Conv2d" in by_kind and "BatchNorm2d" in by_kind and "outside modules" in by_kind
-    assert main([*base, "--best"]) == 2
-    assert "--best needs --latency" in capsys.readouterr().err
+    assert main([*base, "--runtime", "best"]) == 2
+    assert "--runtime / --timing: only when nets are timed" in capsys.readouterr().err
+    assert main([*base, "--latency", "--best"]) == 2
+    assert "--best is now --runtime best" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -198,19 +201,22 @@ def dense_and_pruned(tmp_path, capsys, size=("32", "32")) -> list[str]:
 
 def test_cost_against_prints_the_paired_ratios_and_each_nets_setup(tmp_path, capsys):
     args = dense_and_pruned(tmp_path, capsys)
-    assert main([*args, "--latency", "--best", "--threads", "1", "--json"]) == 0
+    assert main([*args, "--latency", "--runtime", "best", "--timing", "threads=1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("latency_ratio", "latency_ratio_iqr", "latency_ms", "against_latency_ms", "macs_ratio", "params_ratio"):
         assert out[key] > 0
     assert out["gap"] == out["latency_ratio"] - out["macs_ratio"] and out["macs_ratio"] < 0.7
-    assert out["config"]["layout"] in ("contiguous", "channels_last") and len(out["configs"]) == 4
+    assert (
+        out["config"]["layout"] in ("contiguous", "channels_last")
+        and len(out["configs"]) == 4 + onnxruntime_installed()
+    )
     assert main(args) == 0
     assert "MACs" in capsys.readouterr().out
 
 
 def test_cost_against_per_layer_compares_both_nets_layer_by_layer_in_the_same_rounds(tmp_path, capsys):
     args = dense_and_pruned(tmp_path, capsys)
-    assert main([*args, "--per-layer", "--fold-bn", "--channels-last", "--threads", "1", "--json"]) == 0
+    assert main([*args, "--per-layer", "--runtime", "channels-last+fold-bn", "--timing", "threads=1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["layers_setup"] == {"layout": "channels_last", "fold_bn": True} and out["layers_runs"] == 20
     rows = {r["name"]: r for r in out["layers"]}
@@ -218,13 +224,16 @@ def test_cost_against_per_layer_compares_both_nets_layer_by_layer_in_the_same_ro
     conv = rows["backbone.layer1.0.conv1"]
     assert conv["out_channels"] < conv["against_out_channels"] and conv["work_ratio"] < 0.7
     assert rows["(outside modules)"]["kind"] == "functional" and out["layers_ratio"] > 0
-    # with --best: the layers in this net's fastest eager PyTorch setup
-    assert main([*args, "--latency", "--best", "--per-layer", "--top", "4", "--threads", "1", "--json"]) == 0
+    # with --runtime best: the layers in this net's fastest eager PyTorch setup
+    assert (
+        main([*args, "--latency", "--runtime", "best", "--per-layer", "--top", "4", "--timing", "threads=1", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     eager = [c for c in out["configs"] if c["runtime"] == "torch" and not c["compile"]]
     fastest = min(eager, key=lambda c: c["latency_ms"])
     assert out["layers_setup"] == {"layout": fastest["layout"], "fold_bn": fastest["fold_bn"]}
-    assert main([*args, "--per-layer", "--top", "4", "--threads", "1"]) == 0
+    assert main([*args, "--per-layer", "--top", "4", "--timing", "threads=1"]) == 0
     text = capsys.readouterr().out
     assert "per layer, both nets in the same 20 rounds (contiguous;" in text and "by kind (against → this" in text
     assert text.count("→") >= 4 and "Conv2d" in text
@@ -232,23 +241,23 @@ def test_cost_against_per_layer_compares_both_nets_layer_by_layer_in_the_same_ro
 
 def test_cost_onnxruntime_times_the_exported_net_alone_and_against_another(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    base = ["--size", "32", "32", "--threads", "1"]
+    base = ["--size", "32", "32", "--timing", "threads=1"]
     main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125",
           "--out", str(tmp_path / "d")])  # fmt: skip
     main(["prune", "--checkpoint", str(tmp_path / "d"), "--method", "uniform", "--ratio", "0.5", "--size", "32", "32",
           "--out", str(tmp_path / "p")])  # fmt: skip
     capsys.readouterr()
     one = ["cost", "--checkpoint", str(tmp_path / "p"), *base, "--latency"]
-    assert main([*one, "--onnxruntime", "--json"]) == 0
+    assert main([*one, "--runtime", "onnxruntime", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["latency_ms"] > 0
-    assert main([*one, "--onnxruntime"]) == 0
+    assert main([*one, "--runtime", "onnxruntime"]) == 0
     assert "ONNX Runtime" in capsys.readouterr().out
-    assert main([*one, "--onnxruntime", "--fold-bn"]) == 2
+    assert main([*one, "--runtime", "onnxruntime+fold-bn"]) == 2
     assert "ONNX Runtime folds BN and picks its layout" in capsys.readouterr().err
-    assert main([*one, "--best", "--onnxruntime", "--json"]) == 0
+    assert main([*one, "--runtime", "best,onnxruntime", "--json"]) == 0
     best = json.loads(capsys.readouterr().out)
     assert [c["runtime"] for c in best["configs"]] == ["torch"] * 4 + ["onnxruntime"]
-    against = [*one, "--against", str(tmp_path / "d"), "--best", "--onnxruntime"]
+    against = [*one, "--against", str(tmp_path / "d"), "--runtime", "best,onnxruntime"]
     assert main([*against, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["configs"]) == 5 and out["configs"][-1]["runtime"] == "onnxruntime"

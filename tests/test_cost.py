@@ -7,8 +7,8 @@ import torch
 from tests.conftest import tiny
 from torch import nn
 
+from mtprune.cost import count_macs, count_params, measure_latency
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import count_macs, count_params, measure_latency
 
 
 class SmallNet(nn.Module):
@@ -121,7 +121,7 @@ class ScriptedNet(nn.Module):
 
 
 def test_interleaved_latency_with_a_fake_clock_gives_exact_medians_iqrs_and_paired_ratios():
-    from mtprune.evaluate.cost import interleaved_latency
+    from mtprune.cost import interleaved_latency
 
     clock, log = FakeClock(), []
     a_steps = [10 + 7 * r % 20 for r in range(20)]  # 10..29 out of order: even rounds 10, 12 … 28, odd 11 … 29
@@ -157,7 +157,7 @@ class LayoutNet(nn.Module):
 
 
 def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monkeypatch):
-    from mtprune.evaluate.cost import Setup, latency_against
+    from mtprune.cost import Setup, latency_against
 
     clock = FakeClock()
     monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)  # copies share it
@@ -167,7 +167,7 @@ def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monk
     # best against best: 3 / 6 (both channels_last), not 3 / 10 or the same-setup 4 / 10
     assert out["latency_ratio"] == 0.5 and out["latency_ratio_iqr"] == 0.0
     assert out["latency_ms"] == 3 * STEP_MS and out["against_latency_ms"] == 6 * STEP_MS
-    cl = {"layout": "channels_last", "fold_bn": False, "compile": False, "runtime": "torch"}
+    cl = {"setup": "channels-last", "layout": "channels_last", "fold_bn": False, "compile": False, "runtime": "torch"}
     assert out["config"] == out["against_config"] == cl
     assert [c["same_setup_ratio"] for c in out["configs"]] == [0.4, 0.5]
     mixed = latency_against({"p": LayoutNet(clock, 2, 3)}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
@@ -177,7 +177,7 @@ def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monk
 
 
 def test_compare_cost_gives_the_ratios_of_two_real_nets_and_the_gap():
-    from mtprune.evaluate.cost import compare_cost
+    from mtprune.cost import compare_cost
     from mtprune.pruning import prune
 
     dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
@@ -201,7 +201,7 @@ def test_measure_latency_with_a_fake_clock_gives_the_exact_median_and_iqr():
 
 @pytest.mark.parametrize("name", ["deeplabv3_resnet18", "pspnet_resnet18", "bisenet_resnet18"])
 def test_folded_batchnorm_computes_the_same_output(name):
-    from mtprune.evaluate.cost import fold_batchnorm
+    from mtprune.cost import fold_batchnorm
     from mtprune.pruning import prune
 
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_folded_batchnorm_computes_the_same_output(name):
 
 
 def test_two_nets_are_profiled_layer_by_layer_in_the_same_rounds():
-    from mtprune.evaluate.layers import compare_layers, layer_profiles
+    from mtprune.cost.layers import compare_layers, layer_profiles
     from mtprune.pruning import prune
 
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_two_nets_are_profiled_layer_by_layer_in_the_same_rounds():
 
 
 def test_per_layer_macs_add_up_to_the_model_and_shrink_with_pruning():
-    from mtprune.evaluate.layers import layer_latency
+    from mtprune.cost.layers import layer_latency
     from mtprune.pruning import prune
 
     torch.manual_seed(0)
@@ -287,7 +287,7 @@ def test_per_layer_macs_add_up_to_the_model_and_shrink_with_pruning():
 
 
 def test_best_latency_times_every_configuration_and_picks_the_fastest():
-    from mtprune.evaluate.cost import best_latency
+    from mtprune.cost import best_latency
 
     out = best_latency(tiny("deeplabv3_resnet18"), (32, 32), runs=20, warmup=1)
     configs = out["configs"]
@@ -301,7 +301,7 @@ def test_best_latency_times_every_configuration_and_picks_the_fastest():
 
 
 def test_interleaved_latency_pairs_rounds_and_copies_shared_models():
-    from mtprune.evaluate.cost import Setup, interleaved_latency, paired_ratio
+    from mtprune.cost import Setup, interleaved_latency, paired_ratio
 
     m = tiny("deeplabv3_resnet18")
     setups = {"a": Setup(), "b": Setup(channels_last=True), "c": Setup(fold_bn=True)}
@@ -319,7 +319,7 @@ def test_interleaved_latency_pairs_rounds_and_copies_shared_models():
 def test_compiled_nets_are_timed_compiled_side_by_side():
     """Two nets of the same class compiled in one round-robin: each gets its own frozen graph (a recompile
     limit hit would raise instead of silently timing eager code)."""
-    from mtprune.evaluate.cost import Setup, interleaved_latency
+    from mtprune.cost import Setup, interleaved_latency
     from mtprune.pruning import prune
 
     a = tiny("deeplabv3_resnet18", width=0.125)
@@ -332,7 +332,8 @@ def test_compiled_nets_are_timed_compiled_side_by_side():
 
 def test_onnxruntime_setup_runs_the_exported_net_and_competes_in_latency_against():
     pytest.importorskip("onnxruntime")
-    from mtprune.evaluate.cost import ONNXRUNTIME, Setup, _ort_net, all_setups, latency_against
+    from mtprune.cost import Setup, all_setups, latency_against
+    from mtprune.cost.runtimes import ONNXRUNTIME, ort_net
 
     dense, pruned = tiny("deeplabv3_resnet18"), tiny("deeplabv3_resnet18")
     from mtprune.pruning import prune
@@ -342,7 +343,7 @@ def test_onnxruntime_setup_runs_the_exported_net_and_competes_in_latency_against
     with torch.no_grad():
         ref = pruned.eval()(x)
     pruned.to(memory_format=torch.channels_last)  # as another entry of the same run may have left it
-    out = torch.from_numpy(_ort_net(pruned, (32, 32))(x.numpy())[0])
+    out = torch.from_numpy(ort_net(pruned, (32, 32))(x.numpy())[0])
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert all_setups()[-1].runtime == "torch" and all_setups(onnxruntime=True)[-1] == Setup(runtime=ONNXRUNTIME)
     setups = [Setup(channels_last=True, fold_bn=True), Setup(runtime=ONNXRUNTIME)]
@@ -355,7 +356,8 @@ def test_onnxruntime_setup_runs_the_exported_net_and_competes_in_latency_against
 
 @pytest.mark.parametrize(("device", "dtype"), [("cpu", "bfloat16"), ("cuda", "float32")])
 def test_onnxruntime_is_timed_on_the_cpu_in_float32_only(device, dtype, monkeypatch):
-    from mtprune.evaluate.cost import ONNXRUNTIME, Setup, interleaved_latency
+    from mtprune.cost import Setup, interleaved_latency
+    from mtprune.cost.runtimes import ONNXRUNTIME
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UsageError, match=f"ONNX Runtime is timed on the CPU in float32 \\(asked: {device}, {dtype}\\)"):

@@ -97,7 +97,7 @@ def test_every_method_s_pruned_net_equals_the_masked_one_reloads_and_exports(cou
 
 
 def test_macs_of_a_pruned_effnet_fall_and_folding_bn_keeps_its_logits():
-    from mtprune.evaluate.cost import fold_batchnorm, model_cost
+    from mtprune.cost import fold_batchnorm, model_cost
     from mtprune.pruning import prune
 
     model = tiny_effnet()

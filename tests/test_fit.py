@@ -11,10 +11,11 @@ import torch
 from tests.conftest import randomize_bn
 
 from mtprune.cli import main
+from mtprune.cost.tables import ConvShape, LatencyTable
 from mtprune.errors import UsageError
-from mtprune.evaluate.fit import MULTIPLE, ConvShape, LatencyTable, latency_fit
 from mtprune.models import build_model
 from mtprune.pruning import apply_plan, make_plan, mask_plan
+from mtprune.pruning.fit import MULTIPLE, latency_fit
 
 SIZE = (32, 32)
 
@@ -80,8 +81,8 @@ def test_the_table_is_kept_so_a_second_fit_times_nothing(tmp_path):
 
 
 def test_the_default_table_is_one_per_host_memory(tmp_path, monkeypatch):
-    from mtprune.evaluate.fit import default_table_path
-    from mtprune.evaluate.host_memory import cached_host_memory, can_cache
+    from mtprune.cost.host_memory import cached_host_memory, can_cache
+    from mtprune.cost.tables import default_table_path
 
     if not can_cache():
         pytest.skip("cached host memory needs glibc")
@@ -95,7 +96,7 @@ def test_the_default_table_is_one_per_host_memory(tmp_path, monkeypatch):
 
 
 def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monkeypatch):
-    import mtprune.evaluate.fit as fit_mod
+    import mtprune.cost.tables as fit_mod
 
     monkeypatch.setattr(fit_mod, "time_conv", lambda s, *_, **__: fake_ms(s))
     monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
@@ -113,14 +114,16 @@ def test_prune_cli_round_to_auto_reports_what_it_changed(tmp_path, capsys, monke
     with pytest.raises(SystemExit) as e:
         main([*base, "--round-to", "17x", "--out", str(tmp_path / "q")])
     assert e.value.code == 2 and "'17x' is not a multiple K or auto" in capsys.readouterr().err
-    assert main([*base, "--latency-table", str(tmp_path / "t.json"), "--out", str(tmp_path / "q")]) == 2
-    assert "only with --round-to auto" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main([*base, "--timing", f"table={tmp_path / 't.json'}", "--out", str(tmp_path / "q")]) == 2
+    assert (
+        "only with --target latency=X or --round-to auto" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    )
 
 
 def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
     from tests.test_pipeline import tiny_cfg
 
-    import mtprune.evaluate.fit as fit_mod
+    import mtprune.cost.tables as fit_mod
     import mtprune.pipeline.stages as pl
     from mtprune.checkpoint import save_model
     from mtprune.pipeline import execute
@@ -128,7 +131,7 @@ def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(fit_mod, "time_conv", lambda s, *_, **__: fake_ms(s))
     monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_cfg("run.round_to=auto", "run.latency_threads=1")
+    cfg = tiny_cfg("run.round_to=auto", "run.timing.threads=1", "run.timing.runtime=eager")
     save_model(_net(), tmp_path / "d")
     execute(pl.pruning(tmp_path / "d", "uniform", 0.4, "independent", cfg, tmp_path / "p"))
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
@@ -138,7 +141,7 @@ def test_a_run_s_prune_stage_rounds_to_auto(tmp_path, monkeypatch):
 
 
 def test_the_choice_keeps_n_unless_a_larger_count_is_clearly_faster():
-    from mtprune.evaluate.fit import _choose
+    from mtprune.pruning.fit import _choose
 
     def pick(times: list[float]) -> int:
         table = LatencyTable("/nonexistent/t.json", measure=lambda s: times[s.cout - 10])
@@ -151,7 +154,7 @@ def test_the_choice_keeps_n_unless_a_larger_count_is_clearly_faster():
 
 
 def test_a_count_the_table_prefers_is_kept_only_if_a_paired_retiming_confirms_it(tmp_path):
-    from mtprune.evaluate.fit import _choose
+    from mtprune.pruning.fit import _choose
 
     times = [1.0, 0.9]  # the table says 11 channels are 10 % faster than 10
     own = lambda c: ConvShape(8, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 4, 4)  # noqa: E731
@@ -211,7 +214,7 @@ def test_the_onnx_conv_graph_computes_a_layer_s_convs_chained_as_in_the_net():
     from onnx import load_from_string, numpy_helper
     from torch.nn.functional import conv2d, relu
 
-    from mtprune.evaluate.fit import conv_graph
+    from mtprune.cost.tables import conv_graph
 
     own = ConvShape(16, 24, (3, 3), (2, 2), (2, 2), (2, 2), 1, 17, 19)  # strided, dilated, odd size → 9 × 10
     uses = [
@@ -240,7 +243,7 @@ def test_the_onnx_conv_graph_computes_a_layer_s_convs_chained_as_in_the_net():
 
 def test_prune_round_to_auto_onnxruntime_times_the_convs_in_onnx_runtime(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
-    import mtprune.evaluate.fit as fit_mod
+    import mtprune.cost.tables as fit_mod
 
     timed = []
 
@@ -257,15 +260,15 @@ def test_prune_round_to_auto_onnxruntime_times_the_convs_in_onnx_runtime(tmp_pat
     d = str(tmp_path / "d")
     main(["init", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.5", "--out", d])
     base = ["prune", "--checkpoint", d, "--method", "uniform", "--ratio", "0.4", "--size", "32", "32", "--round-to"]
-    assert main([*base, "auto", "--onnxruntime", "--out", str(tmp_path / "p")]) == 0
+    assert main([*base, "auto", "--runtime", "onnxruntime", "--out", str(tmp_path / "p")]) == 0
     assert "in ONNX Runtime (CPU)" in capsys.readouterr().err and set(timed) == {"onnxruntime"}
     (table,) = (tmp_path / "cache").glob("latency-cpu*onnxruntime*.json")
     assert json.loads(table.read_text())["runtime"] == "onnxruntime"
     assert json.loads((tmp_path / "p" / "plan.json").read_text())["rounding"]
-    # ONNX Runtime picks its own layout: --channels-last would be silently dropped, so it is refused
-    assert main([*base, "auto", "--onnxruntime", "--channels-last", "--out", str(tmp_path / "q")]) == 2
-    assert "--channels-last/--compile need --best" in capsys.readouterr().err and not (tmp_path / "q").exists()
-    assert main([*base, "1", "--onnxruntime", "--out", str(tmp_path / "q")]) == 2
+    # the old flag names its new spelling, and nothing is written
+    assert main([*base, "auto", "--onnxruntime", "--out", str(tmp_path / "q")]) == 2
+    assert "--onnxruntime is now --runtime onnxruntime" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main([*base, "1", "--runtime", "onnxruntime", "--out", str(tmp_path / "q")]) == 2
     assert "only with --target latency=X" in capsys.readouterr().err
     with pytest.raises(UsageError, match="CPU only"):
         LatencyTable(tmp_path / "t.json", device="cuda", runtime="onnxruntime")
@@ -275,7 +278,7 @@ def test_a_run_s_auto_rounding_times_in_the_runtime_its_config_names(tmp_path, m
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     from tests.test_pipeline import tiny_cfg
 
-    import mtprune.evaluate.fit as fit_mod
+    import mtprune.cost.tables as fit_mod
     import mtprune.pipeline.stages as pl
     from mtprune.checkpoint import save_model
     from mtprune.pipeline import execute
@@ -287,14 +290,16 @@ def test_a_run_s_auto_rounding_times_in_the_runtime_its_config_names(tmp_path, m
     )
     monkeypatch.setattr(fit_mod, "time_pair", lambda a, b, *_, **__: fake_ratio(a, b))
     monkeypatch.setenv("MTPRUNE_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_cfg("run.round_to=auto", "run.round_to_runtime=onnxruntime", "run.latency_threads=1")
+    cfg = tiny_cfg("run.round_to=auto", "run.timing.runtime=onnxruntime", "run.timing.threads=1")
     save_model(_net(), tmp_path / "d")
     stage = pl.pruning(tmp_path / "d", "uniform", 0.4, "independent", cfg, tmp_path / "p")
-    assert stage.recipe["config"]["run.round_to_runtime"] == "onnxruntime"
+    assert stage.recipe["config"]["run.timing.runtime"] == "onnxruntime"
     execute(stage)
     assert timed and set(timed) == {"onnxruntime"} and list((tmp_path / "cache").glob("*onnxruntime*.json"))
-    with pytest.raises(UsageError, match="round_to_runtime"):
+    with pytest.raises(UsageError, match="round_to_runtime' is now run.timing.runtime"):
         tiny_cfg("run.round_to_runtime=tensorrt")
+    with pytest.raises(UsageError, match="runtime 'tensorrt': choose one or several of eager"):
+        tiny_cfg("run.timing.runtime=tensorrt")
 
 
 def test_in_onnx_runtime_counts_are_rounded_up_to_its_block_for_free(tmp_path):
@@ -319,7 +324,7 @@ def test_onnx_runtime_s_block_is_read_off_its_optimiser_on_this_machine():
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     import platform
 
-    from mtprune.evaluate.fit import ort_block
+    from mtprune.cost.tables import ort_block
 
     block = ort_block()
     assert block in (1, 4, 8, 16, 32)

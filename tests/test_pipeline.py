@@ -10,7 +10,7 @@ from tests.conftest import crash_at
 
 from mtprune.cli import main
 from mtprune.config import load_config
-from mtprune.evaluate.cost import count_macs, count_params
+from mtprune.cost import count_macs, count_params
 from mtprune.pipeline import run_pipeline
 
 TINY = [
@@ -191,21 +191,21 @@ def test_run_config_rejects_too_few_latency_rounds_before_training(monkeypatch):
     from mtprune.errors import UsageError
     from mtprune.pipeline import check_run_config
 
-    check_run_config(tiny_cfg("run.latency=true", "run.latency_runs=20"))
-    check_run_config(tiny_cfg("run.latency=false", "run.latency_runs=5"))  # not timed: not checked
-    with pytest.raises(UsageError, match="run.latency_runs: 5 is below 20"):
-        check_run_config(tiny_cfg("run.latency=true", "run.latency_runs=5"))
-    with pytest.raises(UsageError, match="run.latency_threads: 0 is below 1"):
-        check_run_config(tiny_cfg("run.latency=true", "run.latency_threads=0"))
+    check_run_config(tiny_cfg("run.latency=true", "run.timing.runs=20"))
+    check_run_config(tiny_cfg("run.latency=false", "run.timing.runs=5"))  # not timed: not checked
+    with pytest.raises(UsageError, match="run.timing.runs: 5 is below 20"):
+        check_run_config(tiny_cfg("run.latency=true", "run.timing.runs=5"))
+    with pytest.raises(UsageError, match="run.timing.threads: 0 must be ≥ 1"):
+        check_run_config(tiny_cfg("run.latency=true", "run.timing.threads=0"))
     import mtprune.pipeline.run as run_mod
 
     if run_mod.can_cache():
-        check_run_config(tiny_cfg("run.latency_host_memory=cached"))
+        check_run_config(tiny_cfg("run.timing.host_memory=cached"))
     monkeypatch.setattr(run_mod, "can_cache", lambda: False)  # as off glibc (musl, macOS)
-    with pytest.raises(UsageError, match="run.latency_host_memory: cached needs glibc"):
-        check_run_config(tiny_cfg("run.latency_host_memory=cached"))
-    with pytest.raises(UsageError, match="latency_host_memory"):  # not one of system | cached
-        check_run_config(tiny_cfg("run.latency_host_memory=lots"))
+    with pytest.raises(UsageError, match="run.timing.host_memory: cached needs glibc"):
+        check_run_config(tiny_cfg("run.timing.host_memory=cached"))
+    with pytest.raises(UsageError, match="host_memory"):  # not one of system | cached
+        check_run_config(tiny_cfg("run.timing.host_memory=lots"))
 
 
 def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):
@@ -220,7 +220,7 @@ def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, mon
     prune(pruned, "uniform", 0.5)
     save_model(dense, tmp_path / "d")
     save_model(pruned, tmp_path / "p")
-    cfg = tiny_cfg("run.latency=true", "run.latency_threads=1")
+    cfg = tiny_cfg("run.latency=true", "run.timing.threads=1", "run.timing.runtime=eager")
     lat = execute(pl.latency({"dense": tmp_path / "d", "uniform-0.5": tmp_path / "p"}, cfg, tmp_path / "latency"))
     assert lat["dense"]["ratio"] == 1.0 and lat["uniform-0.5"]["ratio"] > 0
     assert lat["uniform-0.5"]["latency_ms"] > 0 and lat["dense"]["latency_device"] == "cpu (1 threads)"
@@ -245,7 +245,7 @@ def test_latency_stage_times_with_the_configured_host_memory_and_reports_page_fa
 
     import mtprune.pipeline.stages as pl
     from mtprune.checkpoint import save_model
-    from mtprune.evaluate.host_memory import can_cache, host_memory
+    from mtprune.cost.host_memory import can_cache, host_memory
     from mtprune.pipeline import execute
 
     if not can_cache():
@@ -253,13 +253,15 @@ def test_latency_stage_times_with_the_configured_host_memory_and_reports_page_fa
     save_model(tiny("deeplabv3_resnet18"), tmp_path / "d")
     save_model(tiny("deeplabv3_resnet18", seed=3), tmp_path / "p")
     models = {"dense": tmp_path / "d", "other": tmp_path / "p"}
-    lat = execute(pl.latency(models, tiny_cfg("run.latency_threads=1"), tmp_path / "latency"))
+    lat = execute(
+        pl.latency(models, tiny_cfg("run.timing.threads=1", "run.timing.runtime=eager"), tmp_path / "latency")
+    )
     assert {e["host_memory"] for e in lat.values()} == {"system"}
     assert all(isinstance(e["page_faults"], int) and e["page_faults"] >= 0 for e in lat.values())
     seen: list[str] = []
     real = pl.latency_against
     monkeypatch.setattr(pl, "latency_against", lambda *a, **k: seen.append(host_memory()) or real(*a, **k))
-    cached = tiny_cfg("run.latency_threads=1", "run.latency_host_memory=cached")
+    cached = tiny_cfg("run.timing.threads=1", "run.timing.runtime=eager", "run.timing.host_memory=cached")
     lat = execute(pl.latency(models, cached, tmp_path / "latency"))  # another setting: timed again, cached
     assert seen == ["cached"] and {e["host_memory"] for e in lat.values()} == {"cached"}
     assert host_memory() == "system"  # left as it was after the stage
@@ -267,7 +269,12 @@ def test_latency_stage_times_with_the_configured_host_memory_and_reports_page_fa
 
 def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
     cfg = tiny_cfg(
-        "run.methods=[uniform]", "run.pretrain=false", "run.latency=true", "run.latency_threads=1", "run.qualitative=0"
+        "run.methods=[uniform]",
+        "run.pretrain=false",
+        "run.latency=true",
+        "run.timing.threads=1",
+        "run.timing.runtime=eager",
+        "run.qualitative=0",
     )
     rows = run_pipeline(cfg, tmp_path / "r", progress=lambda m: None)
     lat = json.loads((tmp_path / "r" / "latency" / "done.json").read_text())["latency"]
@@ -282,7 +289,8 @@ def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
         "run.methods=[uniform, fpgm]",
         "run.pretrain=false",
         "run.latency=true",
-        "run.latency_threads=1",
+        "run.timing.threads=1",
+        "run.timing.runtime=eager",
         "run.qualitative=0",
     )
     run_pipeline(more, tmp_path / "r", progress=said.append)
@@ -348,5 +356,5 @@ def test_a_rerun_with_a_changed_recipe_stops_at_the_first_changed_stage(tmp_path
         assert str(run / stage) in str(e.value) and shown in str(e.value)
         assert (run / "results.json").read_bytes() == results
     # keys outside every recipe (the latency settings, workers) change nothing
-    run_pipeline(tiny_cfg(*base, "run.ratios=[0.25, 0.5]", "run.latency_runs=30"), run, progress=said.append)
+    run_pipeline(tiny_cfg(*base, "run.ratios=[0.25, 0.5]", "run.timing.runs=30"), run, progress=said.append)
     assert (run / "results.json").read_bytes() == results

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tests.conftest import tiny
 
+from mtprune.cost import count_macs, count_params
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import count_macs, count_params
 from mtprune.models.base import BACKBONE, DECODER
 from mtprune.pruning import apply_plan, compute_plan, make_plan, mask_plan
 from mtprune.pruning.plan import PruningPlan

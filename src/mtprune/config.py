@@ -144,7 +144,7 @@ class SparseMTPConfig:
     l1: L1Mode = "subgradient"
     gamma_lr: float = 1.0  # the prunable γ's learning rate, as a multiple of lr_cls / lr_seg
     # set alpha1 / alpha2 from the ℓ1 shrink budget instead: budget = l1_budget × each part's starting
-    # median |γ| (README, "Choosing α"; 1.2 is the rule); alpha1 / alpha2 are then ignored
+    # median |γ| (docs/method.md, "Choosing α"; 1.2 is the rule); alpha1 / alpha2 are then ignored
     l1_budget: float | None = None
     backbone_from: BackboneFrom = "w1"  # which copy the pruned net's backbone is taken from
     aux_weight: float = 0.4
@@ -198,6 +198,78 @@ L1_SHRINK_MAX = 1.5
 THINET_SAMPLES = 64
 
 
+#: the runtimes a net can be timed in (``Timing.runtime``: one, or several comma-separated; ``best`` = every
+#: eager setup — both layouts, with and without BatchNorm folded — and ONNX Runtime where it is installed)
+RUNTIMES = ("eager", "channels-last", "fold-bn", "compile", "onnxruntime", "best")
+#: the runtimes ``+`` combines into one setup (``channels-last+fold-bn``, ``channels-last+compile``)
+COMBINABLE = {"channels-last", "fold-bn", "compile"}
+
+
+@dataclass
+class Timing:
+    """How nets are timed — ``mtprune cost`` / ``prune`` (``--runtime``, ``--timing``) and a run's
+    ``run.timing``: the runtime(s) (several: each net in its fastest of them; ratios best against best),
+    the device, paired rounds, CPU threads (None: torch's default), host memory (None: ``cached`` where
+    several runtimes are compared and glibc allows it, else ``system``), dtype, ``--round-to auto``'s
+    table file (None: one per machine under ``~/.cache/mtprune``) and the input size nets are timed at
+    (None: the size MACs are counted at — ``--size``, a run's ``latency_size`` or crop)."""
+
+    runtime: str = "eager"
+    device: Literal["cpu", "cuda"] = "cpu"
+    runs: int = 20
+    threads: int | None = None
+    host_memory: Literal["system", "cached"] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    table: str | None = None
+    size: list[int] | None = None
+
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtime names of ``runtime`` (checked: one line for an unknown one). ``+`` combines
+        ``channels-last`` with ``fold-bn`` or ``compile`` in one setup (``channels-last+fold-bn``)."""
+        names = tuple(n.strip() for n in str(self.runtime).split(","))
+        for n in names:
+            parts = n.split("+")
+            if any(p not in RUNTIMES for p in parts):
+                raise UsageError(f"runtime '{self.runtime}': choose one or several of {', '.join(RUNTIMES)}")
+            if len(parts) > 1 and (set(parts) - COMBINABLE or "channels-last" not in parts or len(set(parts)) != 2):
+                raise UsageError(
+                    f"runtime '{n}': + combines channels-last with fold-bn or compile (ONNX Runtime folds BN and "
+                    "picks its layout itself)"
+                )
+        return names
+
+
+def check_timing(t: Timing, prefix: str = "", runs: bool = True) -> Timing:
+    """One line for a timing no machine can honour: an unknown runtime, fewer than 20 paired rounds, fewer
+    than one thread (``prefix``: how the keys are spelt where they came from, ``run.timing.`` in a config;
+    ``runs``: check the rounds too — a config's only when something is timed)."""
+    try:
+        t.runtimes()
+    except UsageError as e:
+        raise UsageError(f"{prefix}{e}") from None
+    if runs and t.runs < 20:
+        raise UsageError(f"{prefix}runs: {t.runs} is below 20 (latency medians need at least 20 rounds)")
+    if t.threads is not None and t.threads < 1:
+        raise UsageError(f"{prefix}threads: {t.threads} must be ≥ 1 (or unset: torch's default)")
+    if t.size is not None and (len(t.size) != 2 or min(t.size) < 1):
+        raise UsageError(f"{prefix}size: {t.size} is not [H, W] with H, W ≥ 1")
+    return t
+
+
+def make_timing(data: dict[str, Any], where: str = "timing.") -> Timing:
+    """A checked :class:`Timing` from plain data (a YAML mapping, ``--timing KEY=VALUE`` pairs)."""
+    return check_timing(_from_dict(Timing, data, where), where)
+
+
+#: config keys renamed by the timing vocabulary (issue 30): old key → its new spelling
+RENAMED_KEYS = {
+    "run.latency_runs": "run.timing.runs",
+    "run.latency_threads": "run.timing.threads",
+    "run.latency_host_memory": "run.timing.host_memory",
+    "run.round_to_runtime": "run.timing.runtime (eager, channels-last or onnxruntime)",
+}
+
+
 @dataclass
 class RunConfig:
     """``mtprune run``: Algorithm 1 end to end for several methods on one budget."""
@@ -213,16 +285,12 @@ class RunConfig:
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
     equal_seg_steps: bool = False
     pretrain: bool = True  # run pretrain-cls first (skipped when model.backbone_weights gives ImageNet weights)
-    round_to: int | Literal["auto"] = 1  # auto: counts the CPU likes (latency_fit; timed with latency_threads)
-    round_to_runtime: Literal["torch", "onnxruntime"] = "torch"  # round_to auto: time the convs in this runtime
+    round_to: int | Literal["auto"] = 1  # auto: counts the hardware likes, timed as run.timing says
     min_channels: int = 1
     thinet_samples: int = THINET_SAMPLES
-    latency: bool = True
+    latency: bool = True  # the latency stage: every net timed against the dense one
     latency_size: list[int] | None = None  # default: the segmentation crop size
-    latency_runs: int = 20
-    latency_threads: int | None = None  # CPU threads while timing (None: torch's default); see README
-    # system | cached: glibc keeps freed memory for the next forward while timing (mtprune.evaluate.host_memory)
-    latency_host_memory: Literal["system", "cached"] = "system"
+    timing: Timing = field(default_factory=lambda: Timing(runtime="best"))  # best against best
     qualitative: int = 4  # validation images in the qualitative grid (Fig. 8)
     eval_pruned: bool = False  # also evaluate every pruned net before fine-tuning (rows' miou_pruned, top1_pruned)
     sparsity_threshold: float = SPARSITY_THRESHOLD
@@ -301,6 +369,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RENAMED_KEYS:
+            raise UsageError(f"config key '{path}' is now {RENAMED_KEYS[path]}")
         if key not in names:
             raise UsageError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
         tp = hints[key]
@@ -437,6 +507,7 @@ def _check_shapes(cfg: Config) -> None:
         raise UsageError(f"seed: {cfg.seed} must be ≥ 0")
     if cfg.data.cls.size < 1:
         raise UsageError(f"data.cls.size: {cfg.data.cls.size} must be ≥ 1")
+    check_timing(cfg.run.timing, "run.timing.", runs=False)
     if not cfg.optim.freeze_bn_stats:
         for key, n in _batch_sizes(cfg):
             if n == 1:

@@ -41,9 +41,9 @@ def unaligned_convs(model: nn.Module, multiple: int = 8) -> list[str]:
     (the image stem's 3 input channels and the class count of logits convolutions excepted: pruning does
     not set them).
 
-    ONNX Runtime's CPU kernels ran a 0.5× DeepLabv3-R101 with irregular channel counts at 0.62× of the
-    dense latency, and the same plan rounded to multiples of 8 at 0.48× (bench/README.md); a pruned net with
-    unaligned convolutions is best re-pruned with ``mtprune prune --round-to 8`` before ONNX deployment.
+    ONNX Runtime's CPU kernels run irregular channel counts markedly slower than multiples of 8 (measured:
+    bench/README.md, "ONNX Runtime, dense against pruned"); a pruned net with unaligned convolutions is best
+    re-pruned with ``mtprune prune --round-to 8`` (or ``auto``) before ONNX deployment.
     """
     classes = getattr(model, "num_classes", None)
     out = []
@@ -69,9 +69,9 @@ class PoolByMatmul(nn.Module):
     """``adaptive_avg_pool2d`` of a fixed ``(h, w)`` input to ``(bh, bw)`` as two matrix products with the
     windows' averaging matrices: the same numbers, exported as two MatMuls. The exporter lowers adaptive
     pooling whose windows do not divide the size (PSPNet's bins 2, 3, 6 of a 65² feature map) into
-    Where / Split / Transpose / ReduceMean / GatherND / Squeeze nodes: 174 ms of dense PSPNet-R50's
-    2244 ms at 513² in ONNX Runtime's profile and 168 ms of the 0.5× pruned net's 1067 (Zen 3 EPYC);
-    as matrix products the pruned net's ratio in ONNX Runtime fell from 0.486 to 0.424 (bench/README.md)."""
+    Where / Split / Transpose / ReduceMean / GatherND / Squeeze nodes, which cost the pruned net as much as
+    the dense one; as matrix products they shrink with it (measured: bench/README.md, "Deployment
+    speed on a Zen 3 EPYC")."""
 
     def __init__(self, out: tuple[int, int], size: tuple[int, int]) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from mtprune import interrupt
 from mtprune.checkpoint import trusting_code
-from mtprune.cli import data_cmds, eval_cmds, export_cmds, model_cmds, run_cmds, train_cmds
+from mtprune.cli import cost_cmd, data_cmds, eval_cmds, export_cmds, init_cmd, prune_cmd, run_cmds, train_cmds
 from mtprune.errors import MtpruneError
 from mtprune.version import __version__
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mtprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
-    for module in (model_cmds, train_cmds, run_cmds, eval_cmds, export_cmds, data_cmds):
+    for module in (init_cmd, cost_cmd, prune_cmd, train_cmds, run_cmds, eval_cmds, export_cmds, data_cmds):
         module.register(sub)
     for name in LOADS_CHECKPOINTS:
         sub.choices[name].add_argument(
@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    if getattr(args, "renamed", None):  # an old flag: its new spelling, nothing run
+        print(f"mtprune {args.command}: error: {args.renamed}", file=sys.stderr)
         return 2
     interrupt.install()
     try:

@@ -35,7 +35,7 @@ def _export(args: argparse.Namespace) -> int:
             print(
                 f"  note: {len(unaligned)} convolutions have channel counts that are not multiples of 8 "
                 f"(e.g. {unaligned[0]}); ONNX Runtime runs such nets slower — re-prune with --round-to 8 "
-                "(bench/README.md: 0.62× → 0.48× of dense for a 0.5× DeepLabv3-R101)"
+                '(measured: bench/README.md, "ONNX Runtime, dense against pruned")'
             )
     return 0
 

@@ -20,15 +20,17 @@ from typing import Any
 import torch
 
 from mtprune import layout
-from mtprune.config import Config, save_config
+from mtprune.config import Config, Timing, check_timing, save_config
+from mtprune.cost.host_memory import CACHED, can_cache
+from mtprune.cost.runtimes import check_runtimes, setups_of
+from mtprune.cost.timing import latency_kw
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
-from mtprune.evaluate.host_memory import CACHED, can_cache
 from mtprune.io import folder_lock, read_json, write_json
 from mtprune.layout import Variant, variants
 from mtprune.pipeline.budget import finetune_budget
 from mtprune.pipeline.runner import Say, execute, say_on_main
-from mtprune.pipeline.stages import evaluation, latency, pruning, training
+from mtprune.pipeline.stages import evaluation, latency, pruning, timing_size, training
 from mtprune.pruning import METHODS, TARGET_METRICS, THRESHOLDS, plan_overlap
 from mtprune.report import write_report
 from mtprune.report.seeds import write_seeds_summary
@@ -57,13 +59,21 @@ def check_run_config(cfg: Config) -> None:
     for t in r.thresholds:
         if t not in THRESHOLDS:
             raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
-    if r.latency and r.latency_runs < 20:  # checked here, not after hours of training in the latency stage
-        raise UsageError(f"run.latency_runs: {r.latency_runs} is below 20 (latency medians need at least 20 rounds)")
-    if r.latency and r.latency_threads is not None and r.latency_threads < 1:
-        raise UsageError(f"run.latency_threads: {r.latency_threads} is below 1")
-    if r.latency_host_memory == CACHED and not can_cache():
-        raise UsageError("run.latency_host_memory: cached needs glibc's malloc (Linux); set it to system")
+    if r.timing.host_memory == CACHED and not can_cache():  # checked here, not after hours of training
+        raise UsageError("run.timing.host_memory: cached needs glibc's malloc (Linux); set it to system")
+    if r.latency or r.round_to == "auto" or any("latency" in t for t in r.targets):
+        _check_machine(r.timing)
     _check_teacher(cfg)
+
+
+def _check_machine(timing: Timing) -> None:
+    """``run.timing`` honoured by this machine (CUDA there when asked, ONNX Runtime on the CPU in float32)."""
+    check_timing(timing, "run.timing.")
+    try:
+        latency_kw(timing)
+        check_runtimes(setups_of(timing), timing.device, timing.dtype)
+    except UsageError as e:
+        raise UsageError(f"run.timing: {e}") from None
 
 
 def runs_pretrain(cfg: Config) -> bool:
@@ -222,6 +232,7 @@ def _add_latency(rows: list[dict[str, Any]], cfg: Config, out: Path, env: DistEn
     for r in rows:
         t = lat[r["tag"]]
         r.update(latency_ms=t["latency_ms"], latency_iqr_ms=t["latency_iqr_ms"], latency_ratio=t["ratio"])
+        r.update(latency_setup=t.get("setup"), latency_size=list(timing_size(cfg)))
 
 
 def _row(

@@ -3,26 +3,23 @@ of Algorithm 1), pruning, evaluation and the round-robin latency of every model.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtprune.checkpoint import load_model, save_model
+from mtprune.api import PruneRequest, prune_checkpoint
+from mtprune.checkpoint import load_model
 from mtprune.config import Config
+from mtprune.cost import count_macs, count_params, latency_against, latency_kw, timed_as
 from mtprune.data.from_config import make_dataset
-from mtprune.evaluate.cost import count_macs, count_params, latency_against, plan_cost
-from mtprune.evaluate.fit import LatencyTable, latency_fit
-from mtprune.evaluate.host_memory import host_memory, host_memory_context
 from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
 from mtprune.layout import QUALITATIVE_FILE, Budget
 from mtprune.pipeline.runner import Stage
-from mtprune.pruning import THRESHOLDS, get_method, prune, scorer_inputs
+from mtprune.pruning import THRESHOLDS, get_method
 from mtprune.recipe import config_keys, input_id, stage_recipe
 from mtprune.train import check_stage, train_stage
 from mtprune.train.distributed import DistEnv, barrier
@@ -57,19 +54,23 @@ def cost_size(cfg: Config) -> tuple[int, int]:
     return tuple(cfg.run.latency_size or cfg.data.seg.crop_size)  # type: ignore[return-value]
 
 
+def timing_size(cfg: Config) -> tuple[int, int]:
+    """The input size a run times its nets at: ``run.timing.size``, else the cost size."""
+    return tuple(cfg.run.timing.size or cost_size(cfg))  # type: ignore[return-value]
+
+
 def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config) -> dict[str, Any]:
     """What a prune stage computes from: the source model, the method, ratio (or target), thresholds and the
     ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data; a target is
-    measured at the cost size, a latency target with the latency stage's rounds and threads)."""
+    measured at the cost size, a latency target and ``round_to: auto`` as ``run.timing`` says)."""
     keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
     how: dict[str, Any] = {"ratio": budget}
     if isinstance(budget, dict):
         how = {"target": budget, "size": list(cost_size(cfg))}
-        keys += ("run.latency_runs", "run.latency_threads", "run.latency_host_memory") if "latency" in budget else ()
-    if cfg.run.round_to == "auto":  # counts timed at the cost size's feature sizes
-        keys += ("run.latency_threads", "run.latency_host_memory", "run.round_to_runtime")
+    if cfg.run.round_to == "auto" or (isinstance(budget, dict) and "latency" in budget):
+        keys += ("run.timing",)
         how["size"] = list(cost_size(cfg))
     return {
         "stage": "prune",
@@ -83,55 +84,21 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
 
 def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config, out: Path) -> Stage:
     """Prune the model of stage folder ``src`` with ``method`` to ``budget`` (a ratio, or a target the
-    ratio is searched for) into ``out`` (plan.json + model/ + done.json)."""
+    ratio is searched for) into ``out`` (plan.json + model/ + done.json), by
+    :func:`~mtprune.api.prune_checkpoint` — as ``mtprune prune`` does."""
 
     def run() -> None:
-        m = get_method(method)
-        model = load_model(src)
-        kw = scorer_inputs(m.scorer, src, cfg, cfg.run.thinet_samples)
-        th = thresholds if thresholds in THRESHOLDS else "independent"
-        if isinstance(budget, dict):
-            target = next(iter(budget.items()))
-            kw.update(target=target, cost=plan_cost(model, target[0], cost_size(cfg), **_target_timing(target, cfg)))
-        ratio = None if isinstance(budget, dict) else budget
-        auto = cfg.run.round_to == "auto"
-        timed = auto or (isinstance(budget, dict) and "latency" in budget)
-        with latency_timing(cfg) if timed else contextlib.nullcontext():
-            table = LatencyTable(runtime=cfg.run.round_to_runtime) if auto else None
-            fit = latency_fit(model, cost_size(cfg), table) if table else None
-            plan = prune(
-                model, m.scorer, ratio, th, 1 if auto else cfg.run.round_to, cfg.run.min_channels, fit=fit, **kw
-            )
-            timing = {"cost": {"host_memory": host_memory()}} if timed else {}  # as mtprune prune records it
-        write_json(out / "plan.json", plan.to_dict() | timing)
-        pruned = {"method": method, "ratio": plan.ratio, "thresholds": thresholds}
-        if isinstance(budget, dict):
-            pruned["target"] = budget
-        save_model(model, out / "model", meta={"pruned": pruned, "source": str(src)})
-        write_json(out / DONE_FILE, {"stage": "prune", **pruned})
+        target = next(iter(budget.items())) if isinstance(budget, dict) else None
+        request = PruneRequest(
+            src, method, None if target else budget, target, thresholds if thresholds in THRESHOLDS else
+            "independent", cfg.run.round_to, cfg.run.min_channels, cost_size(cfg), cfg.run.timing, cfg,
+            cfg.run.thinet_samples,
+        )  # fmt: skip
+        result = prune_checkpoint(request, out, out / "model")
+        pruned = {"method": method, "ratio": result.plan.ratio, "thresholds": thresholds}
+        write_json(out / DONE_FILE, {"stage": "prune", **pruned, **({"target": budget} if target else {})})
 
     return Stage(out.name, out, prune_recipe(src, method, budget, thresholds, cfg), run)
-
-
-def _target_timing(target: tuple[str, float], cfg: Config) -> dict[str, Any]:
-    """A latency target's candidates are timed as the latency stage times the run's nets: on the CPU,
-    ``run.latency_runs`` paired rounds, ``run.latency_threads`` threads."""
-    return {"device": "cpu", "runs": cfg.run.latency_runs} if target[0] == "latency" else {}
-
-
-@contextlib.contextmanager
-def latency_timing(cfg: Config) -> Iterator[None]:
-    """How a run times: ``run.latency_threads`` CPU threads inside the block (torch's default when unset),
-    restored after, and the host memory ``run.latency_host_memory``
-    (:func:`~mtprune.evaluate.host_memory.host_memory_context`)."""
-    threads = torch.get_num_threads()
-    if cfg.run.latency_threads:
-        torch.set_num_threads(cfg.run.latency_threads)
-    try:
-        with host_memory_context(cfg.run.latency_host_memory):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def eval_recipe(src: Path, cfg: Config) -> dict[str, Any]:
@@ -182,8 +149,7 @@ def save_predictions(model: torch.nn.Module, cfg: Config, n: int, path: Path) ->
 
 def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
     """What the latency stage measures: the model behind every tag and the timing settings."""
-    keys = ("run.latency_size", "run.latency_runs", "run.latency_threads", "run.latency_host_memory")
-    keys += ("data.seg.crop_size",)
+    keys = ("run.latency_size", "run.timing", "data.seg.crop_size")
     return {
         "stage": "latency",
         "inputs": {tag: input_id(src) for tag, src in sorted(sources.items())},
@@ -192,19 +158,19 @@ def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
 
 
 def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
-    """Batch-1 CPU latency of every model of the run, timed round-robin against the dense one
-    (:func:`~mtprune.evaluate.cost.latency_against`, as ``mtprune cost --against``: one forward of each per
-    round, so the machine's drift hits every model alike); ``{tag: {"latency_ms", "latency_iqr_ms",
-    "latency_device", "ratio", "ratio_iqr", "page_faults", "host_memory"}}``, the ratio paired per round,
-    the page faults the median per forward, timed with ``run.latency_threads`` threads and
-    ``run.latency_host_memory``. Redone (not refused) when a model or a setting changed."""
+    """Batch-1 latency of every model of the run at the cost size, timed round-robin against the dense one
+    as ``run.timing`` says (:func:`~mtprune.cost.latency.latency_against`, as ``mtprune cost --against``:
+    one forward of each per round; with several runtimes each net in its fastest: best against best);
+    ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio", "ratio_iqr", "setup", "page_faults",
+    "host_memory"}}``, the ratio paired per round, the page faults the median per forward. Redone (not
+    refused) when a model or a setting changed."""
 
     def run() -> dict[str, dict[str, Any]]:
-        size = cost_size(cfg)
+        size = timing_size(cfg)
         models = {tag: load_model(src).cpu() for tag, src in sources.items()}
         dense = models.pop("dense")
-        with latency_timing(cfg):
-            timed = latency_against(models or {"dense-copy": dense}, dense, size, runs=cfg.run.latency_runs)
+        with timed_as(cfg.run.timing):
+            timed = latency_against(models or {"dense-copy": dense}, dense, size, **latency_kw(cfg.run.timing))
         lat = {"dense": _dense_entry(next(iter(timed.values())))} if timed else {}
         lat.update({tag: _latency_entry(t) for tag, t in timed.items() if tag in models})
         inputs = {tag: input_id(src) for tag, src in sources.items()}
@@ -219,10 +185,11 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
 def _latency_entry(t: dict[str, Any]) -> dict[str, Any]:
     keys = {"latency_ms": "latency_ms", "latency_iqr_ms": "latency_iqr_ms", "latency_device": "device"}
     keys |= {"page_faults": "page_faults", "host_memory": "host_memory"}
-    return {k: t[v] for k, v in keys.items()} | {"ratio": t["latency_ratio"], "ratio_iqr": t["latency_ratio_iqr"]}
+    ratio = {"ratio": t["latency_ratio"], "ratio_iqr": t["latency_ratio_iqr"], "setup": t["config"]["setup"]}
+    return {k: t[v] for k, v in keys.items()} | ratio
 
 
 def _dense_entry(t: dict[str, Any]) -> dict[str, Any]:
     keys = {"latency_ms": "against_latency_ms", "latency_iqr_ms": "against_latency_iqr_ms", "latency_device": "device"}
     keys |= {"page_faults": "against_page_faults", "host_memory": "host_memory"}
-    return {k: t[v] for k, v in keys.items()} | {"ratio": 1.0, "ratio_iqr": 0.0}
+    return {k: t[v] for k, v in keys.items()} | {"ratio": 1.0, "ratio_iqr": 0.0, "setup": t["against_config"]["setup"]}

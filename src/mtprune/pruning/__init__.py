@@ -21,7 +21,7 @@ from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
 from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap, with_counts
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
-from mtprune.pruning.search import TARGET_METRICS, Cost, parse_target, search_ratio
+from mtprune.pruning.search import TARGET_METRICS, Cost, parse_target, plan_cost, search_ratio
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
 
 
@@ -143,6 +143,7 @@ def _plan_for_target(
 
 __all__ = [
     "Fit",
+    "plan_cost",
     "METHODS",
     "SCORERS",
     "THRESHOLDS",

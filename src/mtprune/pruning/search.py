@@ -5,10 +5,16 @@ stops at a coarser ``tol`` (:data:`LATENCY_TOL`): a candidate costs seconds, not
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
+from mtprune.cost.counting import count_macs, count_params
+from mtprune.cost.latency import latency_against
 from mtprune.errors import UsageError
+from mtprune.pruning.apply import apply_plan
 from mtprune.pruning.plan import PruningPlan
 
 #: the budgets a target can name; the cost of each is measured by the caller (evaluation sits above pruning)
@@ -76,3 +82,39 @@ def search_ratio(
         else:
             lo = mid
     return best[0], best[1], trail
+
+
+def plan_cost(model: nn.Module, metric: str, size: tuple[int, int], **latency_kw: Any) -> Callable[[Any], Any]:
+    """``plan → the pruned net's MACs (at ``size``) or params as a fraction of ``model``'s``: each plan is
+    applied to a copy of ``model`` on the meta device (shapes only, no weights: fast on any model). For
+    ``latency``: ``plan → {"latency", "latency_iqr", "macs"}``, the pruned copy timed against ``model``
+    (:func:`latency_against` with ``latency_kw``: ``setups``, ``device``, ``runs``, ``warmup``)."""
+    if metric == "latency":
+        return _latency_cost(model, size, **latency_kw)
+    if metric not in ("macs", "params"):
+        raise UsageError(f"the cost of a plan is its macs, params or latency, not {metric}")
+
+    def measure(m: nn.Module) -> float:
+        return float(count_macs(m, size) if metric == "macs" else count_params(m))
+
+    shapes = copy.deepcopy(model).to("meta")
+    base = measure(shapes)
+
+    def ratio(plan: Any) -> float:
+        pruned = copy.deepcopy(shapes)
+        apply_plan(pruned, plan)
+        return measure(pruned) / base
+
+    return ratio
+
+
+def _latency_cost(model: nn.Module, size: tuple[int, int], **latency_kw: Any) -> Callable[[Any], dict[str, float]]:
+    """``plan → {"latency": paired latency ratio of the pruned net against model, "latency_iqr", "macs"}``."""
+    macs = plan_cost(model, "macs", size)
+
+    def cost(plan: Any) -> dict[str, float]:
+        pruned = apply_plan(copy.deepcopy(model), plan)
+        r = latency_against({"pruned": pruned}, model, size, **latency_kw)["pruned"]
+        return {"latency": r["latency_ratio"], "latency_iqr": r["latency_ratio_iqr"], "macs": macs(plan)}
+
+    return cost

@@ -52,10 +52,24 @@ def main_table(rows: list[Row]) -> str:
                 _pct(r["miou"]) + delta,
                 f"{_si(r['params'])} ({_x(r['params_ratio'])})" if r.get("params") else "–",
                 f"{_si(r['macs'])} ({_x(r['macs_ratio'])})" if r.get("macs") else "–",
-                f"{r['latency_ms']:.2f} ms ({_x(r['latency_ratio'])})" if r.get("latency_ms") else "–",
+                _latency_cell(r),
             ]
         )
-    return _table(["model", "mIoU % (Δ)", "params", "MACs", "latency"], body)
+    return _table(["model", "mIoU % (Δ)", "params", "MACs", _latency_header(rows)], body)
+
+
+def _latency_cell(r: Row) -> str:
+    """``ms (ratio×) setup``: the net's median and paired ratio, in the setup it was fastest in."""
+    if not r.get("latency_ms"):
+        return "–"
+    setup = f" {r['latency_setup']}" if r.get("latency_setup") else ""
+    return f"{r['latency_ms']:.2f} ms ({_x(r['latency_ratio'])}){setup}"
+
+
+def _latency_header(rows: list[Row]) -> str:
+    """``latency at H×W``: the size the nets were timed at (the run's cost size)."""
+    size = next((r["latency_size"] for r in rows if r.get("latency_size")), None)
+    return f"latency at {size[0]}×{size[1]}" if size else "latency"
 
 
 def thresholds_table(rows: list[Row]) -> str | None:
@@ -150,7 +164,8 @@ def render_report(
         f"# {title}\n",
         "mIoU, top-1 and top-5 in %, on the validation splits; Δ against the dense model; ×: ratio to the "
         "dense model. Params of the deployed segmentation net; MACs = FLOPs / 2 at the cost size; latency: "
-        "median of batch-1 CPU runs, all models timed round-robin; × is the ratio to dense paired per round.\n",
+        "median of batch-1 runs as run.timing says, all models timed round-robin, each in the setup named beside it "
+        "(its fastest of run.timing's runtimes); × is the ratio to dense paired per round.\n",
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]

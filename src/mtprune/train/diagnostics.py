@@ -43,7 +43,8 @@ def pruned_share(cfg: Config) -> float:
 
 def sparsity_warnings(stage: str, diag: dict[str, Any], cfg: Config, alpha_keys: dict[str, str]) -> list[str]:
     """A ``warning:`` line for each part whose sparse fraction is below the share the run prunes; its advice
-    depends on whether the stage's ℓ1 shrink budget (``l1_shrink_ratio``) met the README's rule."""
+    depends on whether the stage's ℓ1 shrink budget (``l1_shrink_ratio``) met the rule of docs/method.md,
+    "Choosing α"."""
     need = pruned_share(cfg)
     out = []
     for part in (BACKBONE, DECODER):
@@ -73,7 +74,7 @@ def shrink_check(
     :func:`~mtprune.method.sparsity.l1_shrink`) and ``l1_shrink_ratio`` (÷ the part's starting median |γ|),
     with a ``warning:`` line, said now, for each part whose ratio is below ``L1_SHRINK_MIN`` while the run
     prunes (such a stage cannot switch channels off, whatever its length) or above ``L1_SHRINK_MAX`` (it
-    switches off more than the task can spare): the README's rule for α."""
+    switches off more than the task can spare): the rule for α (docs/method.md)."""
     out: dict[str, Any] = {"l1_shrink": dict(shrink), "l1_shrink_ratio": {}, "warnings": []}
     for part, budget in shrink.items():
         median = median_abs(before[part])

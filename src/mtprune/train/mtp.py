@@ -159,7 +159,7 @@ class SparseMTP:
 
     def _l1_alpha(self) -> dict[str, float]:
         """α1 and α2: ``alpha1`` / ``alpha2``, or with ``l1_budget`` the α whose shrink budget is l1_budget ×
-        the part's median |γ| in the net the stage starts from (README, "Choosing α")."""
+        the part's median |γ| in the net the stage starts from (docs/method.md, "Choosing α")."""
         c = self.cfg.sparse_mtp
         if c.l1_budget is None:
             return {BACKBONE: c.alpha1, DECODER: c.alpha2}

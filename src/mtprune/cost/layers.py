@@ -1,11 +1,10 @@
 """Where a forward spends its time, layer by layer (``mtprune cost --per-layer``, ``bench/latency.py
 --per-layer``): every leaf module's own wall time (forward hooks) and its MACs.
 
-Two nets are compared the way their latencies are (:func:`~mtprune.evaluate.cost.interleaved_latency`):
-round-robin, one forward of each per round, so that a drift of the machine between two separate
-profiles is not read as a layer that did not shrink. On a noisy 2-core box the same unpruned stem conv
-came out 0.68–0.81× of "itself" in three separate profiles of dense and pruned nets minutes apart
-(bench/README.md); paired per round, an unpruned layer's ratio is 1 within its IQR.
+Two nets are compared the way their latencies are, in paired rounds
+(:func:`~mtprune.cost.rounds.paired_rounds`: one forward of each per round), so that a drift of the machine
+between two separate profiles is not read as a layer that did not shrink (bench/README.md, "… per-layer
+profiles paired per round").
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtprune.evaluate.cost import _inference_net, paired_ratio
+from mtprune.cost.rounds import paired_ratio, paired_rounds
+from mtprune.cost.runtimes import inference_net
 
 
 @dataclass
@@ -160,7 +160,7 @@ def layer_profiles(
 
     Forward hooks read the clock around each module (synchronising CUDA), which adds a little overhead per
     module: compare layers with each other and with the same layer of another net, not with
-    :func:`~mtprune.evaluate.cost.measure_latency`. Module names are those of the model (the same in a pruned
+    :func:`~mtprune.cost.latency.measure_latency`. Module names are those of the model (the same in a pruned
     net and its dense original), so two nets can be compared layer by layer (:func:`compare_layers`).
     ``clock``: read around each module and each forward, in seconds (tests pass a fake one).
     """
@@ -169,22 +169,14 @@ def layer_profiles(
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     nets, seen = {}, set()
     for k, m in models.items():  # the same module under two keys: each gets its own hooks (and copy)
-        nets[k] = _inference_net(copy.deepcopy(m) if id(m) in seen else m, device, channels_last, fold_bn, False)
+        nets[k] = inference_net(copy.deepcopy(m) if id(m) in seen else m, device, channels_last, fold_bn, False)
         seen.add(id(m))
     flops = {k: _leaf_flops(net, x, _leaves(net)) for k, net in nets.items()}
     clocks = {k: _LayerClock(net, sync, clock) for k, net in nets.items()}
-    totals: dict[str, list[float]] = {k: [] for k in nets}
     names = list(nets)
     try:
-        for i in range(warmup + runs):
-            for k in names if i % 2 == 0 else reversed(names):
-                clocks[k].start(i >= warmup)
-                sync()
-                t0 = clock()
-                nets[k](x)
-                sync()
-                if clocks[k].on:
-                    totals[k].append((clock() - t0) * 1000.0)
+        calls = {k: (lambda k=k: nets[k](x)) for k in names}
+        totals, _ = paired_rounds(calls, runs, warmup, clock=clock, sync=sync, before=lambda k, on: clocks[k].start(on))
     finally:
         for k, c in clocks.items():
             c.remove()

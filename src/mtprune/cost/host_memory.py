@@ -2,11 +2,8 @@
 
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 gives it back on ``free``, so each forward of a segmentation net at 513² page-faults its large tensors
-afresh: the unpruned residual stream at output stride 8 (2048 × 65² floats, 35 MB per tensor), the logits
-upsampled to the input size (150 × 513², 158 MB for ADE20K's classes). That kernel time does not shrink
-with the pruned channels. Measured (``bench/host_memory.py``, bench/README.md, issue 19): PSPNet-R50 at
-513², BN folded, 115 076 minor faults per forward dense and 79 269 pruned to 0.5× uniformly; with cached
-host memory none, the pruned net 12 % faster and the paired latency ratio 0.482 → 0.453.
+afresh: the unpruned residual stream at output stride 8, the logits upsampled to the input size. That
+kernel time does not shrink with the pruned channels (measured: bench/README.md, "Host memory: the page faults …").
 
 :func:`cached_host_memory` makes glibc keep freed memory for reuse (``mallopt``: no mmap'd blocks, no
 trimming), as ONNX Runtime's arena and PyTorch's CUDA caching allocator already do; a deployment gets the

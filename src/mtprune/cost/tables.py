@@ -1,26 +1,15 @@
-"""Channel counts the hardware at hand likes: ``--round-to auto``.
+"""Timing tables of single convolutions, the measurements behind ``--round-to auto``
+(:func:`mtprune.pruning.fit.latency_fit` is the policy that reads them).
 
-A pruned layer's kept count n is whatever the scores leave (37, 101 …), and oneDNN, cuDNN and ONNX
-Runtime run some channel counts much faster than their neighbours: the same 0.5× plan rounded up to
-multiples of 16 ran faster on one CPU and slower on another (bench/README.md). So instead of a fixed
-multiple, :func:`latency_fit` times each prunable conv — BatchNorm folded (a conv with bias), in the
-chosen memory layout, batch 1, at the feature size it sees at the input size — together with the convs
-that consume its channels, at n and at every count up to the next multiple of :data:`MULTIPLE`, on the
-device at hand, and keeps n unless a larger count is more than :data:`NOISE` faster (then the smallest
-count within :data:`NOISE` of the fastest, kept only if a fresh paired timing against n confirms the gain:
-the fastest of many noisy timings is biased low, and unconfirmed picks made nets slower on an AMD EPYC,
-bench/README.md): never fewer channels than the scores keep, and more only where they are measurably
-faster. A count nothing beats is filled up to the channel multiple the kernels compute in when a paired
-timing says that is not slower (:func:`_fill`). With ``runtime="onnxruntime"`` the convs are timed in
-ONNX Runtime, chained as in the net (:func:`conv_graph`), and counts first rounded up to its channel block
-(:func:`ort_block`). Identical shapes are timed once; the times are kept in a :class:`LatencyTable`
-(``~/.cache/mtprune/``, per device, threads, layout and runtime version), so a second prune of the same
-net is instant.
+A :class:`ConvShape` is one convolution as timed: channels, geometry and input size, with a bias (BN
+folded), batch 1. It runs in PyTorch (a layout, a device) or in ONNX Runtime, where a layer's convs are
+chained as in the net (:func:`conv_graph`) and counts rounded to its channel block (:func:`ort_block`).
+Identical shapes are timed once; the times are kept in a :class:`LatencyTable` file (``~/.cache/mtprune/``,
+per device, threads, layout and runtime version), so a second prune of the same net times nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -29,27 +18,18 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from mtprune.cost.host_memory import SYSTEM, host_memory
+from mtprune.cost.rounds import paired_rounds
+from mtprune.cost.runtimes import ONNXRUNTIME, TORCH
 from mtprune.errors import UsageError
-from mtprune.evaluate.cost import ONNXRUNTIME, TORCH
-from mtprune.evaluate.host_memory import SYSTEM, host_memory
 from mtprune.io import write_json
-from mtprune.models.groups import dependency_graph
-from mtprune.pruning import Fit, PruningPlan, apply_plan
-from mtprune.pruning.thinet import find_consumers
-
-#: counts are tried from the kept one up to the next multiple of this
-MULTIPLE = 32
-#: a larger count replaces n only when it is faster than n by more than this fraction
-NOISE = 0.02
 
 
 @dataclass(frozen=True)
@@ -237,22 +217,15 @@ def time_pair(a: list[ConvShape], b: list[ConvShape], device: str = "cpu", chann
     after a warm-up: the paired check that a count chosen from the table is really faster. A minimum over
     many noisy single timings is biased low (the winner's curse); this fresh, paired measurement is not."""
     run_a, run_b = runner(a, device, channels_last, runtime), runner(b, device, channels_last, runtime)
-    for run in (run_a, run_a, run_b, run_b):
-        run()
-    ratios = []
-    for r in range(rounds):
-        if r % 2 == 0:
-            ta, tb = _elapsed_ms(run_a), _elapsed_ms(run_b)
-        else:
-            tb, ta = _elapsed_ms(run_b), _elapsed_ms(run_a)
-        ratios.append(tb / ta)
+    times, _ = paired_rounds({"a": run_a, "b": run_b}, rounds, warmup=2)
+    ratios = [tb / ta for ta, tb in zip(times["a"], times["b"], strict=True)]
     return statistics.median(ratios)
 
 
 def default_table_path(device: str = "cpu", channels_last: bool = False, runtime: str = TORCH) -> Path:
     """``~/.cache/mtprune/latency-<device>_<threads or GPU>_<layout>_torch<version>.json``, for ONNX Runtime
     ``latency-cpu_<capability>_<threads>_onnxruntime<version>.json``, with ``_cached`` before ``.json`` when
-    the host memory is not the system's (:func:`~mtprune.evaluate.host_memory.host_memory`: a conv's time
+    the host memory is not the system's (:func:`~mtprune.cost.host_memory.host_memory`: a conv's time
     includes faulting its output in, or not); ``$MTPRUNE_CACHE`` instead of ``~/.cache/mtprune`` if set."""
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(device)
@@ -346,43 +319,6 @@ class LatencyTable:
         write_json(self.path, {**head, "times_ms": self.times})
 
 
-def conv_input_sizes(model: nn.Module, size: tuple[int, int]) -> dict[str, tuple[int, int]]:
-    """The spatial size of every conv's input at input ``size`` (a shape-only copy on the meta device), through
-    the model's ``trace_outputs`` when it has one (auxiliary heads included)."""
-    meta = copy.deepcopy(model).to("meta").eval()
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:  # returns None: the input is unchanged
-            sizes.setdefault(name, (int(inp[0].shape[-2]), int(inp[0].shape[-1])))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in meta.named_modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        x = torch.zeros(1, 3, *size, device="meta")
-        meta.trace_outputs(x) if hasattr(meta, "trace_outputs") else meta(x)
-    for h in hooks:
-        h.remove()
-    return sizes
-
-
-def _choose(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
-            counts: Sequence[int]) -> tuple[int, dict[int, float], float]:  # fmt: skip
-    """The kept count n = ``counts[0]`` unless a larger one is faster by more than :data:`NOISE`; then the
-    smallest count within :data:`NOISE` of the fastest (and still that much faster than n) — if a paired
-    re-measurement against n (:meth:`LatencyTable.ratio`) confirms it is faster by more than :data:`NOISE`.
-    Returns the count, every count's table time, and the confirming ratio (1.0 when n stays unchecked)."""
-    times = {c: table.layer_ms([own(c), *(u(c) for u in uses)]) for c in counts}
-    n, best = counts[0], min(times.values())
-    if best >= times[n] / (1 + NOISE):
-        return n, times, 1.0
-    bound = min(best * (1 + NOISE), times[n] / (1 + NOISE))
-    c = min(c for c, t in times.items() if t <= bound)
-    ratio = table.ratio([own(n), *(u(n) for u in uses)], [own(c), *(u(c) for u in uses)])
-    return (c if ratio < 1 / (1 + NOISE) else n), times, ratio
-
-
 def vector_width(device: str = "cpu") -> int:
     """The channel multiple PyTorch's conv kernels compute in on ``device``: the fp32 lanes of the CPU's
     widest vector unit (16 with AVX-512, 8 with AVX2 or less: oneDNN pads channels to them), 8 on CUDA
@@ -390,121 +326,3 @@ def vector_width(device: str = "cpu") -> int:
     if device.startswith("cuda"):
         return 8
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
-
-
-def _fill(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]],
-          start: int, top: int) -> tuple[int, float]:  # fmt: skip
-    """``start`` filled up to the next multiple of ``table.fill`` (not above ``top``) if a paired timing
-    (:meth:`LatencyTable.ratio`) says the layer's convs are not slower there by more than :data:`NOISE`:
-    the kernels pad channels to that multiple, so the channels up to it cost no time and are the
-    best-scored of those the plan removed. Returns the count and the paired ratio (1.0 when none tried)."""
-    f = -(-start // table.fill) * table.fill
-    if f == start or f > top:
-        return start, 1.0
-    ratio = table.ratio([own(start), *(u(start) for u in uses)], [own(f), *(u(f) for u in uses)])
-    return (f if ratio <= 1 + NOISE else start), ratio
-
-
-def _blocked(counts: range, block: int) -> tuple[int, list[int]]:
-    """The counts to choose from and the first of them: all of ``counts`` when ``block`` is 1 or the kept
-    count (the first) is a multiple of it; else the multiples of ``block`` among them (none: all). In ONNX
-    Runtime a count between two multiples costs the time of the next one (its channels are padded) and takes
-    its tensor out of the blocked layout, costs in the net that timing the layer's convs alone does not
-    show; the channels up to the multiple are free."""
-    ok = [c for c in counts if c % block == 0]
-    if block == 1 or not ok or counts[0] % block == 0:
-        return counts[0], list(counts)
-    return ok[0], ok
-
-
-def _timeable(conv: nn.Module) -> bool:
-    """A conv whose time at other channel counts is well defined here: a full or a depthwise conv."""
-    return isinstance(conv, nn.Conv2d) and (conv.groups == 1 or conv.groups == conv.in_channels)
-
-
-def _links(model: nn.Module, names: list[str], skip: tuple[str, ...]) -> dict[str, list[str]]:
-    """For each prunable conv, the deployed convs that consume its channels (none when the dependency graph
-    cannot map them: the conv alone is timed then)."""
-    dg = dependency_graph(model)
-    out = {}
-    for n in names:
-        try:
-            found = [c for c, _ in find_consumers(model, dg, [n])[n]]
-        except UsageError:
-            found = []
-        out[n] = [c for c in found if _timeable(model.get_submodule(c)) and not _under(c, skip)]
-    return out
-
-
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
-def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) -> Fit:
-    """The :data:`~mtprune.pruning.Fit` of ``--round-to auto`` for ``model`` at input ``size``: for each
-    prunable layer of a plan (in order; a count chosen changes the input count of the layers after it), the
-    count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs) plus its
-    consumers' convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
-    of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. In
-    ONNX Runtime (``table.block`` > 1) a kept count that is not a multiple of its block is first rounded up
-    to one, then only multiples are tried (:func:`_blocked`). A count nothing beats is filled up to the
-    kernels' channel multiple when that is not slower (:func:`_fill`). The report:
-    ``{layer: {"from", "to", "ms_from", "ms_to", "paired", "why"}}`` for every layer it changed."""
-    sizes = conv_input_sizes(model, size)
-    skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
-    names = [lay.conv for lay in model.prunable_layers() if not _under(lay.conv, skip)]
-    names = [n for n in names if model.get_submodule(n).groups == 1]
-    consumers = _links(model, names, skip)
-    producers: dict[str, list[str]] = {}
-    for n, cs in consumers.items():
-        for c in cs:
-            producers.setdefault(c, []).append(n)
-    meta = copy.deepcopy(model).to("meta")
-
-    def fit(plan: PruningPlan) -> tuple[dict[str, int], dict[str, Any]]:
-        pruned = apply_plan(copy.deepcopy(meta), plan)
-        kept = {n: pruned.get_submodule(n).out_channels for n in plan.layers}
-        counts: dict[str, int] = {}
-        report: dict[str, Any] = {}
-
-        def inputs(conv_name: str, but: str = "") -> int:  # its input count with the counts chosen so far
-            grown = sum(counts.get(p, kept[p]) - kept[p] for p in producers.get(conv_name, []) if p != but)
-            return pruned.get_submodule(conv_name).in_channels + grown
-
-        for name in (n for n in names if n in plan.layers):
-            n, top = kept[name], min(plan.layers[name].channels, -(-kept[name] // MULTIPLE) * MULTIPLE)
-            own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
-            uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
-                    for u in consumers[name]]  # fmt: skip
-            chosen, why = _count(table, own, uses, n, top)
-            if chosen != n:
-                counts[name], report[name] = chosen, why
-        table.save()
-        return counts, report
-
-    return fit
-
-
-def _count(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Callable[[int], ConvShape]], n: int,
-           top: int) -> tuple[int, dict[str, Any]]:  # fmt: skip
-    """One layer's count in [n, top] (:func:`_blocked`, :func:`_choose`, then :func:`_fill`) and what the
-    report says of it: ``from``, ``to``, the table times ``ms_from`` / ``ms_to``, the ``paired`` ratio that
-    decided it and ``why``."""
-    start, tried = _blocked(range(n, top + 1), table.block)
-    chosen, times, ratio = _choose(table, own, uses, tried)
-    why = "faster" if start == n else f"ONNX Runtime pads channels to a multiple of {table.block} here: free"
-    if chosen == start:
-        chosen, ratio = _fill(table, own, uses, start, top)
-        if chosen != start:
-            why = f"free: no slower at a multiple of {table.fill} (paired × {ratio:.3f})"
-    ms = {c: times[c] if c in times else table.layer_ms([own(c), *(u(c) for u in uses)]) for c in (n, chosen)}
-    return chosen, {"from": n, "to": chosen, "ms_from": ms[n], "ms_to": ms[chosen], "paired": ratio, "why": why}
-
-
-def _shape(conv: nn.Conv2d, size: tuple[int, int], cin: int, cout: int) -> ConvShape:
-    return ConvShape.of(conv, size, cin=cin, cout=cout)
-
-
-def _shape_in(conv: nn.Conv2d, size: tuple[int, int], others: int, c: int) -> ConvShape:
-    """A consumer fed ``c`` channels by the layer fitted and ``others`` by the rest of its inputs."""
-    return ConvShape.of(conv, size, cin=others + c)
