@@ -281,7 +281,10 @@ def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
     assert sorted(lat) == ["dense", "uniform-0.5"]
     for r in rows:
         assert r["latency_ratio"] == lat[r["tag"]]["ratio"] and r["latency_ms"] == lat[r["tag"]]["latency_ms"]
+        assert r["latency_setup"] == lat[r["tag"]]["setup"] == "eager" and r["latency_size"] == [32, 32]
     assert rows[0]["latency_ratio"] == 1.0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| latency at 32×32 |" in report and " eager |" in report  # the size and the setup beside the column
     assert json.loads((tmp_path / "r" / "results.json").read_text())[1]["latency_ratio"] == rows[1]["latency_ratio"]
     # a rerun with one more model re-times them all and says so; a rerun with the same models reuses
     said: list[str] = []
@@ -298,6 +301,25 @@ def test_run_rows_take_the_paired_latency_of_the_latency_stage(tmp_path):
     said.clear()
     run_pipeline(more, tmp_path / "r", progress=said.append)
     assert "[latency] reused" in said
+
+
+def test_a_run_times_its_nets_at_the_timing_size_and_counts_macs_at_the_cost_size(tmp_path):
+    from tests.conftest import tiny
+
+    import mtprune.pipeline.stages as pl
+    from mtprune.checkpoint import save_model
+    from mtprune.errors import UsageError
+    from mtprune.pipeline import execute
+
+    save_model(tiny("deeplabv3_resnet18"), tmp_path / "d")
+    save_model(tiny("deeplabv3_resnet18", seed=3), tmp_path / "p")
+    cfg = tiny_cfg("run.timing.size=[48, 40]", "run.timing.runtime=eager,fold-bn", "run.timing.threads=1")
+    assert pl.timing_size(cfg) == (48, 40) and pl.cost_size(cfg) == (32, 32)
+    lat = execute(pl.latency({"dense": tmp_path / "d", "p": tmp_path / "p"}, cfg, tmp_path / "latency"))
+    done = json.loads((tmp_path / "latency" / "done.json").read_text())
+    assert done["size"] == [48, 40] and {e["setup"] for e in lat.values()} <= {"eager", "fold-bn"}
+    with pytest.raises(UsageError, match="run.timing.size: \\[48\\] is not \\[H, W\\]"):
+        tiny_cfg("run.timing.size=[48]")
 
 
 def test_equal_seg_steps_extends_the_fine_tuning_of_shorter_sparse_stages(tmp_path):

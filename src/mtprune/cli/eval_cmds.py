@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -16,6 +17,32 @@ from mtprune.data.from_config import eval_dataset
 from mtprune.errors import MtpruneError, UsageError
 from mtprune.evaluate.inference import build_eval_loader, evaluate_classification, evaluate_segmentation
 from mtprune.train.teacher import TEACHER, teacher_net
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What ``mtprune eval`` measures: the checkpoint, the split, how (test-time scales, flip, batches,
+    device) and how it reports."""
+
+    checkpoint: str
+    dataset: str
+    root: str | None = None
+    split: str | None = None
+    task: str | None = None
+    teacher: str | None = None
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    resize: list[int] | None = None
+    json: bool = False
+    skip_bad: bool = False
+    device: str = "cpu"
+    amp: bool = False
+    batch_size: int = 1
+    workers: int = 0
+    num_samples: int | None = None
+    image_size: list[int] | None = None
+    num_classes: int | None = None
+    seed: int | None = None
 
 
 def _default_split(splits: tuple[str, ...]) -> str:
@@ -47,101 +74,106 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:6.2f}"
 
 
-def _dataset(args: argparse.Namespace) -> tuple[Any, str, str, bool]:
+def _dataset(req: EvalRequest) -> tuple[Any, str, str, bool]:
     """The split ``--dataset/--root/--split`` name, checked against the flags: (dataset, task, split, in memory)."""
-    spec = DATASETS[args.dataset]
-    if args.task is not None and args.dataset != "synthetic" and args.task != spec.task:
-        raise UsageError(f"dataset {args.dataset} is a '{spec.task}' dataset; --task {args.task} does not apply")
-    task = args.task or spec.task
-    split = args.split or _default_split(spec.splits)
-    in_memory = args.dataset == "synthetic" and args.root is None
-    if args.root is None and not in_memory:
-        raise UsageError(f"--root DIR is needed for dataset {args.dataset}")
+    spec = DATASETS[req.dataset]
+    if req.task is not None and req.dataset != "synthetic" and req.task != spec.task:
+        raise UsageError(f"dataset {req.dataset} is a '{spec.task}' dataset; --task {req.task} does not apply")
+    task = req.task or spec.task
+    split = req.split or _default_split(spec.splits)
+    in_memory = req.dataset == "synthetic" and req.root is None
+    if req.root is None and not in_memory:
+        raise UsageError(f"--root DIR is needed for dataset {req.dataset}")
     synth = {
-        "num_samples": args.num_samples,
-        "image_size": _pair(args.image_size, "--image-size"),
-        "num_classes": args.num_classes,
-        "seed": args.seed,
+        "num_samples": req.num_samples,
+        "image_size": _pair(req.image_size, "--image-size"),
+        "num_classes": req.num_classes,
+        "seed": req.seed,
     }
     given = [k for k, v in synth.items() if v is not None]
     if given and not in_memory:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise UsageError(f"{flags}: only for the in-memory synthetic set (--dataset synthetic without --root)")
-    if args.resize is not None and task != "seg":
+    if req.resize is not None and task != "seg":
         raise UsageError("--resize applies to segmentation evaluation only")
     kw: dict[str, Any] = {k: v for k, v in synth.items() if v is not None}
     return (
-        eval_dataset(args.dataset, args.root, split, task, _pair(args.resize, "--resize"), **kw),
+        eval_dataset(req.dataset, req.root, split, task, _pair(req.resize, "--resize"), **kw),
         task,
         split,
         in_memory,
     )
 
 
-def _teacher(args: argparse.Namespace, model: Any) -> Any:
+def _teacher(req: EvalRequest, model: Any) -> Any:
     """``--dataset teacher``: the frozen teacher ``--teacher DIR`` (checked against the model), giving logits."""
-    if args.dataset != TEACHER:
-        if args.teacher:
+    if req.dataset != TEACHER:
+        if req.teacher:
             raise UsageError("--teacher applies to --dataset teacher only")
         return None
-    if not args.teacher:
+    if not req.teacher:
         raise UsageError("--dataset teacher needs --teacher DIR: the net whose top-1 the model is compared with")
-    cfg = load_config(overrides=[f"data.cls.dataset={TEACHER}", f"data.cls.teacher={args.teacher}"])
-    return teacher_net(cfg, model, args.device)
+    cfg = load_config(overrides=[f"data.cls.dataset={TEACHER}", f"data.cls.teacher={req.teacher}"])
+    return teacher_net(cfg, model, req.device)
 
 
-def _evaluate(args: argparse.Namespace, model: Any, dataset: Any, task: str) -> dict[str, Any]:
-    teacher = _teacher(args, model)
-    loader = build_eval_loader(dataset, args.batch_size, args.workers, skip_bad=args.skip_bad)
+def _evaluate(req: EvalRequest, model: Any, dataset: Any, task: str) -> dict[str, Any]:
+    teacher = _teacher(req, model)
+    loader = build_eval_loader(dataset, req.batch_size, req.workers, skip_bad=req.skip_bad)
     if task != "seg":
-        return evaluate_classification(model, loader, device=args.device, amp=args.amp, teacher=teacher)
+        return evaluate_classification(model, loader, device=req.device, amp=req.amp, teacher=teacher)
     return evaluate_segmentation(
         model,
         loader,
         dataset.num_classes,
         ignore_index=dataset.ignore_index,
-        scales=args.scales,
-        flip=args.flip,
-        device=args.device,
+        scales=req.scales,
+        flip=req.flip,
+        device=req.device,
         class_names=dataset.class_names,
-        amp=args.amp,
+        amp=req.amp,
     )
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    return evaluate(EvalRequest(**{f.name: getattr(args, f.name) for f in fields(EvalRequest)}))
+
+
+def evaluate(req: EvalRequest) -> int:
+    """Measure as ``req`` says and print (a table, or one JSON object)."""
+    if req.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {req.batch_size}")
+    if req.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {req.workers}")
+    if req.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
-    dataset, task, split, in_memory = _dataset(args)
-    model = load_model(args.checkpoint, device=args.device)
+    dataset, task, split, in_memory = _dataset(req)
+    model = load_model(req.checkpoint, device=req.device)
     model_classes = model.num_classes if task == "seg" else model.cls_classes
     what = "segmentation" if task == "seg" else "classification"
     if model_classes != dataset.num_classes and dataset.num_classes is not None:  # None: a teacher's classes
         hint = " (pass --num-classes N for the in-memory synthetic set)" if in_memory else ""
         raise MtpruneError(
-            f"checkpoint {args.checkpoint} has {model_classes} {what} classes, dataset {args.dataset} ({split}) "
+            f"checkpoint {req.checkpoint} has {model_classes} {what} classes, dataset {req.dataset} ({split}) "
             f"has {dataset.num_classes}{hint}"
         )
-    res = _evaluate(args, model, dataset, task)
-    return _report(args, res, model, task, split)
+    res = _evaluate(req, model, dataset, task)
+    return _report(req, res, model, task, split)
 
 
-def _report(args: argparse.Namespace, res: dict[str, Any], model: Any, task: str, split: str) -> int:
+def _report(req: EvalRequest, res: dict[str, Any], model: Any, task: str, split: str) -> int:
     skipped_line = None
-    if args.skip_bad:
+    if req.skip_bad:
         n = res["num_skipped"]
         skipped_line = f"skipped {n} bad sample{'s' if n != 1 else ''}"
         if n:
             skipped_line += f" (first: {res['skipped'][0]})"
-    if args.json:
+    if req.json:
         out = {
             **res,
-            "checkpoint": str(args.checkpoint),
+            "checkpoint": str(req.checkpoint),
             "model": model.name,
-            "dataset": args.dataset,
+            "dataset": req.dataset,
             "split": split,
             "task": task,
         }
@@ -150,7 +182,7 @@ def _report(args: argparse.Namespace, res: dict[str, Any], model: Any, task: str
             print(skipped_line, file=sys.stderr)
         return 0
 
-    head = f"{model.name} from {args.checkpoint} on {args.dataset} {split}: {res['num_images']} images"
+    head = f"{model.name} from {req.checkpoint} on {req.dataset} {split}: {res['num_images']} images"
     if task == "seg":
         tta = f"scales {' '.join(f'{s:g}' for s in res['scales'])}" + (", flip" if res["flip"] else "")
         print(f"{head} ({tta})")
@@ -162,8 +194,8 @@ def _report(args: argparse.Namespace, res: dict[str, Any], model: Any, task: str
         print(f"  {'pixel accuracy':<{width}}  {_fmt(res['pixel_acc'])}")
         if any(v is None for v in res["per_class"].values()):
             print("  (—: class neither in the targets nor predicted; not part of the mIoU)")
-    elif args.dataset == TEACHER:
-        print(f"{head} (backbone + classification head against the teacher {args.teacher})")
+    elif req.dataset == TEACHER:
+        print(f"{head} (backbone + classification head against the teacher {req.teacher})")
         print(f"  top-1  {_fmt(res['top1'])} %  (the net's top-1 = the teacher's)")
         print(f"  top-5  {_fmt(res['top5'])} %  (the teacher's top-1 in the net's top 5)")
     else:

@@ -18,7 +18,9 @@ def demo_config_path() -> Path:
 
 
 def _print_table(rows: list[dict], out: Path) -> None:
-    print(f"\n{'model':36s} {'mIoU %':>8s} {'Δ':>7s} {'params':>8s} {'MACs':>7s} {'latency':>8s} {'top-1 %':>8s}")
+    timed = any(r.get("latency_setup") for r in rows)
+    head = f"{'model':36s} {'mIoU %':>8s} {'Δ':>7s} {'params':>8s} {'MACs':>7s} {'latency':>8s} {'top-1 %':>8s}"
+    print("\n" + head + ("  latency setup" if timed else ""))
 
     def f(x: float | None, fmt: str, scale: float = 1.0) -> str:
         return format(scale * x, fmt) if x is not None else "–"
@@ -28,7 +30,13 @@ def _print_table(rows: list[dict], out: Path) -> None:
         print(
             f"{display_name(r):36s} {f(r['miou'], '.2f', 100):>8s} {delta:>7s} "
             f"{f(r['params_ratio'], '.2f'):>7s}× {f(r['macs_ratio'], '.2f'):>6s}× {f(r['latency_ratio'], '.2f'):>7s}× "
-            f"{f(r['top1'], '.1f', 100):>8s}"
+            f"{f(r['top1'], '.1f', 100):>8s}" + (f"  {r.get('latency_setup') or '–'}" if timed else "")
+        )
+    size = next((r["latency_size"] for r in rows if r.get("latency_size")), None)
+    if size:
+        print(
+            f"latency: batch 1 at {size[0]}×{size[1]}, each net in its fastest of run.timing's runtimes (setup "
+            "column), paired per round with dense"
         )
     print(f"\nresults: {out / RESULTS_FILE}\nreport:  {out / REPORT_FILE}\nplots:   {out / PLOTS_DIR}/")
 
