@@ -52,6 +52,7 @@ class PruneRequest:
     config: Config = field(default_factory=Config)
     samples: int | None = None
     rescale: bool = True
+    normalize: str = "none"  # "mean": each layer's scores over their mean before a unified threshold
     on_candidate: Callable[[dict[str, Any]], None] | None = None  # each target candidate, as it is measured
     log: Callable[[str], None] | None = None  # progress lines (what is timed, where)
 
@@ -119,7 +120,7 @@ def prune_model(request: PruneRequest) -> PruneResult:
         plan = prune(
             model, request.method, request.ratio, request.thresholds, 1 if request.round_to == "auto" else
             int(request.round_to), request.min_channels, rescale=request.rescale, target=request.target, cost=cost,
-            on_candidate=request.on_candidate, fit=_fit(request, model), **score_kw,
+            on_candidate=request.on_candidate, fit=_fit(request, model), normalize=request.normalize, **score_kw,
         )  # fmt: skip
         memory = host_memory() if mode is not None else None
     summary = _summary(request, model, plan, before)
@@ -133,7 +134,7 @@ def prune_model(request: PruneRequest) -> PruneResult:
 def write_pruned(result: PruneResult, request: PruneRequest, out: Path, model_out: Path) -> None:
     """``out/plan.json`` and the pruned checkpoint in ``model_out`` (its meta: what was pruned, from what)."""
     s = result.summary
-    meta = {"pruned": {k: s[k] for k in ("method", "ratio", "thresholds", "target", "thinet") if k in s}}
+    meta = {"pruned": {k: s[k] for k in ("method", "ratio", "thresholds", "normalize", "target", "thinet") if k in s}}
     source = "model in memory" if isinstance(request.source, SegmentationModel) else str(request.source)
     write_json(out / PLAN_FILE, {**result.plan.to_dict(), "cost": s})
     save_model(result.model, model_out, meta={**meta, "source": source})
@@ -191,6 +192,8 @@ def _summary(
         "macs_ratio": after["macs"] / before["macs"],
         "removed": {p: plan.removed_fraction(p) for p in (BACKBONE, DECODER)},
     }
+    if request.normalize != "none":
+        summary["normalize"] = request.normalize
     if request.timed:
         summary["timing"] = {"runtime": request.timing.runtime, "runs": request.timing.runs}
         summary["timing"]["size"] = list(timing_size(request))

@@ -23,7 +23,8 @@ from mtprune.io import write_text
 
 #: the enumerated settings, checked when a configuration is loaded (one place)
 Schedule = Literal["poly", "linear", "constant"]
-L1Mode = Literal["subgradient", "proximal"]  # ℓ1 in the gradient, or as a soft-threshold after each step
+# ℓ1 in the gradient, as a soft-threshold after each step, or the polarization regulariser t‖γ‖₁ − ‖γ − γ̄‖₁
+L1Mode = Literal["subgradient", "proximal", "polarization"]
 MTPMode = Literal["joint", "alternating"]
 BackboneFrom = Literal["w1", "w3"]
 
@@ -142,6 +143,7 @@ class SparseMTPConfig:
     seg_batch_size: int = 8
     mode: MTPMode = "joint"
     l1: L1Mode = "subgradient"
+    t: float = 1.2  # l1: polarization — the weight of ‖γ‖₁ against ‖γ − γ̄‖₁ (Zhuang et al.: 1.0–1.6)
     gamma_lr: float = 1.0  # the prunable γ's learning rate, as a multiple of lr_cls / lr_seg
     # set alpha1 / alpha2 from the ℓ1 shrink budget instead: budget = l1_budget × each part's starting
     # median |γ| (docs/method.md, "Choosing α"; 1.2 is the rule); alpha1 / alpha2 are then ignored
@@ -159,10 +161,24 @@ class SparseSlimmingConfig:
     batch_size: int = 8
     alpha: float = 1e-3
     l1: L1Mode = "subgradient"
+    t: float = 1.2  # l1: polarization — the weight of ‖γ‖₁ against ‖γ − γ̄‖₁
     gamma_lr: float = 1.0  # the prunable γ's learning rate, as a multiple of lr
     l1_budget: float | None = None  # set alpha from the shrink budget: l1_budget × the median prunable |γ|
     schedule: Schedule = "poly"
     aux_weight: float = 0.4
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from the dense net during segmentation fine-tuning (beyond the paper): ``weight`` × the
+    loss of ``kind`` (``logits``: pixel-wise KL; ``channel``: channel-wise distillation) at ``temperature``
+    against ``teacher`` (a checkpoint; in ``mtprune run``: the run's dense net). Weight 0: no teacher, the plain
+    fine-tune."""
+
+    weight: float = 0.0
+    temperature: float = 1.0
+    kind: Literal["logits", "channel"] = "logits"
+    teacher: str | None = None
 
 
 @dataclass
@@ -176,6 +192,10 @@ class FinetuneConfig:
     cls_batch_size: int = 32
     seg_batch_size: int = 8
     aux_weight: float = 0.4
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # before fine-tuning: bring each pruned layer's kept γ (and β) back to the dense layer's median |γ|, the
+    # next convs' weights scaled inversely (the function unchanged); the dense net: finetune.distill.teacher
+    rescale_gamma: bool = False
 
 
 @dataclass
@@ -280,6 +300,7 @@ class RunConfig:
     # pruned net keeps at most half the MACs (at latency_size, else the crop size), so they compare at equal cost
     targets: list[dict[str, float]] = field(default_factory=list)
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
+    normalize: Literal["none", "mean"] = "none"  # mean: each layer's scores over their mean (unified thresholds)
     without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
     # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
@@ -458,7 +479,7 @@ def _where(e: yaml.YAMLError) -> str:
 def _rule(key: str) -> tuple[str, float] | None:
     """The bound a numeric key must respect: ``(">", 0)``, ``(">=", 0)``, ``(">=", 1)``, or None."""
     name = key.rsplit(".", 1)[-1]
-    if name in ("lr", "gamma_lr", "l1_budget", "temperature") or name.startswith("lr_"):
+    if name in ("lr", "gamma_lr", "l1_budget", "temperature", "t") or name.startswith("lr_"):
         return (">", 0.0)
     if name == "batch_size" or name.endswith("_batch_size") or name in ("rounds", "steps_seg", "log_every"):
         return (">=", 1)
@@ -466,7 +487,7 @@ def _rule(key: str) -> tuple[str, float] | None:
         return (">", 0.0)
     if name.endswith("_epochs") or name in ("steps_cls", "workers", "checkpoint_every", "weight_decay", "lam"):
         return (">=", 0)
-    if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight"):
+    if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight", "weight"):
         return (">=", 0.0)
     return None
 

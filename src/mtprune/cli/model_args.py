@@ -53,8 +53,9 @@ class ModelSource:
 def model_source(args: argparse.Namespace) -> ModelSource:
     """The :class:`ModelSource` of the parsed options (parsing only)."""
     return ModelSource(
-        getattr(args, "model", None), getattr(args, "num_classes", None), args.cls_classes, args.width,
-        args.model_args, dict(args.parts) if args.parts else None, args.coupled, getattr(args, "checkpoint", None),
+        getattr(args, "model", None), getattr(args, "num_classes", None), getattr(args, "cls_classes", 1000),
+        args.width, args.model_args, dict(args.parts) if args.parts else None, args.coupled,
+        getattr(args, "checkpoint", None),
     )  # fmt: skip
 
 
@@ -111,9 +112,6 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (either --model … or --checkpoint DIR)")
     src.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     src.add_argument("--num-classes", type=int, metavar="N", help="segmentation classes (with --model)")
-    src.add_argument(
-        "--cls-classes", type=int, default=1000, metavar="M", help="classification head classes (default 1000)"
-    )
     src.add_argument("--width", type=float, default=1.0, metavar="W", help="channel width factor of a built-in net")
     add_model_spec(src)
     src.add_argument("--checkpoint", metavar="DIR", help="a model directory (arch.json + model.safetensors)")

@@ -15,7 +15,7 @@ from mtprune.cli.model_args import add_model_source, add_timing, model_source, t
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER
-from mtprune.pruning import METHODS, SCORERS, THRESHOLDS, parse_target, scorer_of
+from mtprune.pruning import METHODS, NORMALIZE, SCORERS, THRESHOLDS, parse_target, scorer_of
 
 
 def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
@@ -34,7 +34,7 @@ def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
     request = PruneRequest(
         source.checkpoint or source.model(), args.method, args.ratio, args.target, args.thresholds, args.round_to,
         args.min_channels, (args.size[0], args.size[1]), timing_of(args.runtime, args.timing), cfg, args.samples,
-        not args.no_rescale, _candidate_printer(stream) if args.target else None,
+        not args.no_rescale, args.normalize, _candidate_printer(stream) if args.target else None,
         lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
     if source.checkpoint and source.spec:
@@ -141,6 +141,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "not above X at --size (bisection; latency: each candidate timed against the unpruned net, as cost --against)",
     )
     p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
+    p.add_argument(
+        "--normalize",
+        default="none",
+        choices=NORMALIZE,
+        help="mean: each layer's scores divided by their mean before the threshold (with --thresholds unified: a "
+        "channel is compared with its own layer's scale, no layer goes wholesale); none (default): as scored",
+    )
     p.add_argument(
         "--round-to",
         type=_round_to,

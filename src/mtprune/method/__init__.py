@@ -8,8 +8,11 @@
 - :func:`add_alm_grad_` — the ALM terms' gradient added in place (inside the ``*_backward`` functions).
 - :func:`eq10_update` — the multiplier update ``E ← E + μ(W1−W3)``, ``μ ← ρμ``.
 - :func:`teacher_kl`, :func:`feature_mse` — Eq. 7's ℓcls when a frozen teacher, not labels, gives Y1.
+- Beyond the paper: :func:`polarization_penalty` (``l1: polarization``), :func:`pixel_kl` /
+  :func:`channel_wise_distill` (distillation from the dense net while fine-tuning).
 """
 
+from mtprune.method.distill import DISTILL_LOSSES, channel_wise_distill, pixel_kl
 from mtprune.method.mtp import (
     add_alm_grad_,
     alm_coupling,
@@ -23,12 +26,19 @@ from mtprune.method.mtp import (
     joint_seg_backward,
     joint_seg_objective,
     l1_penalty,
+    polarization_penalty,
     relative_gap,
     soft_threshold_,
+    sparsity_penalty,
 )
 from mtprune.method.teacher import feature_mse, teacher_kl
 
 __all__ = [
+    "DISTILL_LOSSES",
+    "channel_wise_distill",
+    "pixel_kl",
+    "polarization_penalty",
+    "sparsity_penalty",
     "feature_mse",
     "teacher_kl",
     "add_alm_grad_",

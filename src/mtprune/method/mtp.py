@@ -36,6 +36,25 @@ def l1_penalty(gammas: Tensors, alpha: float) -> torch.Tensor:
     return alpha * torch.stack([g.abs().sum() for g in gammas]).sum()
 
 
+def polarization_penalty(gammas: Tensors, alpha: float, t: float) -> torch.Tensor:
+    """``α (t‖γ‖₁ − ‖γ − γ̄‖₁)`` over all the given scales together, ``γ̄`` their mean: the polarization
+    regulariser (Zhuang et al., NeurIPS 2020) in place of ℓ1 (``l1: polarization``). It pushes every γ to 0 by
+    ``t·α`` and away from the mean by ``α``, so the scales split into a group at 0 and a group well above it,
+    instead of all shrinking together. Gradient w.r.t. ``γ_i``: ``α (t·sign(γ_i) − sign(γ_i − γ̄) +
+    mean_j sign(γ_j − γ̄))``."""
+    if alpha == 0 or not gammas:
+        dev = gammas[0].device if gammas else None
+        return torch.zeros((), device=dev)
+    flat = torch.cat([g.reshape(-1) for g in gammas])
+    return alpha * (t * flat.abs().sum() - (flat - flat.mean()).abs().sum())
+
+
+def sparsity_penalty(gammas: Tensors, alpha: float, t: float | None = None) -> torch.Tensor:
+    """The sparsity term on ``gammas``: ℓ1 (:func:`l1_penalty`, Eq. 3), or with ``t`` the polarization
+    regulariser (:func:`polarization_penalty`)."""
+    return l1_penalty(gammas, alpha) if t is None else polarization_penalty(gammas, alpha, t)
+
+
 @torch.no_grad()
 def soft_threshold_(gammas: Tensors, threshold: float) -> None:
     """Proximal step of ``threshold·‖γ‖₁`` (``threshold = lr·α``), in place: ``γ ← sign(γ)·max(|γ| − t, 0)``."""
@@ -117,16 +136,24 @@ def joint_seg_objective(
 # the ALM terms by :func:`add_alm_grad_` (their exact gradient, tested equal to autograd's, in a few fused
 # passes over the backbone instead of an autograd graph per tensor: what keeps an MTP step near a plain one).
 def eq7_backward(
-    cls_loss: torch.Tensor, w1: Tensors, w3: Tensors, E: Tensors, mu: float, gamma1: Tensors, alpha1: float
+    cls_loss: torch.Tensor,
+    w1: Tensors,
+    w3: Tensors,
+    E: Tensors,
+    mu: float,
+    gamma1: Tensors,
+    alpha1: float,
+    t: float | None = None,
 ) -> None:
-    """The gradient of Eq. 7 (:func:`eq7_objective`) w.r.t. W1: ``∇ℓcls + α1·sign(γ1) + E + μ(W1 − W3)``."""
-    (cls_loss + l1_penalty(gamma1, alpha1)).backward()
+    """The gradient of Eq. 7 (:func:`eq7_objective`) w.r.t. W1: ``∇ℓcls + α1·sign(γ1) + E + μ(W1 − W3)``
+    (with ``t``: the polarization term's gradient in place of ``α1·sign(γ1)``, :func:`sparsity_penalty`)."""
+    (cls_loss + sparsity_penalty(gamma1, alpha1, t)).backward()
     add_alm_grad_(w1, w3, E, mu, +1.0)
 
 
-def eq8_backward(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float) -> None:
-    """The gradient of Eq. 8 (:func:`eq8_objective`) w.r.t. W2: ``λ∇ℓseg + α2·sign(γ2)``."""
-    eq8_objective(seg_loss, gamma2, alpha2, lam).backward()
+def eq8_backward(seg_loss: torch.Tensor, gamma2: Tensors, alpha2: float, lam: float, t: float | None = None) -> None:
+    """The gradient of Eq. 8 (:func:`eq8_objective`) w.r.t. W2: ``λ∇ℓseg + α2·sign(γ2)`` (``t``: polarization)."""
+    (lam * seg_loss + sparsity_penalty(gamma2, alpha2, t)).backward()
 
 
 def eq9_backward(
@@ -138,9 +165,11 @@ def eq9_backward(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
+    t: float | None = None,
 ) -> None:
-    """The gradient of Eq. 9 (:func:`eq9_objective`) w.r.t. W3: ``λ∇ℓseg + α2·sign(γ3) − E − μ(W1 − W3)``."""
-    (lam * seg_loss + l1_penalty(gamma3, alpha2)).backward()
+    """The gradient of Eq. 9 (:func:`eq9_objective`) w.r.t. W3: ``λ∇ℓseg + α2·sign(γ3) − E − μ(W1 − W3)``
+    (``t``: polarization)."""
+    (lam * seg_loss + sparsity_penalty(gamma3, alpha2, t)).backward()
     add_alm_grad_(w3, w1, E, mu, -1.0)
 
 
@@ -154,9 +183,11 @@ def joint_seg_backward(
     gamma3: Tensors,
     alpha2: float,
     lam: float,
+    t: float | None = None,
 ) -> None:
-    """The gradient of :func:`joint_seg_objective`: Eq. 8's w.r.t. W2 and Eq. 9's w.r.t. W3, one backward."""
-    (lam * seg_loss + l1_penalty(gamma3, alpha2) + l1_penalty(gamma2, alpha2)).backward()
+    """The gradient of :func:`joint_seg_objective`: Eq. 8's w.r.t. W2 and Eq. 9's w.r.t. W3, one backward
+    (``t``: polarization)."""
+    (lam * seg_loss + sparsity_penalty(gamma3, alpha2, t) + sparsity_penalty(gamma2, alpha2, t)).backward()
     add_alm_grad_(w3, w1, E, mu, -1.0)
 
 

@@ -64,7 +64,7 @@ def l1_shrink(alpha: float, lrs: Iterable[float], l1: str, momentum: float, gamm
     gradient (which grows as 1/scale) only starts to keep some channels and let the others go once the
     scale is small. A stage whose budget is below the γ's starting median ends before that point: every
     γ of a part smaller by about the same amount, the ranking still the dense net's (bench/README.md)."""
-    scale = gamma_lr / (1.0 - momentum) if l1 == "subgradient" else gamma_lr
+    scale = gamma_lr / (1.0 - momentum) if l1 in ("subgradient", "polarization") else gamma_lr
     return float(alpha * scale * sum(lrs))
 
 

@@ -189,6 +189,9 @@ def _variant(
         ft_cfg.finetune.cls_epochs = 0
     if seg_epochs is not None:
         ft_cfg.finetune.seg_epochs = seg_epochs
+    d = ft_cfg.finetune.distill
+    if (d.weight > 0 or ft_cfg.finetune.rescale_gamma) and not d.teacher:  # the dense net of this run
+        d.teacher = str(out / layout.TRAIN_SEG)
     before: dict[str, Any] = {}
     if cfg.run.eval_pruned:  # the pruned net before fine-tuning: what the sparse stage and the cut left
         no_pictures = deepcopy(cfg)

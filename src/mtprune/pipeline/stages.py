@@ -63,7 +63,7 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
     """What a prune stage computes from: the source model, the method, ratio (or target), thresholds and the
     ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data; a target is
     measured at the cost size, a latency target and ``round_to: auto`` as ``run.timing`` says)."""
-    keys: tuple[str, ...] = ("run.round_to", "run.min_channels")
+    keys: tuple[str, ...] = ("run.round_to", "run.min_channels", "run.normalize")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
     how: dict[str, Any] = {"ratio": budget}
@@ -92,7 +92,7 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
         request = PruneRequest(
             src, method, None if target else budget, target, thresholds if thresholds in THRESHOLDS else
             "independent", cfg.run.round_to, cfg.run.min_channels, cost_size(cfg), cfg.run.timing, cfg,
-            cfg.run.thinet_samples,
+            cfg.run.thinet_samples, normalize=cfg.run.normalize,
         )  # fmt: skip
         result = prune_checkpoint(request, out, out / "model")
         pruned = {"method": method, "ratio": result.plan.ratio, "thresholds": thresholds}

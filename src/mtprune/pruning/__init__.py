@@ -33,18 +33,34 @@ def make_plan(
     round_to: int = 1,
     min_channels: int = 1,
     fit: Fit | None = None,
+    normalize: str = "none",
     **score_kw: Any,
 ) -> PruningPlan:
     """Score ``model``'s prunable channels with ``method`` (a scorer, or a method of
     :data:`~mtprune.pruning.methods.METHODS`: its scorer) and choose the kept ones (no model change);
-    ``fit``: :func:`refit` the counts (``--round-to auto``)."""
+    ``fit``: :func:`refit` the counts (``--round-to auto``); ``normalize``: :func:`normalize_scores`."""
     scorer = get_scorer(scorer_of(method))
     ratio = check_ratio(ratio)
     layers = model.prunable_layers()
-    scores = scorer.fn(model, layers, **score_kw)
+    scores = normalize_scores(scorer.fn(model, layers, **score_kw), normalize)
     plan = compute_plan(scores, layers, ratio, scorer.scope, thresholds, min_channels, round_to, method=method)
     plan.model = model.arch()
     return refit(plan, scores, fit)
+
+
+#: how scores are put on one scale before a unified threshold compares them across layers
+NORMALIZE = ("none", "mean")
+
+
+def normalize_scores(scores: dict[str, torch.Tensor], how: str = "none") -> dict[str, torch.Tensor]:
+    """``mean``: each layer's scores divided by their mean (Torch-Pruning's ``BNScaleImportance(normalizer=
+    'mean')``), so that a unified threshold compares a channel with its own layer's scale — a layer whose γ
+    all shrank together (scale-invariant under the next BN) is not removed wholesale; ``none``: as scored."""
+    if how not in NORMALIZE:
+        raise UsageError(f"normalize '{how}': choose from {', '.join(NORMALIZE)}")
+    if how == "none":
+        return scores
+    return {k: v / v.float().mean().clamp_min(1e-12) for k, v in scores.items()}
 
 
 #: plan → (the kept count each layer should have instead, a report of why): ``--round-to auto``'s choice
@@ -75,6 +91,7 @@ def prune(
     cost: Cost | None = None,
     on_candidate: Callable[[dict[str, Any]], None] | None = None,
     fit: Fit | None = None,
+    normalize: str = "none",
     **score_kw: Any,
 ) -> PruningPlan:
     """Prune ``model`` in place (physically) and return the plan that was applied.
@@ -102,10 +119,10 @@ def prune(
         stats = score_kw.get("stats") or thinet_statistics(model, model.prunable_layers(), **score_kw)
         score_kw = {"stats": stats}
     if target is None:
-        plan = make_plan(model, method, float(ratio), thresholds, round_to, min_channels, fit, **score_kw)
+        plan = make_plan(model, method, float(ratio), thresholds, round_to, min_channels, fit, normalize, **score_kw)
     else:
         plan = _plan_for_target(
-            model, method, target, cost, thresholds, round_to, min_channels, on_candidate, fit, **score_kw
+            model, method, target, cost, thresholds, round_to, min_channels, on_candidate, fit, normalize, **score_kw
         )
     apply_plan(model, plan)
     if stats is not None and rescale:
@@ -123,12 +140,13 @@ def _plan_for_target(
     min_channels: int,
     on_candidate: Callable[[dict[str, Any]], None] | None = None,
     fit: Fit | None = None,
+    normalize: str = "none",
     **score_kw: Any,
 ) -> PruningPlan:
     """The plan of the smallest ratio whose cost meets ``target`` (the scores computed once)."""
     scorer = get_scorer(scorer_of(method))
     layers = model.prunable_layers()
-    scores = scorer.fn(model, layers, **score_kw)
+    scores = normalize_scores(scorer.fn(model, layers, **score_kw), normalize)
 
     def plan_at(p: float) -> PruningPlan:
         plan = compute_plan(scores, layers, p, scorer.scope, thresholds, min_channels, round_to, method=method)
@@ -143,6 +161,8 @@ def _plan_for_target(
 
 __all__ = [
     "Fit",
+    "NORMALIZE",
+    "normalize_scores",
     "plan_cost",
     "METHODS",
     "SCORERS",

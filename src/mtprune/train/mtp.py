@@ -154,8 +154,9 @@ class SparseMTP:
         self.ddp_cls, self.ddp_seg = wrap_ddp(self.cls_net, self.env), wrap_ddp(self.seg_net, self.env)
         self.l1_alpha = self._l1_alpha()  # α1 (backbone), α2 (decoder): as configured, or from l1_budget
         # the ℓ1 terms: in the gradient (subgradient) or as a soft-threshold after each step (proximal)
-        grad = c.l1 == "subgradient"
+        grad = c.l1 in ("subgradient", "polarization")
         self.alpha1, self.alpha2 = (self.l1_alpha[BACKBONE], self.l1_alpha[DECODER]) if grad else (0.0, 0.0)
+        self.polar_t = c.t if c.l1 == "polarization" else None  # the polarization term in place of ℓ1
 
     def _l1_alpha(self) -> dict[str, float]:
         """α1 and α2: ``alpha1`` / ``alpha2``, or with ``l1_budget`` the α whose shrink budget is l1_budget ×
@@ -174,7 +175,7 @@ class SparseMTP:
         loss = self.cls_task.loss(logits, x, y)
         self.check(loss, "classification (Eq. 7)")
         self.opt1.zero_grad(set_to_none=True)
-        eq7_backward(loss, self.w1, self.w3, self.alm.E, self.alm.mu, self.gamma1, self.alpha1)
+        eq7_backward(loss, self.w1, self.w3, self.alm.E, self.alm.mu, self.gamma1, self.alpha1, self.polar_t)
         clip(self.cls_net.parameters(), self.cfg)
         self.opt1.step()
         self._proximal([self.gamma1], lr * self.cfg.sparse_mtp.gamma_lr * self.l1_alpha[BACKBONE])
@@ -194,11 +195,11 @@ class SparseMTP:
         self.opt3.zero_grad(set_to_none=True)
         lam, a2, E, mu = self.cfg.sparse_mtp.lam, self.alpha2, self.alm.E, self.alm.mu
         if sub == "w2w3":
-            joint_seg_backward(loss, self.w1, self.w3, E, mu, self.gamma2, self.gamma3, a2, lam)
+            joint_seg_backward(loss, self.w1, self.w3, E, mu, self.gamma2, self.gamma3, a2, lam, self.polar_t)
         elif sub == "w2":
-            eq8_backward(loss, self.gamma2, a2, lam)
+            eq8_backward(loss, self.gamma2, a2, lam, self.polar_t)
         else:
-            eq9_backward(loss, self.w1, self.w3, E, mu, self.gamma3, a2, lam)
+            eq9_backward(loss, self.w1, self.w3, E, mu, self.gamma3, a2, lam, self.polar_t)
         clip(self.seg_net.parameters(), self.cfg)
         stepped = {"w2": [(self.opt2, self.gamma2)], "w3": [(self.opt3, self.gamma3)]}
         for opt, gam in stepped.get(sub, stepped["w2"] + stepped["w3"]):

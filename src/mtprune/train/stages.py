@@ -13,10 +13,11 @@ from torch import nn
 from mtprune.config import Config
 from mtprune.data.from_config import make_dataset
 from mtprune.errors import UsageError
-from mtprune.method import l1_penalty, soft_threshold_
+from mtprune.method import soft_threshold_, sparsity_penalty
 from mtprune.method.sparsity import budget_alpha, l1_shrink, median_abs
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.train.diagnostics import report_sparsity, shrink_check
+from mtprune.train.distill import Distiller, distiller, rescale_before_finetune
 from mtprune.train.distributed import DistEnv, autocast
 from mtprune.train.engine import (
     STAGE_TASKS,
@@ -63,6 +64,8 @@ class Phase:
     alpha: float = 0.0
     l1: str = "subgradient"
     gamma_lr: float = 1.0  # the γ's learning rate, as a multiple of ``lr``
+    t: float = 1.2  # l1 "polarization": the weight of ‖γ‖₁ against ‖γ − γ̄‖₁
+    distill: Distiller | None = None  # a seg phase's distillation from the dense net (fine-tuning)
     cls: ClsTask = field(default_factory=ClsTask)  # a cls phase's loss: labels or a teacher's outputs
 
 
@@ -85,15 +88,18 @@ def run_phases(run: StageRun, phases: list[Phase], cfg: Config, env: DistEnv, ev
                 loss = seg_loss(out, y, ph.aux_weight) if ph.task == "seg" else ph.cls.loss(out, x, y)
                 run.check_finite(loss, ph.name)
                 objective = loss
-                if ph.gammas and ph.l1 == "subgradient":
-                    objective = loss + l1_penalty(ph.gammas, ph.alpha)  # Eq. 3: gradient += α·sign(γ)
+                if ph.gammas and ph.l1 in ("subgradient", "polarization"):  # Eq. 3: gradient += α·sign(γ)
+                    objective = loss + sparsity_penalty(ph.gammas, ph.alpha, ph.t if ph.l1 == "polarization" else None)
+                if ph.distill is not None:  # fine-tuning: the dense net's logits on the same batch
+                    objective = objective + ph.distill.loss(out["out"], x)
                 ph.opt.zero_grad(set_to_none=True)
                 objective.backward()
                 clip(ph.net.parameters(), cfg)
                 ph.opt.step()
                 if ph.gammas and ph.l1 == "proximal":
                     soft_threshold_(ph.gammas, lr * ph.gamma_lr * ph.alpha)
-                run.after_step({"phase": ph.name, "loss": float(loss.detach()), "lr": lr})
+                record = {"phase": ph.name, "loss": float(loss.detach()), "lr": lr}
+                run.after_step(record | ({"teacher_ms": round(ph.distill.ms, 3)} if ph.distill else {}))
                 if ph.task == "seg" and cfg.eval.every_epoch and (i + 1) % ph.stream.steps_per_epoch == 0:
                     epoch_eval(run, ph, cfg, env, evaluate, (i + 1) / ph.stream.steps_per_epoch)
             offset += ph.steps
@@ -151,7 +157,7 @@ def _stage_phases(
         return [_phase("seg", model, cfg, env, seg_ds, "train_seg")]
     if stage == "sparse-slimming":
         c = cfg.sparse_slimming
-        l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1, "gamma_lr": c.gamma_lr}
+        l1 = {"gammas": prunable_gammas(model), "alpha": c.alpha, "l1": c.l1, "gamma_lr": c.gamma_lr, "t": c.t}
         ph = _phase("seg", model, cfg, env, seg_ds, "sparse_slimming", **l1)
         if c.l1_budget is not None:  # one α, as Network Slimming's, from the median of all prunable |γ|
             ph.alpha = budget_alpha(c.l1_budget, median_abs(ph.gammas), _phase_shrink(ph, cfg, 1.0))
@@ -161,7 +167,9 @@ def _stage_phases(
         if f.cls_epochs > 0:
             phases.append(_phase("cls", model, cfg, env, cls_ds, "finetune", "cls_epochs", "lr_cls", "cls_batch_size"))
         if f.seg_epochs > 0:
-            phases.append(_phase("seg", model, cfg, env, seg_ds, "finetune", "seg_epochs", "lr_seg", "seg_batch_size"))
+            seg = _phase("seg", model, cfg, env, seg_ds, "finetune", "seg_epochs", "lr_seg", "seg_batch_size")
+            seg.distill = distiller(cfg, model, env.device)
+            phases.append(seg)
         return phases
     raise UsageError(f"unknown stage '{stage}'")
 
@@ -183,6 +191,7 @@ def run_supervised(
         warn_crop(seg_ds, cfg, env)
     model = place_model(initial_model(cfg, init, seg_ds.num_classes, cls_ds.num_classes), cfg, env)
     model.prunable_layers()  # traced (and kept) before SyncBatchNorm replaces the BNs the trace looks for
+    rescaled = rescale_before_finetune(cfg, model) if stage == "finetune" else {}  # (a resume restores after)
     convert_sync_bn([model.backbone, model.decoder], cfg, env)
     run = StageRun(stage, cfg, out, env)
     phases = _stage_phases(stage, model, cfg, env, seg_ds, cls_ds)
@@ -196,7 +205,17 @@ def run_supervised(
     metrics = evaluate(model, cfg, env, STAGE_TASKS[stage], False)
     if stage == "sparse-slimming" and env.is_main:
         metrics = {**report_sparsity(stage, before, _gamma_parts(model), cfg, SLIMMING_ALPHA, start), **metrics}
+    metrics.update(_finetune_extras(phases, rescaled) if stage == "finetune" else {})
     return run.finish(model, metrics, meta={"init": init})
+
+
+def _finetune_extras(phases: list[Phase], rescaled: dict[str, float]) -> dict[str, Any]:
+    """What fine-tuning took from the dense net: the layers rescaled, the teacher's time per step."""
+    out: dict[str, Any] = {"rescaled_layers": len(rescaled)} if rescaled else {}
+    d = next((p.distill for p in phases if p.distill is not None), None)
+    if d is not None and d.steps:
+        out["distill_teacher_ms_per_step"] = d.total_ms / d.steps
+    return out
 
 
 #: the ℓ1 weight of Network Slimming's γ (both parts), named in the sparsity warning
