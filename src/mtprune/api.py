@@ -124,6 +124,14 @@ def prune_model(request: PruneRequest) -> PruneResult:
         )  # fmt: skip
         memory = host_memory() if mode is not None else None
     summary = _summary(request, model, plan, before)
+    noisy = [c for c in (plan.target or {}).get("candidates", []) if c.get("reliable") == 0.0]
+    if noisy and request.log is not None:  # never a plan picked from noise silently
+        worst = max(c["latency_halfwidth"] for c in noisy)
+        request.log(
+            f"warning: {len(noisy)} of the latency target's candidates were known to ±{worst:.3f} only (a busy "
+            "machine): the ratio chosen may be off by as much; prune on a quiet machine"
+        )
+        summary["timing_warning"] = f"{len(noisy)} candidates known to ±{worst:.3f} only"
     if memory is not None:
         summary["host_memory"] = memory
     if scorer == "thinet":

@@ -232,7 +232,8 @@ class Timing:
     the device, paired rounds, CPU threads (None: torch's default), host memory (None: ``cached`` where
     several runtimes are compared and glibc allows it, else ``system``), dtype, ``--round-to auto``'s
     table file (None: one per machine under ``~/.cache/mtprune``) and the input size nets are timed at
-    (None: the size MACs are counted at — ``--size``, a run's ``latency_size`` or crop)."""
+    (None: the size MACs are counted at — ``--size``, a run's ``latency_size`` or crop); ``precision``: how well
+    a latency ratio must be known (a busy machine: more rounds, then a ``warning:`` line; None: as timed)."""
 
     runtime: str = "eager"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -242,6 +243,8 @@ class Timing:
     dtype: Literal["float32", "bfloat16"] = "float32"
     table: str | None = None
     size: list[int] | None = None
+    # a ratio is re-timed (more paired rounds, up to 8 × runs) until known to ± this; else a warning: line
+    precision: float | None = 0.02
 
     def runtimes(self) -> tuple[str, ...]:
         """The runtime names of ``runtime`` (checked: one line for an unknown one). ``+`` combines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ from mtprune.cli.model_args import ModelSource, add_model_source, add_timing, mo
 from mtprune.config import Timing
 from mtprune.cost import best_latency, compare_cost, model_cost, paired_ratio, setups_of, timed_as
 from mtprune.cost.host_memory import CACHED, DEPLOY_ENV
+from mtprune.cost.latency import timing_warning
 from mtprune.cost.layers import channels_text, compare_layers, excess_by_kind, layer_latency, layer_profiles
 from mtprune.cost.runtimes import ONNXRUNTIME, TORCH
 from mtprune.cost.timing import latency_kw
@@ -55,6 +57,9 @@ def cost(req: CostRequest) -> int:
     with timed_as(req.timing) if req.latency or req.per_layer else contextlib.nullcontext() as mode:
         figures = _against(req, model) if req.against else _alone(req, model)
     rows = figures.pop("_rows", None)
+    warning = timing_warning(figures) if req.against and req.latency else None
+    if warning:
+        print(warning, file=sys.stderr)
     if req.latency:
         figures["host_memory"] = mode
     if req.json:

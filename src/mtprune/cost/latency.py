@@ -15,7 +15,8 @@ from torch import nn
 
 from mtprune.cost.counting import count_macs, count_params
 from mtprune.cost.host_memory import host_memory, minor_faults
-from mtprune.cost.rounds import iqr, paired_ratio, paired_rounds
+from mtprune.cost.load import LoadWatch
+from mtprune.cost.rounds import iqr, paired_ratio, paired_rounds, ratio_halfwidth
 from mtprune.cost.runtimes import (
     ONNXRUNTIME,
     Setup,
@@ -102,6 +103,8 @@ def interleaved_latency(
     setups: dict[str, Setup] | None = None,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    until: Callable[[dict[str, list[float]]], bool] | None = None,
+    max_runs: int | None = None,
 ) -> dict[str, dict[str, object]]:
     """Latency of several nets measured round-robin: each of the ``runs`` rounds times one batch-1 forward
     of every net (in alternating order), so that slow drifts of the machine — other tenants, clock
@@ -142,11 +145,13 @@ def interleaved_latency(
     names = list(nets)
     calls = {n: (lambda n=n: nets[n](inputs[n])) for n in names}
     with autocast, compile_settings(len(names)):
-        times, faults = paired_rounds(calls, runs, warmup, clock=clock, sync=sync, counter=minor_faults)
+        times, faults = paired_rounds(
+            calls, runs, warmup, clock=clock, sync=sync, counter=minor_faults, until=until, max_rounds=max_runs
+        )
     out: dict[str, dict[str, object]] = {}
     for n in names:
         out[n] = {"latency_ms": statistics.median(times[n]), "latency_iqr_ms": iqr(times[n])}
-        out[n].update({"device": _device_name(device), "runs": runs, "times_ms": times[n]})
+        out[n].update({"device": _device_name(device), "runs": len(times[n]), "times_ms": times[n]})
         out[n].update({"page_faults": int(statistics.median(faults[n])), "host_memory": host_memory()})
         if reference is not None:
             out[n].update(paired_ratio(times[n], times[reference]))
@@ -196,6 +201,8 @@ def latency_against(
     warmup: int = 5,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    precision: float | None = None,
+    max_runs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
     setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`; the nets are given back
@@ -211,17 +218,25 @@ def latency_against(
     "latency_iqr_ms", "same_setup_ratio", "page_faults", "against_page_faults", "times_ms"}]}}``. Run it
     inside :func:`~mtprune.cost.host_memory.cached_host_memory` to time the nets as a deployment with
     cached host memory runs them.
+
+    With ``precision``: blocks of ``runs`` more rounds until every ratio is known to ± ``precision``
+    (:func:`~mtprune.cost.rounds.ratio_halfwidth`), up to ``max_runs`` (default 8 × ``runs``); each entry then
+    has ``ratio_halfwidth``, ``reliable`` and ``load_others`` (the cores other processes kept busy meanwhile,
+    :class:`~mtprune.cost.load.LoadWatch`), and :func:`timing_warning` says when a figure is unreliable.
     """
     if AGAINST in models:
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
     nets = {**models, AGAINST: against}
     entries = {f"{n}|{st.label}": (m, st) for n, m in nets.items() for st in setups}
     kept = {id(m): (m, m.training, next(m.parameters(), torch.empty(0)).device) for m in nets.values()}
+    until = None if precision is None else (lambda times: _known(times, models, setups) <= precision)
     try:
-        timed = interleaved_latency(
-            {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
-            setups={k: st for k, (_, st) in entries.items()}, clock=clock,
-        )  # fmt: skip
+        with LoadWatch() as load:
+            timed = interleaved_latency(
+                {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
+                setups={k: st for k, (_, st) in entries.items()}, clock=clock, until=until,
+                max_runs=max_runs or 8 * runs,
+            )  # fmt: skip
     finally:  # the callers' nets come back as they were: layout, device, mode
         for m, training, where in kept.values():
             m.to(where, memory_format=torch.contiguous_format).train(training)
@@ -230,7 +245,35 @@ def latency_against(
         return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])
 
     ref = fastest(AGAINST)
-    return {n: _against_entry(timed, n, fastest(n), ref, setups) for n in models}
+    out = {n: _against_entry(timed, n, fastest(n), ref, setups) for n in models}
+    for e in out.values():
+        e["ratio_halfwidth"] = ratio_halfwidth(e["times_ms"], e["against_times_ms"])
+        e["load_others"] = load.others
+        e["reliable"] = precision is None or e["ratio_halfwidth"] <= precision
+    return out
+
+
+def _known(times: dict[str, list[float]], models: dict[str, nn.Module], setups: Sequence[Setup]) -> float:
+    """The widest half-width of the best-against-best ratios the rounds so far give."""
+
+    def best(n: str) -> list[float]:
+        return min((times[f"{n}|{st.label}"] for st in setups), key=statistics.median)
+
+    ref = best(AGAINST)
+    return max(ratio_halfwidth(best(n), ref) for n in models)
+
+
+def timing_warning(entry: dict[str, Any], what: str = "the latency ratio") -> str | None:
+    """One ``warning:`` line when ``entry`` (:func:`latency_against`'s, with a precision) is not known well
+    enough: its half-width, the rounds it took and how busy the machine was; None when it is."""
+    if entry.get("reliable", True):
+        return None
+    busy = entry.get("load_others")
+    why = f"other processes kept {busy:.1f} cores busy while timing" if busy is not None else "a noisy machine"
+    return (
+        f"warning: {what} {entry['latency_ratio']:.3f} is known to ±{entry['ratio_halfwidth']:.3f} only after "
+        f"{entry['runs']} paired rounds ({why}): unreliable — time it on a quiet machine"
+    )
 
 
 def _against_entry(

@@ -23,12 +23,16 @@ def paired_rounds(
     sync: Callable[[], None] = lambda: None,
     counter: Callable[[], int] | None = None,
     before: Callable[[str, bool], None] | None = None,
+    until: Callable[[dict[str, list[float]]], bool] | None = None,
+    max_rounds: int | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Each function of ``fns`` called ``warmup`` times (in order), then ``rounds`` rounds of one call of
     each, alternating the order every round. Returns the wall time (ms) of every timed call per name and,
     with ``counter`` (read before and after each call: e.g. page faults), its increase per call. ``sync``
     runs before each clock read (CUDA); ``before(name, timed)`` before each call (per-layer hooks);
-    ``clock``: seconds (tests pass a fake one)."""
+    ``clock``: seconds (tests pass a fake one). With ``until``: after the rounds, more blocks of ``rounds``
+    rounds while ``until(times)`` is false, up to ``max_rounds`` in all (a noisy machine: the figures are
+    not yet known well enough)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     counts: dict[str, list[int]] = {n: [] for n in names}
@@ -37,8 +41,10 @@ def paired_rounds(
             if before is not None:
                 before(n, False)
             fns[n]()
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else reversed(names):
+    r = 0
+    while not (r >= rounds and r % rounds == 0 and (until is None or r >= (max_rounds or r) or until(times))):
+        r += 1
+        for n in names if r % 2 == 1 else reversed(names):
             if before is not None:
                 before(n, True)
             sync()
@@ -48,6 +54,15 @@ def paired_rounds(
             times[n].append((clock() - t0) * 1000.0)
             counts[n].append((counter() if counter else 0) - c0)
     return times, counts
+
+
+def ratio_halfwidth(times: list[float], reference: list[float]) -> float:
+    """The half-width of a 95 % interval of the paired ratio's median, ``1.96 × 1.2533 × σ / √n`` with ``σ``
+    estimated robustly from the per-round ratios' IQR (``IQR / 1.349``): how well the ratio is known."""
+    ratios = [a / b for a, b in zip(times, reference, strict=True)]
+    if len(ratios) < 4:
+        return float("inf")
+    return 1.96 * 1.2533 * (iqr(ratios) / 1.349) / len(ratios) ** 0.5
 
 
 def iqr(v: list[float]) -> float:

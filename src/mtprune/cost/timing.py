@@ -44,7 +44,8 @@ def latency_kw(timing: Timing) -> dict[str, Any]:
     (checked first: one line for a request this machine cannot honour)."""
     check_timing(timing)
     check_latency_args(timing.device, timing.dtype, timing.runs)
-    return {"setups": setups_of(timing), "device": timing.device, "dtype": timing.dtype, "runs": timing.runs}
+    kw = {"setups": setups_of(timing), "device": timing.device, "dtype": timing.dtype, "runs": timing.runs}
+    return kw | {"precision": timing.precision}
 
 
 def table_setup(timing: Timing, fastest: Setup | None = None) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ from mtprune.api import PruneRequest, prune_checkpoint
 from mtprune.checkpoint import load_model
 from mtprune.config import Config
 from mtprune.cost import count_macs, count_params, latency_against, latency_kw, timed_as
+from mtprune.cost.latency import timing_warning
 from mtprune.data.from_config import make_dataset
 from mtprune.evaluate.validation import check_validation_data, final_metrics
 from mtprune.io import save_tensors, write_json
@@ -174,7 +175,13 @@ def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
         lat = {"dense": _dense_entry(next(iter(timed.values())))} if timed else {}
         lat.update({tag: _latency_entry(t) for tag, t in timed.items() if tag in models})
         inputs = {tag: input_id(src) for tag, src in sources.items()}
-        write_json(out / DONE_FILE, {"stage": "latency", "size": list(size), "latency": lat, "inputs": inputs})
+        warnings = [
+            w for tag, t in timed.items() if tag in models and (w := timing_warning(t, f"{tag}'s latency ratio"))
+        ]
+        for w in warnings:
+            print(w, file=sys.stderr)
+        done = {"stage": "latency", "size": list(size), "latency": lat, "inputs": inputs, "warnings": warnings}
+        write_json(out / DONE_FILE, done)
         return lat
 
     return Stage(

@@ -115,6 +115,9 @@ def _latency_cost(model: nn.Module, size: tuple[int, int], **latency_kw: Any) ->
     def cost(plan: Any) -> dict[str, float]:
         pruned = apply_plan(copy.deepcopy(model), plan)
         r = latency_against({"pruned": pruned}, model, size, **latency_kw)["pruned"]
-        return {"latency": r["latency_ratio"], "latency_iqr": r["latency_ratio_iqr"], "macs": macs(plan)}
+        out = {"latency": r["latency_ratio"], "latency_iqr": r["latency_ratio_iqr"], "macs": macs(plan)}
+        if "reliable" in r:  # timed with a precision: how well the candidate's ratio is known
+            out |= {"latency_halfwidth": r["ratio_halfwidth"], "reliable": float(r["reliable"])}
+        return out
 
     return cost

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mtprune.io import write_text
-from mtprune.layout import DENSE, REPORT_FILE, budget_key, budget_label, display_name, sparse_dirs
+from mtprune.layout import DENSE, LATENCY, REPORT_FILE, budget_key, budget_label, display_name, sparse_dirs
 from mtprune.report.plots import make_plots
 
 Row = dict[str, Any]
@@ -209,10 +209,14 @@ def write_report(out: str | os.PathLike, cfg: Any, rows: list[Row]) -> Path:
 
 
 def stage_warnings(out: Path) -> list[str]:
-    """The warnings the run's sparse stages wrote in their done.json (sparse training that did not separate)."""
+    """The warnings the run's sparse stages (sparse training that did not separate) and its latency stage (a
+    ratio timed on a busy machine) wrote in their done.json."""
     found = []
     for stage in sparse_dirs():
         done = out / stage / "done.json"
         if done.is_file():
             found += json.loads(done.read_text()).get("metrics", {}).get("warnings", [])
+    latency = out / LATENCY / "done.json"
+    if latency.is_file():
+        found += json.loads(latency.read_text()).get("warnings", [])
     return found
