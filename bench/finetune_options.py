@@ -1,0 +1,160 @@
+"""Issue 31's options on the real-ImageNet benchmark (``configs/camvid_effnet.yaml``): each option alone and the
+chosen combination, for MTP, Slimming and Uniform (distillation for all three), at 0.75× and 0.5× MACs, equal
+steps — reusing a finished base run's dense and sparse stages (hard links: only what an option changes is
+trained again; ``polarization`` redoes the sparse stages).
+
+    python bench/finetune_options.py --base runs/effnet45 --out runs/effnet-options --seeds 0 1 2 \
+        [--options plain distill-logits distill-channel rescale normalize polarization]
+    python bench/finetune_options.py --out runs/effnet-options --table     # the table of what has finished
+
+Each option is an ordinary resumable ``mtprune run`` folder ``OUT/OPTION`` (``seed-K/`` inside); rerun the same
+command to continue. The table: per option × model, mIoU (val) mean ± std, mIoU right after pruning, sparsity,
+teacher agreement, the teacher's time per fine-tuning step, and the paired per-seed differences against
+``plain`` and against Uniform under the same option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+#: option → its config overrides
+OPTIONS: dict[str, list[str]] = {
+    "plain": [],
+    "distill-logits": [
+        "finetune.distill.weight=1.0",
+        "finetune.distill.kind=logits",
+        "finetune.distill.temperature=1.0",
+    ],
+    "distill-channel": [
+        "finetune.distill.weight=3.0",
+        "finetune.distill.kind=channel",
+        "finetune.distill.temperature=4.0",
+    ],
+    "rescale": ["finetune.rescale_gamma=true"],
+    "normalize": ["run.normalize=mean", "run.thresholds=[unified]"],
+    "polarization": ["sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"],
+}
+#: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
+COMMON = [
+    "run.methods=[mtp, slimming, uniform]",
+    "run.thresholds=[independent]",
+    "run.without_cls_finetune=false",
+    "run.latency=false",
+    "run.eval_pruned=true",
+]
+#: the stages an option does not change, linked from the base run (a stage whose recipe an option changes is
+#: trained again in the option's folder)
+SHARED = ("pretrain-cls", "train-seg", "eval-dense", "sparse-mtp", "sparse-slimming")
+
+
+def _unchanged(option: str, stage: str) -> bool:
+    if option == "plain":
+        return True  # the base run's own stages: all of them reused
+    if option == "polarization":
+        return stage in ("pretrain-cls", "train-seg", "eval-dense")
+    if option == "normalize":
+        return stage in SHARED
+    return stage in SHARED or stage.startswith("prune-") or (stage.startswith("eval-") and stage.endswith("-pruned"))
+
+
+def _link_stages(base: Path, dest: Path, option: str) -> None:
+    """The base seed's stage folders the option does not change, hard-linked into ``dest`` (once; the run
+    writes its files atomically, so a linked file is replaced, never changed in place)."""
+    for src in sorted(p for p in base.iterdir() if p.is_dir()):
+        dst = dest / src.name
+        if _unchanged(option, src.name) and not dst.exists():
+            shutil.copytree(src, dst, copy_function=os.link)
+
+
+def run(args: argparse.Namespace) -> None:
+    for option in args.options:
+        for seed in args.seeds:
+            dest = args.out / option / f"seed-{seed}"
+            dest.mkdir(parents=True, exist_ok=True)
+            _link_stages(args.base / f"seed-{seed}", dest, option)
+            sets = [x for s in [*COMMON, *OPTIONS[option], f"seed={seed}"] for x in ("--set", s)]
+            cmd = [sys.executable, "-m", "mtprune", "run", args.config, "--out", str(dest), *sets]
+            print(f"== {option} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+            subprocess.run(cmd, check=True)
+
+
+def _rows(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """option → tag → seed → results row (and the fine-tuning's teacher ms per step)."""
+    found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for option_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+        for seed_dir in sorted(option_dir.glob("seed-*")):
+            results = seed_dir / "results.json"
+            if not results.is_file():
+                continue
+            for r in json.loads(results.read_text()):
+                done = seed_dir / f"finetune-{r['tag']}" / "done.json"
+                if done.is_file():
+                    r["teacher_ms"] = json.loads(done.read_text())["metrics"].get("distill_teacher_ms_per_step")
+                found.setdefault(option_dir.name, {}).setdefault(r["tag"], {})[int(seed_dir.name[5:])] = r
+    return found
+
+
+def _ms(values: list[float], scale: float = 100.0, fmt: str = ".2f") -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0] * scale:{fmt}}"
+    return f"{statistics.fmean(values) * scale:{fmt}} ± {statistics.stdev(values) * scale:{fmt}}"
+
+
+def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
+    diffs = [100 * (a[s]["miou"] - b[s]["miou"]) for s in sorted(a) if s in b]
+    return f"{statistics.fmean(diffs):+.2f} ({' '.join(f'{d:+.2f}' for d in diffs)})" if diffs else "–"
+
+
+def table(out: Path) -> None:
+    rows = _rows(out)
+    head = ["option", "model", "seeds", "mIoU %", "before FT %", "sparse bb/dec %", "agree %", "teacher ms/step",
+            "− plain (paired)", "− uniform (paired)"]  # fmt: skip
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for option, tags in rows.items():
+        for tag, seeds in tags.items():
+            rs = list(seeds.values())
+            if rs[0]["method"] == "dense":
+                continue
+            sp = [r["sparsity"] for r in rs if r.get("sparsity")]
+            sparse = f"{_ms([x['backbone'] for x in sp], fmt='.0f')}/{_ms([x['decoder'] for x in sp], fmt='.0f')}"
+            uni = next((t for t in tags if t.startswith("uniform-") and t.split("-", 1)[1] in tag), None)
+            cells = [
+                option, tag, str(len(rs)), _ms([r["miou"] for r in rs]),
+                _ms([r["miou_pruned"] for r in rs if r.get("miou_pruned") is not None]),
+                sparse if sp else "–", _ms([r["top1"] for r in rs if r.get("top1") is not None], fmt=".1f"),
+                _ms([r["teacher_ms"] for r in rs if r.get("teacher_ms")], 1.0, ".1f"),
+                _paired(seeds, rows.get("plain", {}).get(tag, {})) if option != "plain" else "",
+                _paired(seeds, tags[uni]) if uni and uni != tag else "",
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", type=Path, help="a finished run of the config (seed-K folders)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", default="configs/camvid_effnet.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument("--table", action="store_true", help="print the table of the finished seeds and exit")
+    args = ap.parse_args(argv)
+    if not args.table:
+        if args.base is None:
+            ap.error("--base RUN is needed to run the options")
+        run(args)
+    table(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
