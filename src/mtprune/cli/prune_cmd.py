@@ -32,11 +32,22 @@ def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
     source = model_source(args)
     stream = sys.stderr if args.json else sys.stdout
     request = PruneRequest(
-        source.checkpoint or source.model(), args.method, args.ratio, args.target, args.thresholds, args.round_to,
-        args.min_channels, (args.size[0], args.size[1]), timing_of(args.runtime, args.timing), cfg, args.samples,
-        not args.no_rescale, args.normalize, _candidate_printer(stream) if args.target else None,
-        lambda line: print(line, file=sys.stderr, flush=True),
-    )  # fmt: skip
+        source=source.checkpoint or source.model(),
+        method=args.method,
+        ratio=args.ratio,
+        target=args.target,
+        thresholds=args.thresholds,
+        round_to=args.round_to,
+        min_channels=args.min_channels,
+        size=(args.size[0], args.size[1]),
+        timing=timing_of(args.runtime, args.timing),
+        config=cfg,
+        samples=args.samples,
+        rescale=not args.no_rescale,
+        normalize=args.normalize,
+        on_candidate=_candidate_printer(stream) if args.target else None,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     if source.checkpoint and source.spec:
         raise UsageError("give either --model or --checkpoint, not both")
     return request, Path(args.out), args.overwrite

@@ -91,10 +91,20 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
     def run() -> None:
         target = next(iter(budget.items())) if isinstance(budget, dict) else None
         request = PruneRequest(
-            src, method, None if target else budget, target, thresholds if thresholds in THRESHOLDS else
-            "independent", cfg.run.round_to, cfg.run.min_channels, cost_size(cfg), cfg.run.timing, cfg,
-            cfg.run.thinet_samples, normalize=cfg.run.normalize,
-        )  # fmt: skip
+            source=src,
+            method=method,
+            ratio=None if target else budget,
+            target=target,
+            thresholds=thresholds if thresholds in THRESHOLDS else "independent",
+            round_to=cfg.run.round_to,
+            min_channels=cfg.run.min_channels,
+            size=cost_size(cfg),
+            timing=cfg.run.timing,
+            config=cfg,
+            samples=cfg.run.thinet_samples,
+            normalize=cfg.run.normalize,
+            log=lambda line: print(line, file=sys.stderr, flush=True),  # what is timed; a busy machine's warning
+        )
         result = prune_checkpoint(request, out, out / "model")
         pruned = {"method": method, "ratio": result.plan.ratio, "thresholds": thresholds}
         write_json(out / DONE_FILE, {"stage": "prune", **pruned, **({"target": budget} if target else {})})
