@@ -46,17 +46,19 @@ fi
 case "$part" in
 latency)
     for m in "${models[@]}"; do
-        "$py" bench/latency.py --device "$dev" --models "$m" "${lat_size[@]}" --ratios "${ratios[@]}" \
-            --plans uniform irregular --round-to "${rts[@]}" --layouts contiguous channels_last \
-            --variants eager foldbn --dtypes float32 bfloat16 --runs "$runs" --json "$out/latency_${dev}_$m.json" \
+        "$py" bench/latency.py --timing device="$dev" runs="$runs" --models "$m" "${lat_size[@]}" \
+            --ratios "${ratios[@]}" --plans uniform irregular --round-to "${rts[@]}" \
+            --runtime eager,fold-bn,channels-last,channels-last+fold-bn --dtypes float32 bfloat16 \
+            --json "$out/latency_${dev}_$m.json" \
             2>&1 | tee -a "$out/latency.log"
     done
     "$py" bench/latency.py --render "$out"/latency_"${dev}"_*.json | tee "$out/latency.md"
     ;;
 compile)
     for m in "${models[@]}"; do
-        "$py" bench/latency.py --device "$dev" --models "$m" "${lat_size[@]}" --ratios 0.5 --plans uniform irregular \
-            --round-to 1 --layouts channels_last --variants foldbn compile --dtypes bfloat16 --runs "$runs" \
+        "$py" bench/latency.py --timing device="$dev" runs="$runs" --models "$m" "${lat_size[@]}" --ratios 0.5 \
+            --plans uniform irregular --round-to 1 --runtime channels-last+fold-bn,channels-last+compile \
+            --dtypes bfloat16 \
             --json "$out/latency_${dev}_${m}_compile.json" 2>&1 | tee -a "$out/compile.log"
     done
     "$py" bench/latency.py --render "$out"/latency_"${dev}"_*_compile.json | tee "$out/compile.md"

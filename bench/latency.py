@@ -3,6 +3,7 @@
     python bench/latency.py [--models deeplabv3_resnet101 pspnet_resnet50 bisenet_resnet18]
                             [--ratios 0.25 0.5] [--plans uniform irregular] [--round-to 1 8 16 auto]
                             [--runtime R[,R…]] [--timing device=cpu runs=20 threads=2 host_memory=… dtype=…]
+                            [--dtypes float32 bfloat16]
                             [--size H W] [--profile] [--per-layer] [--skip-timing] [--json FILE] | --render FILE…
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
@@ -333,6 +334,7 @@ def main() -> None:
                     help="multiples K, or auto (mtprune prune --round-to auto, in --runtime)")  # fmt: skip
     ap.add_argument("--runtime", default="best", help="mtprune cost --runtime (default best)")
     ap.add_argument("--timing", nargs="+", default=[], metavar="KEY=VALUE", help="mtprune cost --timing")
+    ap.add_argument("--dtypes", nargs="+", default=None, help="several dtypes in turn (default: the timing's)")
     ap.add_argument("--profile", action="store_true", help="per-operator self time, dense against each pruned net")
     ap.add_argument(
         "--per-layer", action="store_true", help="per-layer time against per-layer work, dense against each pruned net"
@@ -385,7 +387,7 @@ def run(a: argparse.Namespace) -> dict:
         nets = build_nets(name, a)
         sts = setups(a)
         dmacs = nets["dense"][0]["macs"]
-        for dtype in [a.timing.dtype]:
+        for dtype in a.dtypes or [a.timing.dtype]:
             timed = {}
             if not a.skip_timing:
                 others = {label: m for label, (_, m) in nets.items() if label != "dense"}
