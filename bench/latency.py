@@ -39,6 +39,7 @@ from mtprune.cli.model_args import timing_of
 from mtprune.config import Timing
 from mtprune.cost import Setup, count_macs, count_params, latency_against, paired_ratio, setups_of, timed_as
 from mtprune.cost.host_memory import host_memory
+from mtprune.cost.latency import timing_warning
 from mtprune.cost.layers import channels_text, compare_layers, excess_by_kind, layer_profiles
 from mtprune.cost.runtimes import TORCH, setup_dict
 from mtprune.cost.tables import LatencyTable
@@ -130,6 +131,8 @@ def timing_row(label: str, timed: dict, sts: dict[str, Setup]) -> dict:
         "best_setup": label_of[tuple(t["config"].values())],
         "best_ratio": t["latency_ratio"],
         "best_ratio_iqr": t["latency_ratio_iqr"],
+        "best_ratio_halfwidth": t.get("ratio_halfwidth"),
+        "reliable": t.get("reliable", True),
         "times_ms": {st: c["times_ms"] for st, c in configs.items()},
         "page_faults": {st: c["page_faults"] for st, c in configs.items()},
     }
@@ -392,7 +395,10 @@ def run(a: argparse.Namespace) -> dict:
             if not a.skip_timing:
                 others = {label: m for label, (_, m) in nets.items() if label != "dense"}
                 timed = latency_against(others, nets["dense"][1], size, list(sts.values()), t.device, dtype,
-                                        t.runs, a.warmup)  # fmt: skip
+                                        t.runs, a.warmup, precision=t.precision)  # fmt: skip
+                for label, e in timed.items():  # a busy machine: the rows that are not known to ±precision
+                    if (w := timing_warning(e, f"{name} {dtype} {label}'s best-against-best ratio")) is not None:
+                        print(w, file=sys.stderr, flush=True)
             for label, (row, _) in nets.items():
                 r = {"model": name, "dtype": dtype, **row, "macs_ratio": row["macs"] / dmacs}
                 cells = ""
