@@ -41,6 +41,11 @@ OPTIONS: dict[str, list[str]] = {
     "rescale": ["finetune.rescale_gamma=true"],
     "normalize": ["run.normalize=mean", "run.thresholds=[unified]"],
     "polarization": ["sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"],
+    # issue 28's finding: a switched-off channel's constant act(β) folded into its consumers before removal
+    "compensate": ["run.compensate=true"],
+    # a sparse stage that shrinks γ by half the median |γ| instead of 1.15 ×, with the constants folded
+    "budget-0.5": ["sparse_mtp.l1_budget=0.5", "sparse_slimming.l1_budget=0.5", "run.compensate=true"],
+    "budget-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25", "run.compensate=true"],
 }
 #: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
 COMMON = [
@@ -58,9 +63,9 @@ SHARED = ("pretrain-cls", "train-seg", "eval-dense", "sparse-mtp", "sparse-slimm
 def _unchanged(option: str, stage: str) -> bool:
     if option == "plain":
         return True  # the base run's own stages: all of them reused
-    if option == "polarization":
+    if option == "polarization" or option.startswith("budget-"):
         return stage in ("pretrain-cls", "train-seg", "eval-dense")
-    if option == "normalize":
+    if option in ("normalize", "compensate"):
         return stage in SHARED
     return stage in SHARED or stage.startswith("prune-") or (stage.startswith("eval-") and stage.endswith("-pruned"))
 
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
             dest = args.out / option / f"seed-{seed}"
             dest.mkdir(parents=True, exist_ok=True)
             _link_stages(args.base / f"seed-{seed}", dest, option)
-            sets = [x for s in [*COMMON, *OPTIONS[option], f"seed={seed}"] for x in ("--set", s)]
+            sets = [x for s in [*COMMON, *OPTIONS[option], *args.set, f"seed={seed}"] for x in ("--set", s)]
             cmd = [sys.executable, "-m", "mtprune", "run", args.config, "--out", str(dest), *sets]
             print(f"== {option} seed {seed}: {' '.join(cmd[2:])}", flush=True)
             subprocess.run(cmd, check=True)
@@ -146,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/camvid_effnet.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more overrides for every option, e.g. run.methods=[mtp] run.targets=[{macs: 0.5}]",
+    )
     ap.add_argument("--table", action="store_true", help="print the table of the finished seeds and exit")
     args = ap.parse_args(argv)
     if not args.table:

@@ -53,6 +53,7 @@ class PruneRequest:
     samples: int | None = None
     rescale: bool = True
     normalize: str = "none"  # "mean": each layer's scores over their mean before a unified threshold
+    compensate: bool = False  # fold a removed channel's constant output (γ = 0) into its consumers
     on_candidate: Callable[[dict[str, Any]], None] | None = None  # each target candidate, as it is measured
     log: Callable[[str], None] | None = None  # progress lines (what is timed, where)
 
@@ -120,7 +121,8 @@ def prune_model(request: PruneRequest) -> PruneResult:
         plan = prune(
             model, request.method, request.ratio, request.thresholds, 1 if request.round_to == "auto" else
             int(request.round_to), request.min_channels, rescale=request.rescale, target=request.target, cost=cost,
-            on_candidate=request.on_candidate, fit=_fit(request, model), normalize=request.normalize, **score_kw,
+            on_candidate=request.on_candidate, fit=_fit(request, model), normalize=request.normalize,
+            compensate=request.compensate, **score_kw,
         )  # fmt: skip
         memory = host_memory() if mode is not None else None
     summary = _summary(request, model, plan, before)
@@ -142,7 +144,8 @@ def prune_model(request: PruneRequest) -> PruneResult:
 def write_pruned(result: PruneResult, request: PruneRequest, out: Path, model_out: Path) -> None:
     """``out/plan.json`` and the pruned checkpoint in ``model_out`` (its meta: what was pruned, from what)."""
     s = result.summary
-    meta = {"pruned": {k: s[k] for k in ("method", "ratio", "thresholds", "normalize", "target", "thinet") if k in s}}
+    keys = ("method", "ratio", "thresholds", "normalize", "compensate", "target", "thinet")
+    meta = {"pruned": {k: s[k] for k in keys if k in s}}
     source = "model in memory" if isinstance(request.source, SegmentationModel) else str(request.source)
     write_json(out / PLAN_FILE, {**result.plan.to_dict(), "cost": s})
     save_model(result.model, model_out, meta={**meta, "source": source})
@@ -202,6 +205,8 @@ def _summary(
     }
     if request.normalize != "none":
         summary["normalize"] = request.normalize
+    if request.compensate:
+        summary["compensate"] = True
     if request.timed:
         summary["timing"] = {"runtime": request.timing.runtime, "runs": request.timing.runs}
         summary["timing"]["size"] = list(timing_size(request))

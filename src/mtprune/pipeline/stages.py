@@ -64,7 +64,7 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
     """What a prune stage computes from: the source model, the method, ratio (or target), thresholds and the
     ``run`` keys of the plan (ThiNet also draws images: the seed and the segmentation data; a target is
     measured at the cost size, a latency target and ``round_to: auto`` as ``run.timing`` says)."""
-    keys: tuple[str, ...] = ("run.round_to", "run.min_channels", "run.normalize")
+    keys: tuple[str, ...] = ("run.round_to", "run.min_channels", "run.normalize", "run.compensate")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
     how: dict[str, Any] = {"ratio": budget}
@@ -103,6 +103,7 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
             config=cfg,
             samples=cfg.run.thinet_samples,
             normalize=cfg.run.normalize,
+            compensate=cfg.run.compensate,
             log=lambda line: print(line, file=sys.stderr, flush=True),  # what is timed; a busy machine's warning
         )
         result = prune_checkpoint(request, out, out / "model")

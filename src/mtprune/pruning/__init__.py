@@ -18,6 +18,7 @@ from mtprune.errors import UsageError
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes
 from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
+from mtprune.pruning.compensate import constant_inputs
 from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap, with_counts
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
@@ -92,6 +93,7 @@ def prune(
     on_candidate: Callable[[dict[str, Any]], None] | None = None,
     fit: Fit | None = None,
     normalize: str = "none",
+    compensate: bool = False,
     **score_kw: Any,
 ) -> PruningPlan:
     """Prune ``model`` in place (physically) and return the plan that was applied.
@@ -106,6 +108,9 @@ def prune(
     :func:`~mtprune.pruning.thinet.thinet_statistics`) choose the channels, and with ``rescale`` (default)
     the consumers' kept input channels are then rescaled by least squares (:func:`thinet_rescale`) — the
     pruned net then differs from the masked one, by design. ``rescale`` is ignored by other methods.
+
+    ``compensate``: a removed channel that outputs a constant (γ = 0: a sparse stage switched it off)
+    has the constant folded into its consumers (:mod:`~mtprune.pruning.compensate`), so removing it costs nothing.
     """
     if (ratio is None) == (target is None):
         raise UsageError("give exactly one of a ratio and a target")
@@ -124,7 +129,7 @@ def prune(
         plan = _plan_for_target(
             model, method, target, cost, thresholds, round_to, min_channels, on_candidate, fit, normalize, **score_kw
         )
-    apply_plan(model, plan)
+    apply_plan(model, plan, constants=constant_inputs(model) if compensate else None)
     if stats is not None and rescale:
         thinet_rescale(model, plan, stats)
     return plan

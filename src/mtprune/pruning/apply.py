@@ -17,6 +17,7 @@ import torch_pruning as tp
 from mtprune.errors import UsageError
 from mtprune.models.base import SegmentationModel
 from mtprune.models.groups import dependency_graph
+from mtprune.pruning.compensate import fold_removed_constants
 from mtprune.pruning.plan import PruningPlan
 
 
@@ -38,10 +39,20 @@ def _check_plan_fits(model: SegmentationModel, plan: PruningPlan) -> None:
 
 
 @torch.no_grad()
-def apply_plan(model: SegmentationModel, plan: PruningPlan, dg: tp.DependencyGraph | None = None) -> SegmentationModel:
-    """Physically remove the channels ``plan`` drops, in place; returns ``model``."""
+def apply_plan(
+    model: SegmentationModel,
+    plan: PruningPlan,
+    dg: tp.DependencyGraph | None = None,
+    constants: dict[str, torch.Tensor] | None = None,
+) -> SegmentationModel:
+    """Physically remove the channels ``plan`` drops, in place; returns ``model``.
+
+    With ``constants`` (:func:`~mtprune.pruning.compensate.constant_inputs` of the unpruned net), each removed
+    channel that outputs a constant has it folded into its consumers first (:mod:`mtprune.pruning.compensate`).
+    """
     _check_plan_fits(model, plan)
     dg = dg or build_dependency_graph(model)
+    names = {id(m): n for n, m in model.named_modules()}
     for name, lp in plan.layers.items():
         conv = model.get_submodule(name)
         drop = sorted(set(range(conv.out_channels)) - set(lp.kept))
@@ -50,6 +61,8 @@ def apply_plan(model: SegmentationModel, plan: PruningPlan, dg: tp.DependencyGra
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=drop)
         if not dg.check_pruning_group(group):
             raise UsageError(f"Torch-Pruning refused to prune '{name}' (it would remove every channel)")
+        if constants is not None:
+            fold_removed_constants(group, dg, names, constants)
         group.prune()
     return model
 

@@ -1,0 +1,119 @@
+"""Removing a channel that outputs a constant without losing the constant (issue 28's finding).
+
+A sparse stage's ℓ1 term drives a channel's BN scale γ to 0; the channel then outputs act(β), the same value at
+every pixel, and the layers after it were trained with that value. Removing the channel (``apply_plan``) removes
+the value too. Here the value is folded into each consumer first — a conv's or linear's bias, or, for a conv
+without bias that feeds a BatchNorm, that BN's running mean (``BN(y + c) = BN'(y)`` with ``μ' = μ − c``; in
+training mode the batch mean absorbs ``c`` anyway) — so the pruned net computes what the unpruned one computes
+wherever a 1×1 consumer sees the channel (a k×k consumer differs on its zero-padded border only).
+
+"Constant" is measured, not assumed: a conv / linear input channel whose values do not depend on the input (two
+random images give the same map). Channels that depend on it are removed as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+IN_HANDLERS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+def _consumers(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose input channels a constant can be folded through: linears and ungrouped convs."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    }
+
+
+@torch.no_grad()
+def constant_inputs(
+    model: nn.Module, size: tuple[int, int] = (224, 224), rtol: float = 1e-5
+) -> dict[str, torch.Tensor]:
+    """``{consumer name: per input channel, the value it takes whatever the input, NaN where it depends on it}``.
+
+    Two different random images go through ``model`` in eval mode; a channel whose values are equal position by
+    position for both (within ``rtol`` × the consumer input's largest magnitude) does not depend on the input:
+    a switched-off channel, or one fed only by such channels. Its value is the median over positions — the
+    constant of the interior, where a k×k conv's zero padding does not reach.
+    """
+    values: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(mod: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().float()
+            x = x.flatten(2) if x.dim() == 4 else x.unsqueeze(-1)  # [2, C, positions]
+            bound = rtol * float(x.abs().max()) + 1e-12
+            fixed = (x[0] - x[1]).abs().amax(-1) <= bound
+            med = x[0].median(-1).values
+            values[name] = torch.where(fixed, med, torch.full_like(med, float("nan"))).cpu()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in _consumers(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = 3 * torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+        model(x.to(device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return values
+
+
+def _next_batchnorm(dg: tp.DependencyGraph, mod: nn.Module) -> nn.BatchNorm2d | None:
+    node = dg.module2node.get(mod)
+    outs = list({id(n.module): n.module for n in node.outputs}.values()) if node is not None else []
+    if len(outs) == 1 and isinstance(outs[0], nn.BatchNorm2d) and outs[0].track_running_stats:
+        return outs[0]
+    return None
+
+
+@torch.no_grad()
+def fold_removed_constants(
+    group: tp.Group, dg: tp.DependencyGraph, names: dict[int, str], constants: dict[str, torch.Tensor]
+) -> tuple[int, int]:
+    """Fold the constant input channels ``group`` is about to remove into their consumers, and drop those
+    channels from ``constants`` (kept in the consumers' current indexing). Returns (folded, not foldable)."""
+    removed: dict[str, set[int]] = {}
+    mods: dict[str, nn.Module] = {}
+    for item in group.items:
+        mod = item.dep.target.module
+        name = names.get(id(mod))
+        if item.dep.handler in IN_HANDLERS and name in constants:
+            removed.setdefault(name, set()).update(int(i) for i in item.idxs)
+            mods[name] = mod
+    folded = missed = 0
+    for name, drop in removed.items():
+        f, m = _fold(mods[name], dg, constants[name], torch.tensor(sorted(drop), dtype=torch.long))
+        folded, missed = folded + f, missed + m
+        keep = torch.ones(len(constants[name]), dtype=torch.bool)
+        keep[sorted(drop)] = False
+        constants[name] = constants[name][keep]
+    return folded, missed
+
+
+def _fold(mod: nn.Module, dg: tp.DependencyGraph, constants: torch.Tensor, idxs: torch.Tensor) -> tuple[int, int]:
+    """Add the contribution of ``mod``'s constant input channels ``idxs`` to its bias or next BN's mean."""
+    values = constants[idxs]
+    const = ~torch.isnan(values)
+    n = int(const.sum())
+    if n == 0:
+        return 0, 0
+    w = mod.weight[:, idxs[const]]
+    w = w.sum(dim=(2, 3)) if w.dim() == 4 else w
+    delta = w.float() @ values[const].to(w.device)
+    if mod.bias is not None:
+        mod.bias += delta.to(mod.bias.dtype)
+        return n, 0
+    bn = _next_batchnorm(dg, mod)
+    if bn is None:
+        return 0, n
+    bn.running_mean -= delta.to(bn.running_mean.dtype)
+    return n, 0
