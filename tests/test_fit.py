@@ -351,3 +351,23 @@ def test_a_count_nothing_beats_is_filled_to_the_kernels_multiple_only_if_that_is
     again = make_plan(model, "bn", 0.5, fit=latency_fit(model, SIZE, costly))
     assert again.layers == plain.layers and not again.rounding  # more than 2 % slower: nothing filled
     assert any(len(lp.kept) % 16 for lp in plain.layers.values())
+
+
+def test_an_expand_conv_s_count_is_timed_with_the_depthwise_conv_its_channels_run_through(tmp_path):
+    def depthwise_likes_16(s: ConvShape) -> float:  # pointwise convs: pure work; depthwise: 4× slower off 16
+        work = s.cin * s.cout * s.height * s.width * s.kernel[0] * s.kernel[1] / s.groups * 1e-6
+        return work * (4 if s.groups > 1 and s.cin % 16 else 1)
+
+    model = randomize_bn(build_model("deeplabv3_efficientnet_lite0", 5, 10, 0.5))
+    plain = make_plan(model, "bn", 0.5)
+    fit = latency_fit(model, (64, 64), LatencyTable(tmp_path / "e.json", measure=depthwise_likes_16))
+    plan = make_plan(model, "bn", 0.5, fit=fit)
+    expand = [n for n in plan.rounding if n.endswith("_expand_conv")]
+    assert expand, plan.rounding  # counts grown for the depthwise conv after them: the expand conv alone is work
+    assert all(plan.rounding[n]["to"] % 16 == 0 and plan.rounding[n]["from"] % 16 for n in expand)
+    assert all(n.endswith("_expand_conv") for n in plan.rounding)  # nothing else has a depthwise conv after it
+    assert sum(len(lp.kept) for lp in plan.layers.values()) > sum(len(lp.kept) for lp in plain.layers.values())
+    pruned, masked = apply_plan(copy.deepcopy(model), plan), mask_plan(copy.deepcopy(model), plan)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), masked.eval()(x), atol=1e-5)

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from mtprune.cost.tables import ConvShape, LatencyTable
@@ -101,10 +102,9 @@ def _timeable(conv: nn.Module) -> bool:
     return isinstance(conv, nn.Conv2d) and (conv.groups == 1 or conv.groups == conv.in_channels)
 
 
-def _links(model: nn.Module, names: list[str], skip: tuple[str, ...]) -> dict[str, list[str]]:
+def _links(model: nn.Module, dg: tp.DependencyGraph, names: list[str], skip: tuple[str, ...]) -> dict[str, list[str]]:
     """For each prunable conv, the deployed convs that consume its channels (none when the dependency graph
     cannot map them: the conv alone is timed then)."""
-    dg = dependency_graph(model)
     out = {}
     for n in names:
         try:
@@ -115,6 +115,23 @@ def _links(model: nn.Module, names: list[str], skip: tuple[str, ...]) -> dict[st
     return out
 
 
+def _depthwise(model: nn.Module, dg: tp.DependencyGraph, names: list[str]) -> dict[str, list[str]]:
+    """For each prunable conv, the depthwise convs its channels run through (an inverted residual's expand conv:
+    the depthwise conv after it): pruned with it, so timed at its count too."""
+    mods = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for n in names:
+        conv = model.get_submodule(n)
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+        found = {mods[id(it.dep.target.module)]: None for it in group.items if _is_depthwise(it.dep.target.module)}
+        out[n] = list(found)
+    return out
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -122,8 +139,9 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
 def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) -> Fit:
     """The :data:`~mtprune.pruning.Fit` of ``--round-to auto`` for ``model`` at input ``size``: for each
     prunable layer of a plan (in order; a count chosen changes the input count of the layers after it), the
-    count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs) plus its
-    consumers' convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
+    count c ∈ [n, next multiple of :data:`MULTIPLE`] minimising the time of its conv (c outputs), the depthwise
+    convs its channels run through (c channels: an inverted residual's, :func:`_depthwise`) and its consumers'
+    convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
     of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. In
     ONNX Runtime (``table.block`` > 1) a kept count that is not a multiple of its block is first rounded up
     to one, then only multiples are tried (:func:`_blocked`). A count nothing beats is filled up to the
@@ -133,7 +151,8 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
     skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
     names = [lay.conv for lay in model.prunable_layers() if not _under(lay.conv, skip)]
     names = [n for n in names if model.get_submodule(n).groups == 1]
-    consumers = _links(model, names, skip)
+    dg = dependency_graph(model)
+    consumers, depthwise = _links(model, dg, names, skip), _depthwise(model, dg, names)
     producers: dict[str, list[str]] = {}
     for n, cs in consumers.items():
         for c in cs:
@@ -155,6 +174,7 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
             own = partial(_shape, pruned.get_submodule(name), sizes[name], inputs(name))
             uses = [partial(_shape_in, pruned.get_submodule(u), sizes[u], inputs(u, but=name) - n)
                     for u in consumers[name]]  # fmt: skip
+            uses += [partial(_shape_in, pruned.get_submodule(d), sizes[d], 0) for d in depthwise[name]]
             chosen, why = _count(table, own, uses, n, top)
             if chosen != n:
                 counts[name], report[name] = chosen, why
