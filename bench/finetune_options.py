@@ -46,6 +46,16 @@ OPTIONS: dict[str, list[str]] = {
     # a sparse stage that shrinks γ by half the median |γ| instead of 1.15 ×, with the constants folded
     "budget-0.5": ["sparse_mtp.l1_budget=0.5", "sparse_slimming.l1_budget=0.5", "run.compensate=true"],
     "budget-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25", "run.compensate=true"],
+    "budget-0.8": ["sparse_mtp.l1_budget=0.8", "sparse_slimming.l1_budget=0.8", "run.compensate=true"],
+    # the milder sparse stage with the dense net as teacher of every method's fine-tuning
+    "budget-0.5-distill": [
+        "sparse_mtp.l1_budget=0.5",
+        "sparse_slimming.l1_budget=0.5",
+        "run.compensate=true",
+        "finetune.distill.weight=1.0",
+        "finetune.distill.kind=logits",
+        "finetune.distill.temperature=1.0",
+    ],
 }
 #: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
 COMMON = [

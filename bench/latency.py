@@ -56,6 +56,13 @@ CLASSES = {"deeplabv3_resnet101": 21, "pspnet_resnet50": 150, "bisenet_resnet18"
 AUTO = ("auto",)
 
 
+def _build(name: str, a) -> torch.nn.Module:
+    """A dense net of ``name`` (a built-in name or a spec such as ``torchvision:lraspp_mobilenet_v3_large``);
+    ``--coupled`` applies to specs and the EfficientNet-Lite nets."""
+    kw = {"coupled": a.coupled} if (":" in name or "efficientnet" in name) else {}
+    return build_model(name, CLASSES.get(name, 21), **kw)
+
+
 def setups(a) -> dict[str, Setup]:
     """The setups ``--runtime`` names, by label."""
     return {st.label: st for st in setups_of(a.timing)}
@@ -69,9 +76,9 @@ def eager_setup(a) -> Setup:
 def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
     """``{label: (row, model)}``: the dense net, then one pruned net per plan kind, ratio and round-to (a plan
     with the same channel counts as an earlier one is not timed twice)."""
-    size = tuple(a.size) if a.size else SIZES[name]
+    size = tuple(a.size) if a.size else SIZES.get(name, (512, 512))
     torch.manual_seed(0)
-    dense = build_model(name, CLASSES[name])
+    dense = _build(name, a)
     dmacs = count_macs(dense, size)
     nets = {
         "dense": ({"plan": "dense", "ratio": 0.0, "round_to": 1, "params": count_params(dense), "macs": dmacs}, dense)
@@ -81,7 +88,7 @@ def build_nets(name: str, a) -> dict[str, tuple[dict, torch.nn.Module]]:
         for ratio in a.ratios:
             for rt in a.round_to:
                 torch.manual_seed(1)
-                model = build_model(name, CLASSES[name])
+                model = _build(name, a)
                 if plan_kind == "irregular":
                     with torch.no_grad():
                         for m in model.modules():
@@ -347,6 +354,12 @@ def main() -> None:
         "--size", nargs=2, type=int, metavar=("H", "W"), help="input size for every model (default: the paper's)"
     )
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--coupled",
+        default="group",
+        choices=["skip", "group"],
+        help="for torchvision:/smp: specs and EfficientNet-Lite (default group: MobileNetV3 needs it)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--render", nargs="+", metavar="JSON", help="print the markdown table of saved --json files and exit"
@@ -375,7 +388,7 @@ def run(a: argparse.Namespace) -> dict:
         "device": a.timing.device,
         "device_name": torch.cuda.get_device_name(a.timing.device) if a.timing.device != "cpu" else cpu_model(),
         "onnxruntime": _version("onnxruntime"),
-        "sizes": {m: list(a.size) if a.size else list(SIZES[m]) for m in a.models},
+        "sizes": {m: list(a.size) if a.size else list(SIZES.get(m, (512, 512))) for m in a.models},
         "rows": [],
     }
     t = a.timing
@@ -386,7 +399,7 @@ def run(a: argparse.Namespace) -> dict:
         + f"  {'fastest setup':28s} best× (paired) ± IQR"
     )
     for name in a.models:
-        size = tuple(a.size) if a.size else SIZES[name]
+        size = tuple(a.size) if a.size else SIZES.get(name, (512, 512))
         nets = build_nets(name, a)
         sts = setups(a)
         dmacs = nets["dense"][0]["macs"]
