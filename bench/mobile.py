@@ -3,7 +3,8 @@
 For each net (default: ``torchvision:lraspp_mobilenet_v3_large``, ``torchvision:deeplabv3_mobilenet_v3_large``
 and ``deeplabv3_efficientnet_lite0``, all with ``--coupled group``): a dense net with irregular γ (U(0, 1), seed 1:
 the uneven channel counts a sparse stage leaves; no trained weights are needed for timing), pruned by ``bn`` to
-``--target macs=0.5`` at each ``--round-to`` (``auto`` timed in the ``--runtime`` best setup's table), then for
+``--target macs=0.5`` at each ``--round-to`` (``auto`` timed in the ``--runtime`` best setup's table) and to each
+``--latency-targets`` X (``--target latency=X --runtime best``: re-measured, does it land within 0.03 of X?), then for
 each runtime ``mtprune cost --checkpoint PRUNED --against DENSE --latency --per-layer --runtime R --json`` — both
 nets timed in the same paired rounds; eager runtimes layer by layer too. Everything through the CLI a user has.
 
@@ -57,11 +58,12 @@ def _dense(net: str, folder: Path, classes: int) -> Path:
     return folder
 
 
-def _prune(dense: Path, out: Path, size: list[int], round_to: str, runtime: str, threads: int) -> Path:
+def _prune(dense: Path, out: Path, size: list[int], round_to: str, runtime: str, threads: int,
+           target: str = "macs=0.5") -> Path:  # fmt: skip
     if not (out / "model.safetensors").is_file():
-        args = ["prune", "--checkpoint", str(dense), "--method", "bn", "--target", "macs=0.5", "--round-to", round_to]
+        args = ["prune", "--checkpoint", str(dense), "--method", "bn", "--target", target, "--round-to", round_to]
         args += ["--size", *map(str, size), "--out", str(out)]
-        if round_to == "auto":
+        if round_to == "auto" or target.startswith("latency"):
             args += ["--runtime", runtime, "--timing", f"threads={threads}"]
         subprocess.run([sys.executable, "-m", "mtprune", *args], check=True)
     return out
@@ -95,6 +97,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 print(_line(row), flush=True)
                 if a.json:
                     _write(a.json, result)
+        for x in a.latency_targets:  # item 3: does --target latency=X land within 0.03 of X, re-measured?
+            pruned = _prune(dense, a.out / slug / f"latency{x}", a.size, "1", "best", a.threads, f"latency={x}")
+            args = ["cost", "--checkpoint", str(pruned), "--against", str(dense), "--size", *map(str, a.size)]
+            args += ["--latency", "--runtime", "best", "--timing", f"runs={a.runs}", f"threads={a.threads}", "--json"]
+            plan = json.loads((pruned / "plan.json").read_text())
+            row = {"net": net, "round_to": f"latency={x}", "runtime": "best", "cost": _cli(*args)}
+            row["target"] = {"latency": x, "reached_when_pruned": plan.get("target", {}).get("reached")}
+            result["rows"].append(row)
+            print(_line(row), f"target {x}: re-measured {row['cost']['latency_ratio']:.3f}", flush=True)
+            if a.json:
+                _write(a.json, result)
     return result
 
 
@@ -103,7 +116,7 @@ def _line(row: dict[str, Any]) -> str:
     lat = c.get("latency_ratio")
     return (
         f"{row['net']:42s} rt{row['round_to']:5s} {row['runtime']:22s} MACs× {c['macs_ratio']:.3f} "
-        f"latency× {lat:.3f} ± {c.get('latency_ratio_halfwidth', float('nan')):.3f} gap {lat - c['macs_ratio']:+.3f} "
+        f"latency× {lat:.3f} ± {c.get('ratio_halfwidth', float('nan')):.3f} gap {lat - c['macs_ratio']:+.3f} "
         f"({c.get('against_latency_ms', float('nan')):.1f} → {c.get('latency_ms', float('nan')):.1f} ms)"
     )
 
@@ -136,11 +149,11 @@ def render(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         c = r["cost"]
         lat = c["latency_ratio"]
-        setup = f" ({c['setup']} vs {c.get('against_setup', '')})" if "setup" in c else ""
+        setup = f" ({c['config']['setup']} vs {c['against_config']['setup']})" if "config" in c else ""
         lines.append(
             f"| {r['net']} | {r['round_to']} | {r['runtime']}{setup} | {c['macs_ratio']:.3f} | "
             f"{c['against_latency_ms']:.1f} → {c['latency_ms']:.1f} | {lat:.3f} ± "
-            f"{c.get('latency_ratio_halfwidth', float('nan')):.3f} | {lat - c['macs_ratio']:+.3f} |"
+            f"{c.get('ratio_halfwidth', float('nan')):.3f} | {lat - c['macs_ratio']:+.3f} |"
         )
     for r in result["rows"]:
         if "layers" not in r["cost"]:
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", nargs=2, type=int, default=[512, 512])
     ap.add_argument("--round-to", nargs="+", default=["1", "auto"])
     ap.add_argument("--runtimes", nargs="+", default=RUNTIMES)
+    ap.add_argument("--latency-targets", nargs="*", type=float, default=[0.75], help="prune --target latency=X")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)

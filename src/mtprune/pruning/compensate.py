@@ -35,19 +35,20 @@ def constant_inputs(
 ) -> dict[str, torch.Tensor]:
     """``{consumer name: per input channel, the value it takes whatever the input, NaN where it depends on it}``.
 
-    Two different random images go through ``model`` in eval mode; a channel whose values are equal position by
-    position for both (within ``rtol`` × the consumer input's largest magnitude) does not depend on the input:
-    a switched-off channel, or one fed only by such channels. Its value is the median over positions — the
-    constant of the interior, where a k×k conv's zero padding does not reach.
+    Four different images go through ``model`` in eval mode — two of loud noise, a blank one and a faint one; a
+    channel whose values are equal position by position for all four (within ``rtol`` × the consumer input's
+    largest magnitude) does not depend on the input: a switched-off channel, or one fed only by such channels (a
+    channel that merely saturates on noise does not stay put on a blank image). Its value is the median over
+    positions — the constant of the interior, where a k×k conv's zero padding does not reach.
     """
     values: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
         def hook(mod: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().float()
-            x = x.flatten(2) if x.dim() == 4 else x.unsqueeze(-1)  # [2, C, positions]
+            x = x.flatten(2) if x.dim() == 4 else x.unsqueeze(-1)  # [4, C, positions]
             bound = rtol * float(x.abs().max()) + 1e-12
-            fixed = (x[0] - x[1]).abs().amax(-1) <= bound
+            fixed = (x - x[:1]).abs().amax(dim=(0, 2)) <= bound
             med = x[0].median(-1).values
             values[name] = torch.where(fixed, med, torch.full_like(med, float("nan"))).cpu()
 
@@ -58,7 +59,8 @@ def constant_inputs(
     model.eval()
     try:
         p = next(model.parameters())
-        x = 3 * torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(0))
+        x = torch.stack([3 * noise[0], 3 * noise[1], torch.zeros_like(noise[0]), 0.1 * noise[2]])
         model(x.to(device=p.device, dtype=p.dtype))
     finally:
         for h in handles:
