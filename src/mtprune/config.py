@@ -304,7 +304,7 @@ class RunConfig:
     targets: list[dict[str, float]] = field(default_factory=list)
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
     normalize: Literal["none", "mean"] = "none"  # mean: each layer's scores over their mean (unified thresholds)
-    compensate: bool = False  # fold a removed channel's constant output (γ = 0) into its consumers (lossless)
+    compensate: bool = False  # fold a removed channel's constant output (γ = 0) into its consumers
     without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
     # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference

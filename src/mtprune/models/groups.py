@@ -86,7 +86,7 @@ def dependency_graph(
         model.train(was_training)
 
 
-def _is_depthwise(m: nn.Module) -> bool:
+def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
@@ -150,7 +150,7 @@ def _group(
     members = _group_members(dg, conv)
     if _reaches_output(dg, members) or any(isinstance(m, nn.Linear) for m in members):
         return None
-    full = [m for m in members if isinstance(m, nn.Conv2d) and not _is_depthwise(m)]
+    full = [m for m in members if isinstance(m, nn.Conv2d) and not is_depthwise(m)]
     if len(full) > 1 and coupled == "skip":
         return None
     bn_of = {}
@@ -162,7 +162,7 @@ def _group(
     if conv not in own or any(len(b) != 1 for b in own.values()):
         return None
     followers = [bn for src, bns in bn_of.items() if src not in own for bn in bns]
-    if any(not _is_depthwise(bn_source(dg, bn)) for bn in followers):
+    if any(not is_depthwise(bn_source(dg, bn)) for bn in followers):
         return None
     ties = [c for c in own if c is not conv]
     return own[conv][0], ties, [own[c][0] for c in ties], followers
@@ -187,7 +187,7 @@ def discover_prunable_layers(
     out, covered = [], set()
     for name, conv in model.named_modules():
         part = _owner(name, parts)
-        if part is None or name in exclude or not isinstance(conv, nn.Conv2d) or _is_depthwise(conv):
+        if part is None or name in exclude or not isinstance(conv, nn.Conv2d) or is_depthwise(conv):
             continue
         if conv in covered or conv not in dg.module2node:  # already in a tied group; not on the traced path
             continue

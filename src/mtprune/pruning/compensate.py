@@ -7,8 +7,8 @@ without bias that feeds a BatchNorm, that BN's running mean (``BN(y + c) = BN'(y
 training mode the batch mean absorbs ``c`` anyway) — so the pruned net computes what the unpruned one computes
 wherever a 1×1 consumer sees the channel (a k×k consumer differs on its zero-padded border only).
 
-"Constant" is measured, not assumed: a conv / linear input channel whose values do not depend on the input (two
-random images give the same map). Channels that depend on it are removed as before.
+"Constant" is measured, not assumed: a conv / linear input channel whose values do not depend on the input (four
+probe images give the same map, :func:`constant_inputs`). Channels that depend on it are removed as before.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def _next_batchnorm(dg: tp.DependencyGraph, mod: nn.Module) -> nn.BatchNorm2d | 
 @torch.no_grad()
 def fold_removed_constants(
     group: tp.Group, dg: tp.DependencyGraph, names: dict[int, str], constants: dict[str, torch.Tensor]
-) -> tuple[int, int]:
+) -> None:
     """Fold the constant input channels ``group`` is about to remove into their consumers, and drop those
-    channels from ``constants`` (kept in the consumers' current indexing). Returns (folded, not foldable)."""
+    channels from ``constants`` (kept in the consumers' current indexing). A consumer with neither a bias nor a
+    BatchNorm after it keeps nothing of them, as without folding."""
     removed: dict[str, set[int]] = {}
     mods: dict[str, nn.Module] = {}
     for item in group.items:
@@ -91,31 +92,23 @@ def fold_removed_constants(
         if item.dep.handler in IN_HANDLERS and name in constants:
             removed.setdefault(name, set()).update(int(i) for i in item.idxs)
             mods[name] = mod
-    folded = missed = 0
     for name, drop in removed.items():
-        f, m = _fold(mods[name], dg, constants[name], torch.tensor(sorted(drop), dtype=torch.long))
-        folded, missed = folded + f, missed + m
+        _fold(mods[name], dg, constants[name], torch.tensor(sorted(drop), dtype=torch.long))
         keep = torch.ones(len(constants[name]), dtype=torch.bool)
         keep[sorted(drop)] = False
         constants[name] = constants[name][keep]
-    return folded, missed
 
 
-def _fold(mod: nn.Module, dg: tp.DependencyGraph, constants: torch.Tensor, idxs: torch.Tensor) -> tuple[int, int]:
+def _fold(mod: nn.Module, dg: tp.DependencyGraph, constants: torch.Tensor, idxs: torch.Tensor) -> None:
     """Add the contribution of ``mod``'s constant input channels ``idxs`` to its bias or next BN's mean."""
     values = constants[idxs]
     const = ~torch.isnan(values)
-    n = int(const.sum())
-    if n == 0:
-        return 0, 0
+    if not const.any():
+        return
     w = mod.weight[:, idxs[const]]
     w = w.sum(dim=(2, 3)) if w.dim() == 4 else w
     delta = w.float() @ values[const].to(w.device)
     if mod.bias is not None:
         mod.bias += delta.to(mod.bias.dtype)
-        return n, 0
-    bn = _next_batchnorm(dg, mod)
-    if bn is None:
-        return 0, n
-    bn.running_mean -= delta.to(bn.running_mean.dtype)
-    return n, 0
+    elif (bn := _next_batchnorm(dg, mod)) is not None:
+        bn.running_mean -= delta.to(bn.running_mean.dtype)

@@ -25,7 +25,7 @@ from torch import nn
 
 from mtprune.cost.tables import ConvShape, LatencyTable
 from mtprune.errors import UsageError
-from mtprune.models.groups import dependency_graph
+from mtprune.models.groups import dependency_graph, is_depthwise
 from mtprune.pruning import Fit, PruningPlan, apply_plan
 from mtprune.pruning.thinet import find_consumers
 
@@ -123,13 +123,9 @@ def _depthwise(model: nn.Module, dg: tp.DependencyGraph, names: list[str]) -> di
     for n in names:
         conv = model.get_submodule(n)
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
-        found = {mods[id(it.dep.target.module)]: None for it in group.items if _is_depthwise(it.dep.target.module)}
+        found = {mods[id(it.dep.target.module)]: None for it in group.items if is_depthwise(it.dep.target.module)}
         out[n] = list(found)
     return out
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
