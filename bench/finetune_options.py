@@ -47,6 +47,9 @@ OPTIONS: dict[str, list[str]] = {
     "budget-0.5": ["sparse_mtp.l1_budget=0.5", "sparse_slimming.l1_budget=0.5", "run.compensate=true"],
     "budget-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25", "run.compensate=true"],
     "budget-0.8": ["sparse_mtp.l1_budget=0.8", "sparse_slimming.l1_budget=0.8", "run.compensate=true"],
+    # the milder sparse stage alone (nothing else changed: Uniform, FPGM, ThiNet stages reused from the base run)
+    "l1-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25"],
+    "l1-0": ["sparse_mtp.l1_budget=0", "sparse_slimming.l1_budget=0"],
     # the milder sparse stage with the dense net as teacher of every method's fine-tuning
     "budget-0.5-distill": [
         "sparse_mtp.l1_budget=0.5",
@@ -73,6 +76,8 @@ SHARED = ("pretrain-cls", "train-seg", "eval-dense", "sparse-mtp", "sparse-slimm
 def _unchanged(option: str, stage: str) -> bool:
     if option == "plain":
         return True  # the base run's own stages: all of them reused
+    if option.startswith("l1-"):  # only the sparse stages' ℓ1 budget: what does not start from them is reused
+        return not stage.startswith("sparse-") and "mtp" not in stage and "slimming" not in stage
     if option == "polarization" or option.startswith("budget-"):
         return stage in ("pretrain-cls", "train-seg", "eval-dense")
     if option in ("normalize", "compensate"):

@@ -176,6 +176,37 @@ def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monk
         latency_against({"against": pruned}, dense, (4, 4), setups, runs=20)
 
 
+class TaxedNet(LayoutNet):
+    """A LayoutNet whose call costs ``tax`` more steps when the call before it (of any net) ran in the other
+    layout: another runtime's idle threads still holding the cores."""
+
+    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int) -> None:
+        super().__init__(clock, contiguous, channels_last)
+        self.tax = tax
+
+    def forward(self, x):
+        layout = x.is_contiguous(memory_format=torch.channels_last)
+        changed = getattr(self.clock, "layout", layout) != layout
+        self.clock.layout = layout
+        self.clock.now += (self.steps[layout] + self.tax * changed) * STEP_S
+        return x
+
+
+def test_best_against_best_is_timed_head_to_head_without_the_other_setups_tax(monkeypatch):
+    from mtprune.cost import Setup, latency_against
+
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
+    setups = [Setup(), Setup(channels_last=True)]
+    pruned, dense = TaxedNet(clock, 4, 3, tax=2), TaxedNet(clock, 10, 6, tax=2)
+    out = latency_against({"p": pruned}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)["p"]
+    # both pick channels-last; timed again alone, no call follows a contiguous one: 3 / 6, not (3 + 2) / (6 + 2)
+    assert out["config"]["layout"] == out["against_config"]["layout"] == "channels_last"
+    assert out["latency_ratio"] == 0.5 and out["latency_ms"] == 3 * STEP_MS and out["runs"] == 20
+    # the per-setup rows keep the round-robin of every setup (taxed)
+    assert out["configs"][1]["latency_ms"] > 3 * STEP_MS
+
+
 def test_compare_cost_gives_the_ratios_of_two_real_nets_and_the_gap():
     from mtprune.cost import compare_cost
     from mtprune.pruning import prune
@@ -297,7 +328,19 @@ def test_best_latency_times_every_configuration_and_picks_the_fastest():
         ("channels_last", False),
         ("channels_last", True),
     ]
-    assert out["best"]["latency_ms"] == min(c["latency_ms"] for c in configs)
+    fastest = min(configs, key=lambda c: c["latency_ms"])
+    assert out["best"]["setup"] == fastest["setup"] and out["best"]["latency_ms"] > 0
+
+
+def test_the_best_setup_is_timed_again_alone(monkeypatch):
+    from mtprune.cost import Setup, best_latency
+
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
+    setups = [Setup(), Setup(channels_last=True)]
+    out = best_latency(TaxedNet(clock, 4, 3, tax=2), (4, 4), runs=20, warmup=1, setups=setups, clock=clock)
+    assert out["best"]["layout"] == "channels_last" and out["best"]["latency_ms"] == 3 * STEP_MS  # untaxed
+    assert out["configs"][1]["latency_ms"] > 3 * STEP_MS  # round-robin: most calls follow the other layout
 
 
 def test_interleaved_latency_pairs_rounds_and_copies_shared_models():

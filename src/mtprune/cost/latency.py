@@ -166,24 +166,29 @@ def best_latency(
     runs: int = 20,
     warmup: int = 5,
     setups: Sequence[Setup] | None = None,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, object]:
     """The net in its fastest configuration — the figure a deployment engineer ships: every setup of
     ``setups`` (default :func:`~mtprune.cost.runtimes.all_setups`), timed round-robin
-    (:func:`interleaved_latency`), and which was fastest.
+    (:func:`interleaved_latency`), and the fastest timed again alone (as :func:`latency_against`: no other
+    runtime's idle threads taxing its calls).
 
     Returns ``{"best": {"layout", "fold_bn", "compile", "runtime", "latency_ms", "latency_iqr_ms", "device",
-    "page_faults"}, "configs": [...], "host_memory"}``.
+    "page_faults"}, "configs": [...] (the round-robin's figures), "host_memory"}``.
     """
     by_label = {st.label: st for st in (all_setups() if setups is None else setups)}
-    timed = interleaved_latency(
-        dict.fromkeys(by_label, model), size, device, dtype, warmup=warmup, runs=runs, setups=by_label
-    )
+    keys = ("latency_ms", "latency_iqr_ms", "device", "page_faults")
+    kw = {"warmup": warmup, "runs": runs, "clock": clock}
+    timed = interleaved_latency(dict.fromkeys(by_label, model), size, device, dtype, setups=by_label, **kw)
     model.to(memory_format=torch.contiguous_format)
-    configs = [
-        {**setup_dict(st), **{k: timed[name][k] for k in ("latency_ms", "latency_iqr_ms", "device", "page_faults")}}
-        for name, st in by_label.items()
-    ]
-    best = min(configs, key=lambda c: c["latency_ms"])
+    configs = [{**setup_dict(st), **{k: timed[name][k] for k in keys}} for name, st in by_label.items()]
+    best = dict(min(configs, key=lambda c: c["latency_ms"]))
+    if len(by_label) > 1:
+        st = by_label[best["setup"]]
+        alone = interleaved_latency({st.label: model}, size, device, dtype, setups={st.label: st}, **kw)
+        model.to(memory_format=torch.contiguous_format)
+        best.update({k: alone[st.label][k] for k in keys})
     return {"best": best, "configs": configs, "host_memory": host_memory()}
 
 
@@ -206,10 +211,12 @@ def latency_against(
 ) -> dict[str, dict[str, Any]]:
     """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
     setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`; the nets are given back
-    in their layout, device and mode); every net, the reference too, then takes its fastest setup, and the
-    ratio is paired per round — with
-    ``setups=all_setups()`` best against best, the figure a user ships. Used by ``mtprune cost --against``,
-    the latency stage of ``mtprune run``, ``prune --target latency=X`` and ``bench/latency.py``.
+    in their layout, device and mode); every net, the reference too, then takes its fastest setup; with
+    several setups the chosen ones are timed again head to head, alone (between calls of different runtimes
+    the idle threads of one tax the next, a small net's calls more: bench/README.md, "Mobile-class nets");
+    the ratio is paired per round — with ``setups=all_setups()`` best against best, the figure a user ships.
+    Used by ``mtprune cost --against``, the latency stage of ``mtprune run``, ``prune --target latency=X``
+    and ``bench/latency.py``.
 
     Returns ``{name: {"latency_ratio", "latency_ratio_iqr" (median and IQR over rounds of the per-round
     ratio), "latency_ms", "latency_iqr_ms", "against_latency_ms", "against_latency_iqr_ms", "config",
@@ -227,25 +234,22 @@ def latency_against(
     if AGAINST in models:
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
     nets = {**models, AGAINST: against}
-    entries = {f"{n}|{st.label}": (m, st) for n, m in nets.items() for st in setups}
-    kept = {id(m): (m, m.training, next(m.parameters(), torch.empty(0)).device) for m in nets.values()}
     until = None if precision is None else (lambda times: _known(times, models, setups) <= precision)
-    try:
-        with LoadWatch() as load:
-            timed = interleaved_latency(
-                {k: m for k, (m, _) in entries.items()}, size, device, dtype, warmup=warmup, runs=runs,
-                setups={k: st for k, (_, st) in entries.items()}, clock=clock, until=until,
-                max_runs=max_runs or 8 * runs,
-            )  # fmt: skip
-    finally:  # the callers' nets come back as they were: layout, device, mode
-        for m, training, where in kept.values():
-            m.to(where, memory_format=torch.contiguous_format).train(training)
+    kw = {"size": size, "device": device, "dtype": dtype, "warmup": warmup, "runs": runs, "clock": clock}
+    with LoadWatch() as load:
+        # every net in every setup, round-robin: which setup is each net's fastest
+        entries = {f"{n}|{st.label}": (m, st) for n, m in nets.items() for st in setups}
+        timed = _timed(entries, **kw, until=None if len(setups) > 1 else until, max_runs=max_runs or 8 * runs)
 
-    def fastest(n: str) -> Setup:
-        return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])
+        def fastest(n: str) -> Setup:
+            return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])
 
-    ref = fastest(AGAINST)
-    out = {n: _against_entry(timed, n, fastest(n), ref, setups) for n in models}
+        chosen = {n: fastest(n) for n in nets}
+        final = timed
+        if len(setups) > 1:  # the chosen setups alone: another runtime's idle threads would tax each call
+            alone = {f"{n}|{chosen[n].label}": (m, chosen[n]) for n, m in nets.items()}
+            final = _timed(alone, **kw, until=until, max_runs=max_runs or 8 * runs)
+    out = {n: _against_entry(final, timed, n, chosen[n], chosen[AGAINST], setups) for n in models}
     for e in out.values():
         e["ratio_halfwidth"] = ratio_halfwidth(e["times_ms"], e["against_times_ms"])
         e["load_others"] = load.others
@@ -253,11 +257,24 @@ def latency_against(
     return out
 
 
+def _timed(entries: dict[str, tuple[nn.Module, Setup]], **kw: Any) -> dict[str, dict[str, Any]]:
+    """:func:`interleaved_latency` of ``entries`` (key → net, setup); the nets are given back as they were:
+    layout, device, mode."""
+    kept = {id(m): (m, m.training, next(m.parameters(), torch.empty(0)).device) for m, _ in entries.values()}
+    try:
+        return interleaved_latency(
+            {k: m for k, (m, _) in entries.items()}, setups={k: st for k, (_, st) in entries.items()}, **kw
+        )
+    finally:
+        for m, training, where in kept.values():
+            m.to(where, memory_format=torch.contiguous_format).train(training)
+
+
 def _known(times: dict[str, list[float]], models: dict[str, nn.Module], setups: Sequence[Setup]) -> float:
     """The widest half-width of the best-against-best ratios the rounds so far give."""
 
     def best(n: str) -> list[float]:
-        return min((times[f"{n}|{st.label}"] for st in setups), key=statistics.median)
+        return min((times[k] for st in setups if (k := f"{n}|{st.label}") in times), key=statistics.median)
 
     ref = best(AGAINST)
     return max(ratio_halfwidth(best(n), ref) for n in models)
@@ -277,10 +294,16 @@ def timing_warning(entry: dict[str, Any], what: str = "the latency ratio") -> st
 
 
 def _against_entry(
-    timed: dict[str, dict[str, Any]], name: str, best: Setup, ref: Setup, setups: Sequence[Setup]
+    final: dict[str, dict[str, Any]],
+    timed: dict[str, dict[str, Any]],
+    name: str,
+    best: Setup,
+    ref: Setup,
+    setups: Sequence[Setup],
 ) -> dict[str, Any]:
-    """One net's figures of :func:`latency_against` from the round-robin timings ``timed``."""
-    t, a = timed[f"{name}|{best.label}"], timed[f"{AGAINST}|{ref.label}"]
+    """One net's figures of :func:`latency_against`: best against best from the head-to-head timings ``final``,
+    every setup's row from the round-robin ``timed``."""
+    t, a = final[f"{name}|{best.label}"], final[f"{AGAINST}|{ref.label}"]
     r = paired_ratio(t["times_ms"], a["times_ms"])
     configs = [_config_row(st, timed[f"{name}|{st.label}"], timed[f"{AGAINST}|{st.label}"]) for st in setups]
     return {
