@@ -4,9 +4,10 @@ For each net (default: ``torchvision:lraspp_mobilenet_v3_large``, ``torchvision:
 and ``deeplabv3_efficientnet_lite0``, all with ``--coupled group``): a dense net with irregular γ (U(0, 1), seed 1:
 the uneven channel counts a sparse stage leaves; no trained weights are needed for timing), pruned by ``bn`` to
 ``--target macs=0.5`` at each ``--round-to`` (``auto`` timed in the ``--runtime`` best setup's table) and to each
-``--latency-targets`` X (``--target latency=X --runtime best``: re-measured, does it land within 0.03 of X?), then for
-each runtime ``mtprune cost --checkpoint PRUNED --against DENSE --latency --per-layer --runtime R --json`` — both
-nets timed in the same paired rounds; eager runtimes layer by layer too. Everything through the CLI a user has.
+``--latency-targets`` X (``--target latency=X --runtime best --round-to auto``: re-measured, does it land within
+0.03 of X?), then for each runtime ``mtprune cost --checkpoint PRUNED --against DENSE --latency --per-layer
+--runtime R --json`` — both nets timed in the same paired rounds; eager runtimes layer by layer too. Everything
+through the CLI a user has.
 
     python bench/mobile.py --out runs/mobile [--nets …] [--size 512 512] [--round-to 1 auto]
         [--runtimes eager channels-last+fold-bn compile onnxruntime best] [--runs 20] [--threads 2] [--json FILE]
@@ -98,11 +99,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 if a.json:
                     _write(a.json, result)
         for x in a.latency_targets:  # item 3: does --target latency=X land within 0.03 of X, re-measured?
-            pruned = _prune(dense, a.out / slug / f"latency{x}", a.size, "1", "best", a.threads, f"latency={x}")
+            where = a.out / slug / f"latency{x}-rt{a.latency_round_to}"
+            pruned = _prune(dense, where, a.size, a.latency_round_to, "best", a.threads, f"latency={x}")
             args = ["cost", "--checkpoint", str(pruned), "--against", str(dense), "--size", *map(str, a.size)]
             args += ["--latency", "--runtime", "best", "--timing", f"runs={a.runs}", f"threads={a.threads}", "--json"]
             plan = json.loads((pruned / "plan.json").read_text())
-            row = {"net": net, "round_to": f"latency={x}", "runtime": "best", "cost": _cli(*args)}
+            row = {"net": net, "round_to": f"latency={x}/{a.latency_round_to}", "runtime": "best", "cost": _cli(*args)}
             row["target"] = {"latency": x, "reached_when_pruned": plan.get("target", {}).get("reached")}
             result["rows"].append(row)
             print(_line(row), f"target {x}: re-measured {row['cost']['latency_ratio']:.3f}", flush=True)
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-to", nargs="+", default=["1", "auto"])
     ap.add_argument("--runtimes", nargs="+", default=RUNTIMES)
     ap.add_argument("--latency-targets", nargs="*", type=float, default=[0.75], help="prune --target latency=X")
+    ap.add_argument("--latency-round-to", default="auto", help="the latency targets' --round-to (default: auto)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
