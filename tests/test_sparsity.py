@@ -160,3 +160,29 @@ def test_the_not_separated_warning_says_why_by_whether_the_shrink_budget_met_the
     diag = {"sparse_backbone": 0.0, "l1_shrink_ratio": {"backbone": 1.15}}
     (held,) = sparsity_warnings("sparse-mtp", diag, c, keys)
     assert "met the rule (1.15 × the median |γ|)" in held and "raise l1_budget, or start from a trained net" in held
+
+
+def test_a_mild_l1_budget_asked_for_says_so_once_and_does_not_warn(capsys):
+    from mtprune.train.diagnostics import shrink_check, sparsity_warnings
+
+    c = cfg("run.ratios=[0.5]")
+    keys = {"backbone": "sparse_mtp.alpha1", "decoder": "sparse_mtp.alpha2"}
+    before = {"backbone": [torch.full((8,), 1.0)], "decoder": [torch.full((4,), 0.5)]}
+    shrink = {"backbone": 0.25, "decoder": 0.125}  # 0.25 × each median
+    asked = shrink_check("sparse-mtp", before, shrink, c, keys, l1_budget=0.25)
+    err = capsys.readouterr().err
+    assert (
+        asked["l1_mild"] and asked["warnings"] == [] and asked["l1_shrink_ratio"] == {"backbone": 0.25, "decoder": 0.25}
+    )
+    assert err.count("\n") == 1 and "l1_budget 0.25 < 1.1: a mild stage" in err and "warning" not in err
+    diag = {
+        "sparse_backbone": 0.01,
+        "sparse_decoder": 0.0,
+        "l1_shrink_ratio": asked["l1_shrink_ratio"],
+        "l1_mild": True,
+    }
+    assert sparsity_warnings("sparse-mtp", diag, c, keys) == []
+    # the same budget from a small α (not asked for): both warnings, as before
+    alpha = shrink_check("sparse-mtp", before, shrink, c, keys)
+    assert "l1_mild" not in alpha and len(alpha["warnings"]) == 2
+    assert len(sparsity_warnings("sparse-mtp", {**diag, "l1_mild": False}, c, keys)) == 2

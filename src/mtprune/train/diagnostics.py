@@ -46,7 +46,9 @@ def sparsity_warnings(stage: str, diag: dict[str, Any], cfg: Config, alpha_keys:
     depends on whether the stage's ℓ1 shrink budget (``l1_shrink_ratio``) met the rule of docs/method.md,
     "Choosing α"."""
     need = pruned_share(cfg)
-    out = []
+    out: list[str] = []
+    if diag.get("l1_mild"):  # a mild stage was asked for: the plan ranks the |γ| the stage leaves, knowingly
+        return out
     for part in (BACKBONE, DECODER):
         frac = diag.get(f"sparse_{part}")
         if frac is not None and frac < need:
@@ -68,21 +70,35 @@ def sparsity_warnings(stage: str, diag: dict[str, Any], cfg: Config, alpha_keys:
 
 
 def shrink_check(
-    stage: str, before: Parts, shrink: dict[str, float], cfg: Config, alpha_keys: dict[str, str]
+    stage: str,
+    before: Parts,
+    shrink: dict[str, float],
+    cfg: Config,
+    alpha_keys: dict[str, str],
+    l1_budget: float | None = None,
 ) -> dict[str, Any]:
     """At a sparse stage's start: ``l1_shrink`` (each part's ℓ1 shrink budget,
     :func:`~mtprune.method.sparsity.l1_shrink`) and ``l1_shrink_ratio`` (÷ the part's starting median |γ|),
     with a ``warning:`` line, said now, for each part whose ratio is below ``L1_SHRINK_MIN`` while the run
     prunes (such a stage cannot switch channels off, whatever its length) or above ``L1_SHRINK_MAX`` (it
-    switches off more than the task can spare): the rule for α (docs/method.md)."""
+    switches off more than the task can spare): the rule for α (docs/method.md). An ``l1_budget`` below
+    ``L1_SHRINK_MIN`` asks for such a mild stage (a trained net, a short stage: docs/method.md): one plain line
+    says so instead, and ``l1_mild`` keeps the end-of-stage warnings quiet."""
     out: dict[str, Any] = {"l1_shrink": dict(shrink), "l1_shrink_ratio": {}, "warnings": []}
+    if l1_budget is not None and l1_budget < L1_SHRINK_MIN and pruned_share(cfg) > 0:
+        out["l1_mild"] = True
+        print(
+            f"{stage}: l1_budget {l1_budget:g} < {L1_SHRINK_MIN:g}: a mild stage — few γ are switched off and the "
+            'plan ranks the |γ| it leaves (docs/method.md, "Choosing α")',
+            file=sys.stderr,
+        )
     for part, budget in shrink.items():
         median = median_abs(before[part])
         if median == 0:  # nothing to shrink: every γ of the part is already 0
             out["l1_shrink_ratio"][part] = None
             continue
         ratio = out["l1_shrink_ratio"][part] = budget / median
-        if ratio < L1_SHRINK_MIN and pruned_share(cfg) > 0:
+        if ratio < L1_SHRINK_MIN and pruned_share(cfg) > 0 and not out.get("l1_mild"):
             want = L1_SHRINK_MIN * median / budget if budget > 0 else math.inf
             out["warnings"].append(
                 f"warning: {stage}: the ℓ1 term can shrink the {part}'s γ by at most {budget:.3g} over this stage, "

@@ -315,7 +315,8 @@ def run_sparse_mtp(
     run.streams = {"cls": cls_stream, "seg": seg_stream}
     run.extra = mtp.alm
     before = {part: [g.detach().clone() for g in gs] for part, gs in mtp.parts().items()}  # the dense net's
-    start = shrink_check("sparse-mtp", before, mtp.shrink(), cfg, ALPHA_KEYS) if env.is_main else {}
+    budget = cfg.sparse_mtp.l1_budget
+    start = shrink_check("sparse-mtp", before, mtp.shrink(), cfg, ALPHA_KEYS, budget) if env.is_main else {}
     start["l1_alpha"] = dict(mtp.l1_alpha)
     run.start()
     try:

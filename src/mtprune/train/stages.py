@@ -231,7 +231,8 @@ def _phase_shrink(ph: Phase, cfg: Config, alpha: float) -> float:
 def _slimming_shrink(ph: Phase, before: dict[str, list[torch.Tensor]], cfg: Config) -> dict[str, Any]:
     """:func:`shrink_check` of Network Slimming's one phase (the same α on both parts)."""
     budget = _phase_shrink(ph, cfg, ph.alpha)
-    out = shrink_check("sparse-slimming", before, {BACKBONE: budget, DECODER: budget}, cfg, SLIMMING_ALPHA)
+    shrink = {BACKBONE: budget, DECODER: budget}
+    out = shrink_check("sparse-slimming", before, shrink, cfg, SLIMMING_ALPHA, cfg.sparse_slimming.l1_budget)
     return {**out, "l1_alpha": {BACKBONE: ph.alpha, DECODER: ph.alpha}}
 
 
