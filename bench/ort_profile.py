@@ -41,18 +41,20 @@ def _session(path: Path, prefix: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _by_op(profile: Path, runs: int) -> tuple[dict[str, float], float]:
-    """ms per forward by operator type, and the wall ms per forward of the timed runs (warm-up left out: the
+def _by_op(profile: Path, runs: int) -> tuple[dict[str, float], dict[str, float], float]:
+    """ms per forward by operator type and by node, and the wall ms per forward of the timed runs (warm-up left out: the
     profile's last ``runs`` model runs)."""
     events = json.loads(profile.read_text())
     model_runs = [e for e in events if e.get("name") == "model_run"]
     start = model_runs[-runs]["ts"]
     ops: dict[str, float] = defaultdict(float)
+    nodes: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             ops[e["args"]["op_name"]] += e["dur"] / 1000.0 / runs
+            nodes[f"{e['name'][: -len('_kernel_time')]} ({e['args']['op_name']})"] += e["dur"] / 1000.0 / runs
     wall = sum(e["dur"] for e in model_runs[-runs:]) / 1000.0 / runs
-    return dict(ops), wall
+    return dict(ops), dict(nodes), wall
 
 
 def profile_pair(dense_dir: Path, pruned_dir: Path, size: tuple[int, int], runs: int, threads: int) -> dict:
@@ -78,13 +80,14 @@ def profile_pair(dense_dir: Path, pruned_dir: Path, size: tuple[int, int], runs:
             for name in sessions if r % 2 == 0 else reversed(list(sessions)):
                 sessions[name].run(None, {"image": x})
         for name, s in sessions.items():
-            ops, wall = _by_op(Path(s.end_profiling()), runs)
-            out[name] = {"ops_ms": ops, "wall_ms": wall, "nodes_ms": sum(ops.values()), "macs": macs[name]}
+            ops, nodes, wall = _by_op(Path(s.end_profiling()), runs)
+            out[name] = {"ops_ms": ops, "by_node_ms": nodes, "wall_ms": wall, "nodes_ms": sum(ops.values())}
+            out[name]["macs"] = macs[name]
     out["macs_ratio"] = out["pruned"]["macs"] / out["dense"]["macs"]
     return out
 
 
-def _table(net: str, r: dict) -> list[str]:
+def _table(net: str, r: dict, top: int = 10) -> list[str]:
     d, p = r["dense"], r["pruned"]
     lines = [
         f"### {net}: MACs × {r['macs_ratio']:.3f}, wall {d['wall_ms']:.1f} → {p['wall_ms']:.1f} ms "
@@ -100,6 +103,12 @@ def _table(net: str, r: dict) -> list[str]:
         ratio = f"{b / a:.3f}" if a > 0 else "–"
         excess = b - r["macs_ratio"] * a
         lines.append(f"| {op} | {a:.2f} | {b:.2f} | {ratio} | {100 * b / p['wall_ms']:.0f} % | {excess:+.2f} |")
+    shared = set(d["by_node_ms"]) & set(p["by_node_ms"])
+    worst = sorted(shared, key=lambda k: r["macs_ratio"] * d["by_node_ms"][k] - p["by_node_ms"][k])[:top]
+    lines += ["", f"nodes of both graphs whose time shrinks least (excess ms over MACs ×; {len(shared)} shared):", ""]
+    for k in worst:
+        a, b = d["by_node_ms"][k], p["by_node_ms"][k]
+        lines.append(f"- {k}: {a:.3f} → {b:.3f} ms ({b - r['macs_ratio'] * a:+.3f})")
     return lines
 
 
