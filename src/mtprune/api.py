@@ -23,12 +23,11 @@ from mtprune.cost.tables import LatencyTable
 from mtprune.cost.timing import latency_kw, table_setup, timed_as
 from mtprune.errors import UsageError
 from mtprune.io import write_json
+from mtprune.layout import PLAN_FILE
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.pruning import plan_cost, prune, scorer_inputs, scorer_of
 from mtprune.pruning.fit import latency_fit
 from mtprune.pruning.plan import PruningPlan
-
-PLAN_FILE = "plan.json"
 
 
 @dataclass

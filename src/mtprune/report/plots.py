@@ -22,6 +22,7 @@ from mtprune.io import atomic_path
 from mtprune.layout import (
     DENSE,
     EVAL_DENSE,
+    PLAN_FILE,
     PLOTS_DIR,
     QUALITATIVE_FILE,
     budget_key,
@@ -210,7 +211,7 @@ def _plans(out: Path, rows: list[Row]) -> dict[str, dict[str, Any]]:
     """The plan of every (classification fine-tuned) pruned row, by label."""
     plans = {}
     for r in rows:
-        p = out / prune_dir(r["tag"]) / "plan.json"
+        p = out / prune_dir(r["tag"]) / PLAN_FILE
         if r.get("cls_finetune", True) and r["method"] != DENSE and p.is_file():
             label = r["method"] + (f" ({r['thresholds']})" if r["thresholds"] == "unified" else "")
             plans[label] = json.loads(p.read_text())
