@@ -108,8 +108,10 @@ def test_cost_best_and_per_layer(capsys):
     base = ["cost", "--model", "deeplabv3_resnet18", "--num-classes", "3", "--width", "0.125", "--size", "32", "32"]
     assert main([*base, "--latency", "--runtime", "best", "--per-layer", "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)
-    assert len(cost["configs"]) == 4 + onnxruntime_installed() and cost["best"] in cost["configs"]
-    assert cost["latency_ms"] == cost["best"]["latency_ms"] == min(c["latency_ms"] for c in cost["configs"])
+    assert len(cost["configs"]) == 4 + onnxruntime_installed()
+    assert cost["best"]["setup"] in [c["setup"] for c in cost["configs"]]  # timed again alone: its own figures
+    fastest = min(cost["configs"], key=lambda c: c["latency_ms"])
+    assert cost["latency_ms"] == cost["best"]["latency_ms"] and cost["best"]["setup"] == fastest["setup"]
     assert sum(r["macs"] for r in cost["layers"]) == cost["macs"]
     assert {"name", "kind", "in_channels", "out_channels", "out_size", "ms", "gmacs_per_s"} <= set(cost["layers"][0])
     assert main([*base, "--per-layer", "--top", "3"]) == 0
