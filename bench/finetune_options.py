@@ -49,7 +49,7 @@ OPTIONS: dict[str, list[str]] = {
     "budget-0.8": ["sparse_mtp.l1_budget=0.8", "sparse_slimming.l1_budget=0.8", "run.compensate=true"],
     # the milder sparse stage alone (nothing else changed: Uniform, FPGM, ThiNet stages reused from the base run)
     "l1-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25"],
-    "l1-0": ["sparse_mtp.l1_budget=0", "sparse_slimming.l1_budget=0"],
+    "l1-0": ["sparse_mtp.l1_budget=0", "sparse_slimming.l1_budget=0"],  # no ℓ1 term: is it the γ ranking?
     # the milder sparse stage with the dense net as teacher of every method's fine-tuning
     "budget-0.5-distill": [
         "sparse_mtp.l1_budget=0.5",

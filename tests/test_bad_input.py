@@ -71,6 +71,7 @@ def test_the_seg_loss_of_an_all_ignore_batch_is_zero_with_a_zero_gradient():
         ("data.seg.hflip=7", "data.seg.hflip"),
         ("seed=-1", "seed"),
         ("train_seg.batch_size=1", "train_seg.batch_size: 1"),
+        ("sparse_mtp.l1_budget=-0.5", "sparse_mtp.l1_budget: -0.5 must be >= 0"),
     ],
 )
 def test_impossible_values_are_refused_when_the_config_loads(setting, words, tmp_path, capsys):
@@ -78,6 +79,10 @@ def test_impossible_values_are_refused_when_the_config_loads(setting, words, tmp
         load_config(overrides=[setting])
     code = main(["train", "train-seg", "--set", setting, "--out", str(tmp_path / "out")])
     assert words.split(":")[0] in _one_line(capsys, code) and not (tmp_path / "out").exists()
+
+
+def test_an_l1_budget_of_zero_is_a_sparse_stage_without_the_l1_term():
+    assert load_config(overrides=["sparse_slimming.l1_budget=0"]).sparse_slimming.l1_budget == 0.0
 
 
 def test_batch_size_one_is_fine_with_frozen_batchnorm_statistics():

@@ -483,7 +483,7 @@ def _where(e: yaml.YAMLError) -> str:
 def _rule(key: str) -> tuple[str, float] | None:
     """The bound a numeric key must respect: ``(">", 0)``, ``(">=", 0)``, ``(">=", 1)``, or None."""
     name = key.rsplit(".", 1)[-1]
-    if name in ("lr", "gamma_lr", "l1_budget", "temperature", "t") or name.startswith("lr_"):
+    if name in ("lr", "gamma_lr", "temperature", "t") or name.startswith("lr_"):
         return (">", 0.0)
     if name == "batch_size" or name.endswith("_batch_size") or name in ("rounds", "steps_seg", "log_every"):
         return (">=", 1)
@@ -491,7 +491,7 @@ def _rule(key: str) -> tuple[str, float] | None:
         return (">", 0.0)
     if name.endswith("_epochs") or name in ("steps_cls", "workers", "checkpoint_every", "weight_decay", "lam"):
         return (">=", 0)
-    if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight", "weight"):
+    if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight", "weight", "l1_budget"):
         return (">=", 0.0)
     return None
 
