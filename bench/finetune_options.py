@@ -50,6 +50,14 @@ OPTIONS: dict[str, list[str]] = {
     # the milder sparse stage alone (nothing else changed: Uniform, FPGM, ThiNet stages reused from the base run)
     "l1-0.25": ["sparse_mtp.l1_budget=0.25", "sparse_slimming.l1_budget=0.25"],
     "l1-0": ["sparse_mtp.l1_budget=0", "sparse_slimming.l1_budget=0"],  # no ℓ1 term: is it the γ ranking?
+    # the shipped sparse stage (l1_budget 0.25) with the dense net as teacher of every method's fine-tuning
+    "l1-0.25-distill": [
+        "sparse_mtp.l1_budget=0.25",
+        "sparse_slimming.l1_budget=0.25",
+        "finetune.distill.weight=1.0",
+        "finetune.distill.kind=logits",
+        "finetune.distill.temperature=1.0",
+    ],
     # the milder sparse stage with the dense net as teacher of every method's fine-tuning
     "budget-0.5-distill": [
         "sparse_mtp.l1_budget=0.5",
@@ -76,6 +84,8 @@ SHARED = ("pretrain-cls", "train-seg", "eval-dense", "sparse-mtp", "sparse-slimm
 def _unchanged(option: str, stage: str) -> bool:
     if option == "plain":
         return True  # the base run's own stages: all of them reused
+    if option.endswith("-distill") and option.startswith("l1-"):  # the sparse stages and plans of the l1- base
+        return stage in SHARED or stage.startswith("prune-") or (stage.startswith("eval-") and "-pruned" in stage)
     if option.startswith("l1-"):  # only the sparse stages' ℓ1 budget: what does not start from them is reused
         return not stage.startswith("sparse-") and "mtp" not in stage and "slimming" not in stage
     if option == "polarization" or option.startswith("budget-"):
