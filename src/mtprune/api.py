@@ -23,11 +23,10 @@ from mtprune.cost.tables import LatencyTable
 from mtprune.cost.timing import latency_kw, table_setup, timed_as
 from mtprune.errors import UsageError
 from mtprune.io import write_json
-from mtprune.layout import PLAN_FILE
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.pruning import plan_cost, prune, scorer_inputs, scorer_of
 from mtprune.pruning.fit import latency_fit
-from mtprune.pruning.plan import PruningPlan
+from mtprune.pruning.plan import PLAN_FILE, PruningPlan
 
 
 @dataclass

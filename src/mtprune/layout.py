@@ -23,7 +23,6 @@ TRAIN_SEG = "train-seg"
 EVAL_DENSE = "eval-dense"
 LATENCY = "latency"
 RESULTS_FILE = "results.json"
-PLAN_FILE = "plan.json"  # a prune stage's (and `mtprune prune`'s) plan and cost summary
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 #: what an eval stage keeps for the report's qualitative figure: validation images, labels, predictions

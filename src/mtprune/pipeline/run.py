@@ -32,6 +32,7 @@ from mtprune.pipeline.budget import finetune_budget
 from mtprune.pipeline.runner import Say, execute, say_on_main
 from mtprune.pipeline.stages import evaluation, latency, pruning, timing_size, training
 from mtprune.pruning import METHODS, TARGET_METRICS, THRESHOLDS, plan_overlap
+from mtprune.pruning.plan import PLAN_FILE
 from mtprune.report import write_report
 from mtprune.report.seeds import write_seeds_summary
 from mtprune.train import seed_everything
@@ -183,7 +184,7 @@ def _variant(
         src = out / layout.source_dir(v.method)
         execute(pruning(src, v.method, v.budget, v.thresholds, cfg, pruned), env, say)
     barrier(env)
-    v = replace(v, ratio=float(read_json(pruned / layout.PLAN_FILE)["ratio"]))
+    v = replace(v, ratio=float(read_json(pruned / PLAN_FILE)["ratio"]))
     ft_cfg = deepcopy(cfg)
     if not v.cls_finetune:
         ft_cfg.finetune.cls_epochs = 0
@@ -211,7 +212,7 @@ def _add_overlaps(rows: list[dict[str, Any]], out: Path) -> None:
     """``plan_overlap`` of every pruned row: the Jaccard overlap of its kept channels with those of every
     other row at the same ratio or target (per part and ``all``); 1.0 when they prune the same channels."""
     pruned = [r for r in rows if r["method"] != layout.DENSE]
-    plans = {r["tag"]: read_json(out / layout.prune_dir(r["tag"]) / layout.PLAN_FILE) for r in pruned}
+    plans = {r["tag"]: read_json(out / layout.prune_dir(r["tag"]) / PLAN_FILE) for r in pruned}
     for r in pruned:
         others = [o for o in pruned if layout.budget_key(o) == layout.budget_key(r) and o["tag"] != r["tag"]]
         r["plan_overlap"] = {o["tag"]: plan_overlap(plans[r["tag"]], plans[o["tag"]]) for o in others}

@@ -33,6 +33,8 @@ from mtprune.version import __version__
 
 THRESHOLDS = ("independent", "unified")
 
+PLAN_FILE = "plan.json"  # where a plan is written: `mtprune prune --out`, a run's prune stage
+
 
 @dataclass
 class LayerPlan:

@@ -22,7 +22,6 @@ from mtprune.io import atomic_path
 from mtprune.layout import (
     DENSE,
     EVAL_DENSE,
-    PLAN_FILE,
     PLOTS_DIR,
     QUALITATIVE_FILE,
     budget_key,
@@ -34,6 +33,7 @@ from mtprune.layout import (
     prune_dir,
     sparse_dirs,
 )
+from mtprune.pruning.plan import PLAN_FILE
 
 Row = dict[str, Any]
 
