@@ -98,6 +98,8 @@ def _unchanged(option: str, stage: str) -> bool:
 def _link_stages(base: Path, dest: Path, option: str) -> None:
     """The base seed's stage folders the option does not change, hard-linked into ``dest`` (once; the run
     writes its files atomically, so a linked file is replaced, never changed in place)."""
+    if not base.is_dir():  # the base run has not reached this seed: the option's run trains what it needs
+        return
     for src in sorted(p for p in base.iterdir() if p.is_dir()):
         dst = dest / src.name
         if _unchanged(option, src.name) and not dst.exists():
