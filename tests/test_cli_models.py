@@ -114,6 +114,11 @@ def test_cost_best_and_per_layer(capsys):
     assert cost["latency_ms"] == cost["best"]["latency_ms"] and cost["best"]["setup"] == fastest["setup"]
     assert sum(r["macs"] for r in cost["layers"]) == cost["macs"]
     assert {"name", "kind", "in_channels", "out_channels", "out_size", "ms", "gmacs_per_s"} <= set(cost["layers"][0])
+    assert main([*base, "--latency", "--runtime", "eager,channels-last"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert sum("← fastest" in ln for ln in text) == 1  # the winner of the round-robin, marked once
+    (alone,) = [ln for ln in text if ln.startswith("fastest ")]
+    assert "timed again alone:" in alone and " ms median" in alone
     assert main([*base, "--per-layer", "--top", "3"]) == 0
     text = capsys.readouterr().out
     by_kind = next(ln for ln in text.splitlines() if "by kind:" in ln)  # kinds ordered by time: any order

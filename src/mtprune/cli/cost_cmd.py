@@ -166,11 +166,16 @@ def _alone_text(req: CostRequest, model: SegmentationModel, c: dict[str, Any], r
     if req.latency and "configs" in c:
         lines.append("latency by setup (median ± IQR, page faults per forward):")
         for s in c["configs"]:
-            mark = "  ← fastest" if s is c["best"] else ""
+            mark = "  ← fastest" if s["setup"] == c["best"]["setup"] else ""
             lines.append(
                 f"  {_named(s['setup']):24s} {s['latency_ms']:9.2f} ± {s['latency_iqr_ms']:.2f} ms "
                 f"{s['page_faults']:8d}{mark}"
             )
+        b = c["best"]
+        lines.append(
+            f"fastest {_named(b['setup'])}, timed again alone: {b['latency_ms']:.2f} ms median "
+            f"(IQR {b['latency_iqr_ms']:.2f} ms)"
+        )
     if req.latency:
         lines.append(f"memory  {host_memory_text(c['host_memory'])}; {c['page_faults']} page faults per forward")
     if req.per_layer:

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtprune.api import PLAN_FILE, PruneRequest, PruneResult, check_destination, prune_checkpoint
+from mtprune.api import PruneRequest, PruneResult, check_destination, prune_checkpoint
 from mtprune.cli.args import check_out, claim_out, positive_int
 from mtprune.cli.model_args import add_model_source, add_timing, model_source, timing_of
 from mtprune.config import THINET_SAMPLES, Config, load_config
 from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER
 from mtprune.pruning import METHODS, NORMALIZE, SCORERS, THRESHOLDS, parse_target, scorer_of
+from mtprune.pruning.plan import PLAN_FILE
 
 
 def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:

@@ -212,8 +212,9 @@ def latency_against(
     """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
     setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`; the nets are given back
     in their layout, device and mode); every net, the reference too, then takes its fastest setup; with
-    several setups the chosen ones are timed again head to head, alone (between calls of different runtimes
-    the idle threads of one tax the next, a small net's calls more: bench/README.md, "Mobile-class nets");
+    several setups the chosen ones are timed again head to head, without the others (between calls of
+    different runtimes the idle threads of one tax the next, a small net's calls more: bench/README.md,
+    "Mobile-class nets");
     the ratio is paired per round — with ``setups=all_setups()`` best against best, the figure a user ships.
     Used by ``mtprune cost --against``, the latency stage of ``mtprune run``, ``prune --target latency=X``
     and ``bench/latency.py``.
