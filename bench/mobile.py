@@ -70,10 +70,11 @@ def _prune(dense: Path, out: Path, size: list[int], round_to: str, runtime: str,
     return out
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def machine(a: argparse.Namespace) -> dict[str, Any]:
+    """What a result was measured on and how: date, CPU model and capability, torch, size, rounds, threads."""
     import torch
 
-    result: dict[str, Any] = {
+    return {
         "date": time.strftime("%Y-%m-%d"),
         "cpu": _cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -81,8 +82,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "size": a.size,
         "runs": a.runs,
         "threads": a.threads,
-        "rows": [],
     }
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {**machine(a), "rows": []}
     for net in a.nets:
         slug = net.replace(":", "_")
         dense = _dense(net, a.out / slug / "dense", a.classes)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from mobile import machine  # bench/: the script's folder is on sys.path
 
 NETS = [
     "torchvision_lraspp_mobilenet_v3_large",
@@ -112,13 +112,6 @@ def _table(net: str, r: dict, top: int = 10) -> list[str]:
     return lines
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mobile", type=Path, default=Path("runs/mobile"), help="bench/mobile.py's --out")
@@ -131,16 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "cpu": _cpu_model(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "size": a.size,
-        "runs": a.runs,
-        "threads": a.threads,
-        "nets": {},
-    }
+    result: dict[str, Any] = {**machine(a), "nets": {}}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__
