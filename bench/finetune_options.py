@@ -75,6 +75,7 @@ COMMON = [
     "run.without_cls_finetune=false",
     "run.latency=false",
     "run.eval_pruned=true",
+    "finetune.distill.weight=0",  # plain fine-tuning unless the option distils (the config ships distillation on)
 ]
 #: the stages an option does not change, linked from the base run (a stage whose recipe an option changes is
 #: trained again in the option's folder)
