@@ -179,16 +179,13 @@ def best_latency(
     """
     by_label = {st.label: st for st in (all_setups() if setups is None else setups)}
     keys = ("latency_ms", "latency_iqr_ms", "device", "page_faults")
-    kw = {"warmup": warmup, "runs": runs, "clock": clock}
-    timed = interleaved_latency(dict.fromkeys(by_label, model), size, device, dtype, setups=by_label, **kw)
-    model.to(memory_format=torch.contiguous_format)
+    kw = {"size": size, "device": device, "dtype": dtype, "warmup": warmup, "runs": runs, "clock": clock}
+    timed = _timed({name: (model, st) for name, st in by_label.items()}, **kw)
     configs = [{**setup_dict(st), **{k: timed[name][k] for k in keys}} for name, st in by_label.items()]
     best = dict(min(configs, key=lambda c: c["latency_ms"]))
     if len(by_label) > 1:
         st = by_label[best["setup"]]
-        alone = interleaved_latency({st.label: model}, size, device, dtype, setups={st.label: st}, **kw)
-        model.to(memory_format=torch.contiguous_format)
-        best.update({k: alone[st.label][k] for k in keys})
+        best.update({k: _timed({st.label: (model, st)}, **kw)[st.label][k] for k in keys})
     return {"best": best, "configs": configs, "host_memory": host_memory()}
 
 
