@@ -58,6 +58,14 @@ OPTIONS: dict[str, list[str]] = {
         "finetune.distill.kind=logits",
         "finetune.distill.temperature=1.0",
     ],
+    # no ℓ1 term with the dense net as teacher of every method's fine-tuning: the two best levers together
+    "l1-0-distill": [
+        "sparse_mtp.l1_budget=0",
+        "sparse_slimming.l1_budget=0",
+        "finetune.distill.weight=1.0",
+        "finetune.distill.kind=logits",
+        "finetune.distill.temperature=1.0",
+    ],
     # the milder sparse stage with the dense net as teacher of every method's fine-tuning
     "budget-0.5-distill": [
         "sparse_mtp.l1_budget=0.5",

@@ -11,7 +11,14 @@ through the CLI a user has.
 
     python bench/mobile.py --out runs/mobile [--nets …] [--size 512 512] [--round-to 1 auto]
         [--runtimes eager channels-last+fold-bn compile onnxruntime best] [--runs 20] [--threads 2] [--json FILE]
+        [--prune-runtime best]
     python bench/mobile.py --render FILE        # the tables of a saved --json
+
+AVX2 code paths on an AVX-512 machine (PyTorch's setups only: ONNX Runtime cannot be capped)::
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/mobile.py --out runs/mobile-avx2 \
+        --runtimes compile eager,channels-last,fold-bn,channels-last+fold-bn \
+        --prune-runtime eager,channels-last,fold-bn,channels-last+fold-bn
 
 Writes the dense and pruned checkpoints under ``--out`` (reused when there: rerun to continue).
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,6 +41,9 @@ NETS = [
     "deeplabv3_efficientnet_lite0",
 ]
 RUNTIMES = ["eager", "channels-last+fold-bn", "compile", "onnxruntime", "best"]
+#: environment variables that make PyTorch run a lesser CPU's code paths (ATen's kernels and torch.compile's code:
+#: ``ATEN_CPU_CAPABILITY=avx2``; oneDNN's convs: ``ONEDNN_MAX_CPU_ISA=AVX2``); ONNX Runtime has no such switch
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def _cli(*args: str) -> dict[str, Any]:
@@ -78,6 +89,7 @@ def machine(a: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "cpu": _cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},  # code paths capped below the CPU's
         "torch": torch.__version__,
         "size": a.size,
         "runs": a.runs,
@@ -91,7 +103,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         slug = net.replace(":", "_")
         dense = _dense(net, a.out / slug / "dense", a.classes)
         for rt in a.round_to:
-            pruned = _prune(dense, a.out / slug / f"rt{rt}", a.size, rt, "best", a.threads)
+            pruned = _prune(dense, a.out / slug / f"rt{rt}", a.size, rt, a.prune_runtime, a.threads)
             for runtime in a.runtimes:
                 args = ["cost", "--checkpoint", str(pruned), "--against", str(dense), "--size", *map(str, a.size)]
                 args += ["--latency", "--runtime", runtime, "--timing", f"runs={a.runs}", f"threads={a.threads}"]
@@ -104,11 +116,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     _write(a.json, result)
         for x in a.latency_targets:  # item 3: does --target latency=X land within 0.03 of X, re-measured?
             where = a.out / slug / f"latency{x}-rt{a.latency_round_to}"
-            pruned = _prune(dense, where, a.size, a.latency_round_to, "best", a.threads, f"latency={x}")
+            pruned = _prune(dense, where, a.size, a.latency_round_to, a.prune_runtime, a.threads, f"latency={x}")
             args = ["cost", "--checkpoint", str(pruned), "--against", str(dense), "--size", *map(str, a.size)]
-            args += ["--latency", "--runtime", "best", "--timing", f"runs={a.runs}", f"threads={a.threads}", "--json"]
+            args += ["--latency", "--runtime", a.prune_runtime, "--json"]
+            args += ["--timing", f"runs={a.runs}", f"threads={a.threads}"]
             plan = json.loads((pruned / "plan.json").read_text())
-            row = {"net": net, "round_to": f"latency={x}/{a.latency_round_to}", "runtime": "best", "cost": _cli(*args)}
+            row = {"net": net, "round_to": f"latency={x}/{a.latency_round_to}", "runtime": a.prune_runtime}
+            row["cost"] = _cli(*args)
             row["target"] = {"latency": x, "reached_when_pruned": plan.get("target", {}).get("reached")}
             result["rows"].append(row)
             print(_line(row), f"target {x}: re-measured {row['cost']['latency_ratio']:.3f}", flush=True)
@@ -143,10 +157,16 @@ def _write(path: str, result: dict[str, Any]) -> None:
     write_json(path, result)
 
 
+def _caps(result: dict[str, Any]) -> str:
+    caps = result.get("isa_caps") or {}
+    return f" (capped: {', '.join(f'{k}={v}' for k, v in caps.items())})" if caps else ""
+
+
 def render(result: dict[str, Any]) -> str:
     """The gap table, then each eager profile's layers that lose most."""
     lines = [
-        f"{result['date']}, {result['cpu']}, capability {result['capability']}, torch {result['torch']}, "
+        f"{result['date']}, {result['cpu']}, capability {result['capability']}{_caps(result)}, "
+        f"torch {result['torch']}, "
         f"{result['threads']} threads, {result['size'][0]}×{result['size'][1]}, {result['runs']} paired rounds",
         "",
         "| net | round-to | runtime | MACs × | dense → pruned ms | latency × ± | gap |",
@@ -183,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtimes", nargs="+", default=RUNTIMES)
     ap.add_argument("--latency-targets", nargs="*", type=float, default=[0.75], help="prune --target latency=X")
     ap.add_argument("--latency-round-to", default="auto", help="the latency targets' --round-to (default: auto)")
+    ap.add_argument("--prune-runtime", default="best", help="prune's --runtime for auto and latency targets (best)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)

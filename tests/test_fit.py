@@ -332,6 +332,38 @@ def test_onnx_runtime_s_block_is_read_off_its_optimiser_on_this_machine():
         assert block in (8, 16)
 
 
+def test_where_no_multiple_of_the_block_is_in_reach_counts_go_to_onnx_runtime_s_alignment(tmp_path):
+    from functools import partial
+
+    from mtprune.pruning.fit import _blocked, _count
+
+    # LR-ASPP's 24-channel stage kept 19 (no multiple of 16 in 19 … 24): ORT ran its two consumers unblocked
+    assert _blocked(range(19, 25), 16, 4) == (20, [20, 24], _blocked(range(19, 25), 16, 4)[2])
+    assert "multiple of 4" in _blocked(range(19, 25), 16, 4)[2]
+    assert _blocked(range(20, 25), 16, 4) == (20, [20, 24], "")  # already aligned: kept, only aligned tried
+    assert _blocked(range(37, 49), 16, 4)[:2] == (48, [48])  # a multiple of the block in reach: that first
+    assert _blocked(range(19, 25), 16, 1) == (19, list(range(19, 25)), "")  # no alignment known: as before
+    assert _blocked(range(19, 25), 1, 1) == (19, list(range(19, 25)), "")  # PyTorch: every count
+    flat = LatencyTable(tmp_path / "t.json", measure=lambda s: s.cin * s.cout * 1e-6)  # more channels: slower
+    flat.block, flat.align = 16, 4  # as ort_block() / ort_alignment() find on an AVX-512 CPU
+    own = partial(lambda c: ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8))
+    use = partial(lambda c: ConvShape(c, 48, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8))
+    chosen, why = _count(flat, own, [use], 19, 24)
+    assert chosen == 20 and (why["from"], why["to"]) == (19, 20) and "multiple of 4" in why["why"]
+
+
+def test_onnx_runtime_s_alignment_between_blocked_convs_is_finer_than_its_block():
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    import platform
+
+    from mtprune.cost.tables import ort_alignment, ort_block
+
+    block, align = ort_block(), ort_alignment()
+    assert block % align == 0
+    if platform.machine() in ("x86_64", "AMD64"):  # MLAS pads a blocked conv's channels: finer than the block
+        assert 1 < align < block
+
+
 def test_a_count_nothing_beats_is_filled_to_the_kernels_multiple_only_if_that_is_not_slower(tmp_path):
     model = _net()
     plain = make_plan(model, "bn", 0.5)

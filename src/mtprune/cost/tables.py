@@ -3,7 +3,8 @@
 
 A :class:`ConvShape` is one convolution as timed: channels, geometry and input size, with a bias (BN
 folded), batch 1. It runs in PyTorch (a layout, a device) or in ONNX Runtime, where a layer's convs are
-chained as in the net (:func:`conv_graph`) and counts rounded to its channel block (:func:`ort_block`).
+chained as in the net (:func:`conv_graph`) and counts rounded to its channel block (:func:`ort_block`), or
+where none is in reach to the count its blocked convs need between them (:func:`ort_alignment`).
 Identical shapes are timed once; the times are kept in a :class:`LatencyTable` file (``~/.cache/mtprune/``,
 per device, threads, layout and runtime version), so a second prune of the same net times nothing.
 """
@@ -177,6 +178,38 @@ def ort_block() -> int:
     return math.gcd(*counts) if counts else 1
 
 
+@functools.cache
+def ort_alignment() -> int:
+    """The channel count ONNX Runtime's blocked (NCHWc) convs need between them on this machine (MLAS's: 4):
+    a conv feeding another keeps the blocked layout when the count between them is a multiple of it, even
+    off :func:`ort_block` (its kernels pad it), and leaves it otherwise — a reorder out and a plain conv after
+    it (19 channels: both; 20: neither). Found as :func:`ort_block` is: one probe chain (conv 64 → c → 64) per
+    count c above one block, optimised, reading which chains kept their second conv blocked: the gcd of those
+    counts (1 when none, or without blocked kernels)."""
+    from mtprune.export import require_export_extra
+
+    ort = require_export_extra()
+    import onnx
+
+    block = ort_block()
+    if block == 1:
+        return 1
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    kept = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in range(block + 1, 2 * block + 1):
+            chain = [ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8),
+                     ConvShape(c, 64, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8)]  # fmt: skip
+            opts.optimized_model_filepath = str(Path(tmp) / f"chain{c}.onnx")
+            ort.InferenceSession(conv_graph(chain), opts, providers=["CPUExecutionProvider"])
+            ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+            if ops.index("Conv", ops.index("Conv") + 1) == ops.index("Conv") + 1:  # no reorder between the two
+                kept.append(c)
+    return math.gcd(*kept) if kept else 1
+
+
 def runner(shapes: list[ConvShape], device: str = "cpu", channels_last: bool = False, runtime: str = TORCH
            ) -> Callable[[], None]:  # fmt: skip
     """A function running each conv of ``shapes`` once in ``runtime`` (``torch`` on ``device`` in the layout
@@ -270,6 +303,9 @@ class LatencyTable:
         self.runtime = runtime
         #: counts are rounded up to multiples of this (ONNX Runtime's blocked layout, :func:`ort_block`)
         self.block = ort_block() if runtime == ONNXRUNTIME and measure is None else 1
+        #: where no multiple of ``block`` is in reach, counts are rounded up to multiples of this (the count
+        #: ONNX Runtime's blocked convs need between them, :func:`ort_alignment`)
+        self.align = ort_alignment() if runtime == ONNXRUNTIME and measure is None else 1
         #: a count that nothing beats is filled up to a multiple of this if that is not slower (:func:`_fill`);
         #: 1 (off) in ONNX Runtime, whose counts are already multiples of its block, and for a given ``measure``
         self.fill = vector_width(device) if runtime == TORCH and measure is None else 1

@@ -85,16 +85,26 @@ def _fill(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Calla
     return (f if ratio <= 1 + NOISE else start), ratio
 
 
-def _blocked(counts: range, block: int) -> tuple[int, list[int]]:
-    """The counts to choose from and the first of them: all of ``counts`` when ``block`` is 1 or the kept
-    count (the first) is a multiple of it; else the multiples of ``block`` among them (none: all). In ONNX
-    Runtime a count between two multiples costs the time of the next one (its channels are padded) and takes
-    its tensor out of the blocked layout, costs in the net that timing the layer's convs alone does not
-    show; the channels up to the multiple are free."""
-    ok = [c for c in counts if c % block == 0]
-    if block == 1 or not ok or counts[0] % block == 0:
-        return counts[0], list(counts)
-    return ok[0], ok
+def _blocked(counts: range, block: int, align: int = 1) -> tuple[int, list[int], str]:
+    """The counts to choose from, the first of them and why it is not the kept count (the first of
+    ``counts``; "" when it is). In ONNX Runtime a count between two multiples of ``block`` costs the time of
+    the next one (its channels are padded) and takes its tensor out of the blocked layout for the operators
+    after its conv (pooling, sums), costs in the net that timing the layer's convs alone does not show: a
+    kept count off the block is rounded up to the multiples of ``block`` in reach; where none is, to those of
+    ``align``, the count its blocked convs need between them (off it, a reorder and a plain conv follow).
+    All of ``counts`` when ``block`` is 1 or the kept count is a multiple of it."""
+    n = counts[0]
+    if block == 1 or n % block == 0:
+        return n, list(counts), ""
+    for step in (block, align):
+        ok = [c for c in counts if c % step == 0]
+        if step > 1 and ok:
+            if ok[0] == n:
+                return n, ok, ""
+            if step == block:
+                return ok[0], ok, f"ONNX Runtime pads channels to a multiple of {block} here: free"
+            return ok[0], ok, f"ONNX Runtime's blocked convs need a multiple of {align} channels between them: free"
+    return n, list(counts), ""
 
 
 def _timeable(conv: nn.Module) -> bool:
@@ -140,8 +150,9 @@ def latency_fit(model: nn.Module, size: tuple[int, int], table: LatencyTable) ->
     convs (c of their inputs: a concatenation's other inputs stay), by :func:`_choose`. Layers
     of training-only modules (auxiliary heads), grouped convs and their consumers are not refitted. In
     ONNX Runtime (``table.block`` > 1) a kept count that is not a multiple of its block is first rounded up
-    to one, then only multiples are tried (:func:`_blocked`). A count nothing beats is filled up to the
-    kernels' channel multiple when that is not slower (:func:`_fill`). The report:
+    to one, then only multiples are tried — where none is in reach, multiples of ``table.align``
+    (:func:`_blocked`). A count nothing beats is filled up to the kernels' channel multiple when that is not
+    slower (:func:`_fill`). The report:
     ``{layer: {"from", "to", "ms_from", "ms_to", "paired", "why"}}`` for every layer it changed."""
     sizes = conv_input_sizes(model, size)
     skip = tuple(model.training_only_modules()) if hasattr(model, "training_only_modules") else ()
@@ -185,9 +196,9 @@ def _count(table: LatencyTable, own: Callable[[int], ConvShape], uses: list[Call
     """One layer's count in [n, top] (:func:`_blocked`, :func:`_choose`, then :func:`_fill`) and what the
     report says of it: ``from``, ``to``, the table times ``ms_from`` / ``ms_to``, the ``paired`` ratio that
     decided it and ``why``."""
-    start, tried = _blocked(range(n, top + 1), table.block)
+    start, tried, why = _blocked(range(n, top + 1), table.block, table.align)
     chosen, times, ratio = _choose(table, own, uses, tried)
-    why = "faster" if start == n else f"ONNX Runtime pads channels to a multiple of {table.block} here: free"
+    why = why or "faster"
     if chosen == start:
         chosen, ratio = _fill(table, own, uses, start, top)
         if chosen != start:
