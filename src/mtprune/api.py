@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mtprune.checkpoint import load_model, save_model
 from mtprune.config import Config, Timing
 from mtprune.cost.counting import count_macs, count_params
@@ -21,7 +23,8 @@ from mtprune.cost.latency import best_latency
 from mtprune.cost.runtimes import Setup, setups_of
 from mtprune.cost.tables import LatencyTable
 from mtprune.cost.timing import latency_kw, table_setup, timed_as
-from mtprune.errors import UsageError
+from mtprune.data.from_config import sample_images
+from mtprune.errors import DataError, UsageError
 from mtprune.io import write_json
 from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.pruning import plan_cost, prune, scorer_inputs, scorer_of
@@ -36,7 +39,8 @@ class PruneRequest:
     fraction of prunable channels removed) and ``target`` (``("macs" | "params" | "latency", X)``). ``size``:
     the input size of MACs and timing. ``timing``: how ``target=("latency", X)`` and ``round_to="auto"``
     time (:class:`~mtprune.config.Timing`). ThiNet reads ``samples`` training images of the segmentation set
-    ``config`` describes and, with ``rescale``, rescales the next layers."""
+    ``config`` describes and, with ``rescale``, rescales the next layers; ``recalibrate_bn`` images of that set
+    re-estimate every BatchNorm's statistics in the pruned net (:func:`~mtprune.pruning.recalibrate_bn`)."""
 
     source: str | Path | SegmentationModel
     method: str
@@ -52,6 +56,7 @@ class PruneRequest:
     rescale: bool = True
     normalize: str = "none"  # "mean": each layer's scores over their mean before a unified threshold
     compensate: bool = False  # fold a removed channel's constant output (γ = 0) into its consumers
+    recalibrate_bn: int = 0  # training images of ``config``'s set re-estimating every BN's statistics (0: off)
     on_candidate: Callable[[dict[str, Any]], None] | None = None  # each target candidate, as it is measured
     log: Callable[[str], None] | None = None  # progress lines (what is timed, where)
 
@@ -110,6 +115,7 @@ def prune_model(request: PruneRequest) -> PruneResult:
     except UsageError as e:
         raise UsageError(f"--method {e}") from None
     before = {"params": count_params(model), "macs": count_macs(model, request.size)}
+    recal = _recalibration_images(request)
     with timed_as(request.timing) if request.timed else contextlib.nullcontext() as mode:
         cost = None
         if request.target is not None and request.target[0] == "latency":
@@ -120,7 +126,7 @@ def prune_model(request: PruneRequest) -> PruneResult:
             model, request.method, request.ratio, request.thresholds, 1 if request.round_to == "auto" else
             int(request.round_to), request.min_channels, rescale=request.rescale, target=request.target, cost=cost,
             on_candidate=request.on_candidate, fit=_fit(request, model), normalize=request.normalize,
-            compensate=request.compensate, **score_kw,
+            compensate=request.compensate, recalibrate=recal, **score_kw,
         )  # fmt: skip
         memory = host_memory() if mode is not None else None
     summary = _summary(request, model, plan, before)
@@ -136,13 +142,25 @@ def prune_model(request: PruneRequest) -> PruneResult:
         summary["host_memory"] = memory
     if scorer == "thinet":
         summary["thinet"] = {"images": score_kw["num_samples"], "rescale": request.rescale}
+    if recal is not None:
+        summary["recalibrate_bn"] = sum(b.shape[0] for b in recal)  # images used
     return PruneResult(model, plan, summary)
+
+
+def _recalibration_images(request: PruneRequest) -> list[torch.Tensor] | None:
+    """``request.recalibrate_bn`` training images of ``request.config``'s segmentation set (None when 0)."""
+    if not request.recalibrate_bn:
+        return None
+    try:
+        return sample_images(request.config, request.recalibrate_bn)
+    except (DataError, UsageError) as e:
+        raise UsageError(f"recalibrate_bn: {e}") from None
 
 
 def write_pruned(result: PruneResult, request: PruneRequest, out: Path, model_out: Path) -> None:
     """``out/plan.json`` and the pruned checkpoint in ``model_out`` (its meta: what was pruned, from what)."""
     s = result.summary
-    keys = ("method", "ratio", "thresholds", "normalize", "compensate", "target", "thinet")
+    keys = ("method", "ratio", "thresholds", "normalize", "compensate", "target", "thinet", "recalibrate_bn")
     meta = {"pruned": {k: s[k] for k in keys if k in s}}
     source = "model in memory" if isinstance(request.source, SegmentationModel) else str(request.source)
     write_json(out / PLAN_FILE, {**result.plan.to_dict(), "cost": s})
@@ -155,6 +173,8 @@ def _check(request: PruneRequest) -> None:
         raise UsageError("give exactly one of a ratio and a target")
     if request.samples is not None and request.samples < 1:
         raise UsageError(f"--samples must be ≥ 1 (got {request.samples})")
+    if request.recalibrate_bn < 0:
+        raise UsageError(f"recalibrate_bn must be ≥ 0 images (got {request.recalibrate_bn})")
     if request.round_to != "auto" and (not isinstance(request.round_to, int) or request.round_to < 1):
         raise UsageError(f"round_to must be a multiple K ≥ 1 or auto (got {request.round_to!r})")
     if request.timed:

@@ -305,6 +305,8 @@ class RunConfig:
     thresholds: list[str] = field(default_factory=lambda: ["independent"])  # for mtp / slimming
     normalize: Literal["none", "mean"] = "none"  # mean: each layer's scores over their mean (unified thresholds)
     compensate: bool = False  # fold a removed channel's constant output (γ = 0) into its consumers
+    # training images whose batch statistics replace every BatchNorm's running ones after pruning (0: off)
+    recalibrate_bn: int = 0
     without_cls_finetune: bool | list[str] = False  # also fine-tune with cls_epochs = 0 (Table 1): all or these methods
     # equal segmentation steps after train-seg for every method: the fine-tuning of a method whose sparse
     # stage has fewer segmentation passes (uniform, fpgm, thinet: none) is extended by the difference
@@ -489,7 +491,8 @@ def _rule(key: str) -> tuple[str, float] | None:
         return (">=", 1)
     if name == "epochs":
         return (">", 0.0)
-    if name.endswith("_epochs") or name in ("steps_cls", "workers", "checkpoint_every", "weight_decay", "lam"):
+    if name.endswith("_epochs") or name in ("steps_cls", "workers", "checkpoint_every", "weight_decay", "lam",
+                                            "recalibrate_bn"):  # fmt: skip
         return (">=", 0)
     if name.startswith("alpha") or name in ("mu0", "mu_max", "momentum", "aux_weight", "weight", "l1_budget"):
         return (">=", 0.0)

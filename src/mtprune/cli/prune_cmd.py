@@ -12,7 +12,7 @@ from typing import Any
 from mtprune.api import PruneRequest, PruneResult, check_destination, prune_checkpoint
 from mtprune.cli.args import check_out, claim_out, positive_int
 from mtprune.cli.model_args import add_model_source, add_timing, model_source, timing_of
-from mtprune.config import THINET_SAMPLES, Config, load_config
+from mtprune.config import THINET_SAMPLES, load_config
 from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER
 from mtprune.pruning import METHODS, NORMALIZE, SCORERS, THRESHOLDS, parse_target, scorer_of
@@ -22,14 +22,17 @@ from mtprune.pruning.plan import PLAN_FILE
 def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
     """The typed request of the parsed options, ``--out`` and ``--overwrite`` (one line for a flag that does not
     apply)."""
-    thinet = [f for f, v in (("--config", args.config), ("--set", args.set), ("--samples", args.samples),
-                             ("--no-rescale", args.no_rescale)) if v]  # fmt: skip
-    if scorer_of(args.method) != "thinet" and thinet:
-        raise UsageError(f"{', '.join(thinet)}: only with --method thinet")
+    cfg = load_config(args.config, args.set)
+    if scorer_of(args.method) != "thinet":
+        thinet = [f for f, v in (("--samples", args.samples), ("--no-rescale", args.no_rescale)) if v]
+        data = [f for f, v in (("--config", args.config), ("--set", args.set)) if v]
+        if data and not cfg.run.recalibrate_bn:
+            thinet = data + thinet
+        if thinet:
+            raise UsageError(f"{', '.join(thinet)}: only with --method thinet (or --set run.recalibrate_bn=N)")
     timed = args.round_to == "auto" or (args.target is not None and args.target[0] == "latency")
     if not timed and (args.runtime is not None or args.timing):
         raise UsageError("--runtime / --timing: only with --target latency=X or --round-to auto")
-    cfg = load_config(args.config, args.set) if scorer_of(args.method) == "thinet" else Config()
     source = model_source(args)
     stream = sys.stderr if args.json else sys.stdout
     request = PruneRequest(
@@ -46,6 +49,7 @@ def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
         samples=args.samples,
         rescale=not args.no_rescale,
         normalize=args.normalize,
+        recalibrate_bn=cfg.run.recalibrate_bn,
         on_candidate=_candidate_printer(stream) if args.target else None,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
@@ -176,7 +180,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds (it is cleared first)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    th = p.add_argument_group("thinet (training images, as `mtprune train` describes them)")
+    th = p.add_argument_group(
+        "training images, as `mtprune train` describes them (thinet; and --set run.recalibrate_bn=N: N of them "
+        "re-estimate every BatchNorm's statistics after pruning)"
+    )
     th.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded synthetic setup)")
     th.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     th.add_argument("--samples", type=int, metavar="N", help=f"training images measured (default {THINET_SAMPLES})")

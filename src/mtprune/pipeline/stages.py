@@ -67,6 +67,8 @@ def prune_recipe(src: Path, method: str, budget: Budget, thresholds: str, cfg: C
     keys: tuple[str, ...] = ("run.round_to", "run.min_channels", "run.normalize", "run.compensate")
     if get_method(method).scorer == "thinet":
         keys += ("seed", "run.thinet_samples", "data.seg")
+    if cfg.run.recalibrate_bn:  # only when on: the recipes of runs made before it existed stay as they were
+        keys += ("run.recalibrate_bn",) + tuple(k for k in ("seed", "data.seg") if k not in keys)
     how: dict[str, Any] = {"ratio": budget}
     if isinstance(budget, dict):
         how = {"target": budget, "size": list(cost_size(cfg))}
@@ -104,6 +106,7 @@ def pruning(src: Path, method: str, budget: Budget, thresholds: str, cfg: Config
             samples=cfg.run.thinet_samples,
             normalize=cfg.run.normalize,
             compensate=cfg.run.compensate,
+            recalibrate_bn=cfg.run.recalibrate_bn,
             log=lambda line: print(line, file=sys.stderr, flush=True),  # what is timed; a busy machine's warning
         )
         result = prune_checkpoint(request, out, out / "model")

@@ -21,6 +21,7 @@ from mtprune.pruning.apply import apply_plan, build_dependency_graph, mask_plan
 from mtprune.pruning.compensate import constant_inputs
 from mtprune.pruning.methods import METHODS, Method, get_method, register_method, scorer_of
 from mtprune.pruning.plan import THRESHOLDS, PruningPlan, check_ratio, compute_plan, plan_overlap, with_counts
+from mtprune.pruning.recalibrate import recalibrate_bn
 from mtprune.pruning.scores import SCORERS, get_scorer, register_scorer, scorer_inputs
 from mtprune.pruning.search import TARGET_METRICS, Cost, parse_target, plan_cost, search_ratio
 from mtprune.pruning.thinet import ThiNetStats, thinet_rescale, thinet_statistics
@@ -94,6 +95,7 @@ def prune(
     fit: Fit | None = None,
     normalize: str = "none",
     compensate: bool = False,
+    recalibrate: list[torch.Tensor] | None = None,
     **score_kw: Any,
 ) -> PruningPlan:
     """Prune ``model`` in place (physically) and return the plan that was applied.
@@ -111,6 +113,9 @@ def prune(
 
     ``compensate``: a removed channel that outputs a constant (γ = 0: a sparse stage switched it off)
     has the constant folded into its consumers (:mod:`~mtprune.pruning.compensate`), so removing it costs nothing.
+
+    ``recalibrate``: training images (normalised batches) whose batch statistics then replace every
+    BatchNorm's running ones (:func:`~mtprune.pruning.recalibrate.recalibrate_bn`, EagleEye's adaptive BN).
     """
     if (ratio is None) == (target is None):
         raise UsageError("give exactly one of a ratio and a target")
@@ -132,6 +137,8 @@ def prune(
     apply_plan(model, plan, constants=constant_inputs(model) if compensate else None)
     if stats is not None and rescale:
         thinet_rescale(model, plan, stats)
+    if recalibrate is not None:
+        recalibrate_bn(model, recalibrate)
     return plan
 
 
@@ -165,6 +172,7 @@ def _plan_for_target(
 
 
 __all__ = [
+    "recalibrate_bn",
     "Fit",
     "NORMALIZE",
     "normalize_scores",
