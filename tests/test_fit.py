@@ -333,21 +333,24 @@ def test_onnx_runtime_s_block_is_read_off_its_optimiser_on_this_machine():
 
 
 def test_where_no_multiple_of_the_block_is_in_reach_counts_go_to_onnx_runtime_s_alignment(tmp_path):
-    from functools import partial
-
     from mtprune.pruning.fit import _blocked, _count
 
     # LR-ASPP's 24-channel stage kept 19 (no multiple of 16 in 19 … 24): ORT ran its two consumers unblocked
-    assert _blocked(range(19, 25), 16, 4) == (20, [20, 24], _blocked(range(19, 25), 16, 4)[2])
-    assert "multiple of 4" in _blocked(range(19, 25), 16, 4)[2]
+    start, tried, why = _blocked(range(19, 25), 16, 4)
+    assert (start, tried) == (20, [20, 24]) and "multiple of 4 channels between them" in why
     assert _blocked(range(20, 25), 16, 4) == (20, [20, 24], "")  # already aligned: kept, only aligned tried
     assert _blocked(range(37, 49), 16, 4)[:2] == (48, [48])  # a multiple of the block in reach: that first
     assert _blocked(range(19, 25), 16, 1) == (19, list(range(19, 25)), "")  # no alignment known: as before
     assert _blocked(range(19, 25), 1, 1) == (19, list(range(19, 25)), "")  # PyTorch: every count
     flat = LatencyTable(tmp_path / "t.json", measure=lambda s: s.cin * s.cout * 1e-6)  # more channels: slower
     flat.block, flat.align = 16, 4  # as ort_block() / ort_alignment() find on an AVX-512 CPU
-    own = partial(lambda c: ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8))
-    use = partial(lambda c: ConvShape(c, 48, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8))
+
+    def own(c: int) -> ConvShape:
+        return ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8)
+
+    def use(c: int) -> ConvShape:
+        return ConvShape(c, 48, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8)
+
     chosen, why = _count(flat, own, [use], 19, 24)
     assert chosen == 20 and (why["from"], why["to"]) == (19, 20) and "multiple of 4" in why["why"]
 

@@ -54,8 +54,36 @@ def test_two_batches_average_their_statistics_and_a_short_last_batch_joins_the_o
     imgs = [torch.zeros(3, 8, 8)] * 17
     assert [t.shape[0] for t in _batches(imgs, 8)] == [8, 9]  # 17 = 8 + 8 + 1: the 1 joins
     assert [t.shape[0] for t in _batches([torch.zeros(5, 3, 8, 8), torch.zeros(3, 3, 6, 6)], 8)] == [5, 3]
-    with pytest.raises(UsageError, match="at least 2 images"):
-        _batches([torch.zeros(3, 8, 8)], 8)
+    assert [t.shape[0] for t in _batches([torch.zeros(5, 3, 8, 8), torch.zeros(1, 3, 6, 6)], 8)] == [5]  # alone
+    with pytest.raises(UsageError, match="at least 2 training images"):
+        recalibrate_bn(_net(), [torch.zeros(3, 8, 8)])
+    with pytest.raises(UsageError, match="batch_size must be ≥ 2"):
+        recalibrate_bn(_net(), imgs, batch_size=1)
+
+
+def test_modes_survive_per_module_and_a_failed_pass_leaves_every_statistic_as_it_was():
+    net = _net().train()
+    net[5].eval()  # a BN kept frozen on purpose
+    x = torch.randn(4, 3, 8, 8)
+    recalibrate_bn(net, [x])
+    assert [m.training for m in net] == [True, True, True, True, True, False]
+    bad = _net()
+    stale = {k: v.clone() for k, v in bad.state_dict().items()}
+    bad[4] = nn.Conv2d(5, 4, 1)  # the pass fails after the first BN was re-estimated: 6 channels into 5
+    with pytest.raises(RuntimeError):
+        recalibrate_bn(bad, [x])
+    assert torch.equal(bad[1].running_mean, stale["1.running_mean"]) and bad[1].momentum == 0.1
+    assert int(bad[1].num_batches_tracked) == int(stale["1.num_batches_tracked"]) and not bad.training
+    assert recalibrate_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), [x]) == 0  # no BN: nothing to do
+
+
+def test_a_batchnorm_the_segmentation_forward_does_not_reach_keeps_its_statistics():
+    model = tiny("deeplabv3_efficientnet_lite0", width=0.25)
+    head = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and n.startswith("cls_head")]
+    assert head  # EfficientNet's classification head conv has a BN that only forward_cls runs
+    before = {n: model.get_submodule(n).running_mean.clone() for n in head}
+    recalibrate_bn(model, [torch.randn(4, 3, 32, 32)])
+    assert all(torch.equal(model.get_submodule(n).running_mean, before[n]) for n in head)
 
 
 def test_a_pruned_segmentation_net_gets_statistics_of_its_own_features():
@@ -99,7 +127,10 @@ def test_cli_recalibrates_with_the_config_s_training_images_and_says_so_in_plan_
     [
         ([], "--set: only with --method thinet (or --set run.recalibrate_bn=N)"),
         (["--set", "run.recalibrate_bn=-1"], "run.recalibrate_bn: -1 must be >= 0"),
-        (["--set", "run.recalibrate_bn=4", "--set", "data.seg.options.num_samples=0"], "recalibrate_bn:"),
+        (
+            ["--set", "run.recalibrate_bn=4", "--set", "data.seg.options.num_samples=0"],
+            "recalibrate_bn needs training images: the seg training set is empty",
+        ),
     ],
 )
 def test_cli_bad_recalibration_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, extra, needle):

@@ -30,6 +30,7 @@ from mtprune.models.base import BACKBONE, DECODER, SegmentationModel
 from mtprune.pruning import plan_cost, prune, scorer_inputs, scorer_of
 from mtprune.pruning.fit import latency_fit
 from mtprune.pruning.plan import PLAN_FILE, PruningPlan
+from mtprune.pruning.recalibrate import check_images
 
 
 @dataclass
@@ -152,9 +153,11 @@ def _recalibration_images(request: PruneRequest) -> list[torch.Tensor] | None:
     if not request.recalibrate_bn:
         return None
     try:
-        return sample_images(request.config, request.recalibrate_bn)
+        images = sample_images(request.config, request.recalibrate_bn)
     except (DataError, UsageError) as e:
-        raise UsageError(f"recalibrate_bn: {e}") from None
+        raise UsageError(f"recalibrate_bn needs training images: {e}") from None
+    check_images(images)  # before anything is measured
+    return images
 
 
 def write_pruned(result: PruneResult, request: PruneRequest, out: Path, model_out: Path) -> None:

@@ -205,7 +205,8 @@ def ort_alignment() -> int:
             opts.optimized_model_filepath = str(Path(tmp) / f"chain{c}.onnx")
             ort.InferenceSession(conv_graph(chain), opts, providers=["CPUExecutionProvider"])
             ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-            if ops.index("Conv", ops.index("Conv") + 1) == ops.index("Conv") + 1:  # no reorder between the two
+            convs = [i for i, op in enumerate(ops) if op == "Conv"]
+            if len(convs) >= 2 and convs[1] == convs[0] + 1:  # the two convs next to each other: no reorder between
                 kept.append(c)
     return math.gcd(*kept) if kept else 1
 

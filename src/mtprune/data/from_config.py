@@ -79,7 +79,7 @@ def sample_images(cfg: Config, n: int, task: str = "seg", max_batch: int = 8) ->
     ds = make_dataset(cfg, task, train=True)
     n = min(n, len(ds))
     if n < 1:
-        raise UsageError(f"thinet needs training images: the {task} training set is empty")
+        raise UsageError(f"the {task} training set is empty")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
     with torch.random.fork_rng(devices=[]):  # the random training transforms, reproducibly
         torch.manual_seed(cfg.seed)

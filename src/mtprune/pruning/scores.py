@@ -96,7 +96,7 @@ def training_images(source: Path | None, cfg: Config, samples: int | None) -> di
     configured segmentation training set, drawn from ``cfg.seed``."""
     try:
         batches = sample_images(cfg, THINET_SAMPLES if samples is None else samples)
-    except DataError as e:
+    except (DataError, UsageError) as e:
         raise UsageError(f"thinet needs training images: {e}") from None
     return {"images": batches, "num_samples": sum(b.shape[0] for b in batches), "seed": cfg.seed}
 
