@@ -84,6 +84,7 @@ COMMON = [
     "run.latency=false",
     "run.eval_pruned=true",
     "finetune.distill.weight=0",  # plain fine-tuning unless the option distils (the config ships distillation on)
+    "run.recalibrate_bn=0",  # the pruned nets as the options' runs were made (the config re-estimates BN now)
 ]
 #: the stages an option does not change, linked from the base run (a stage whose recipe an option changes is
 #: trained again in the option's folder)
