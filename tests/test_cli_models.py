@@ -231,6 +231,8 @@ def test_cost_against_per_layer_compares_both_nets_layer_by_layer_in_the_same_ro
     conv = rows["backbone.layer1.0.conv1"]
     assert conv["out_channels"] < conv["against_out_channels"] and conv["work_ratio"] < 0.7
     assert rows["(outside modules)"]["kind"] == "functional" and out["layers_ratio"] > 0
+    ideal = sum(r["work_ratio"] * r["against_ms"] for r in out["layers"]) / sum(r["against_ms"] for r in out["layers"])
+    assert out["layers_ideal_ratio"] == pytest.approx(ideal) and 0 < ideal < 1  # the floor the rows imply
     # with --runtime best: the layers in this net's fastest eager PyTorch setup
     assert (
         main([*args, "--latency", "--runtime", "best", "--per-layer", "--top", "4", "--timing", "threads=1", "--json"])

@@ -407,3 +407,14 @@ def test_onnxruntime_is_timed_on_the_cpu_in_float32_only(device, dtype, monkeypa
         interleaved_latency({"m": nn.Identity()}, (4, 4), device, dtype, setups={"m": Setup(runtime=ONNXRUNTIME)})
     with pytest.raises(UsageError, match="unknown runtime 'tvm'"):
         interleaved_latency({"m": nn.Identity()}, (4, 4), setups={"m": Setup(runtime="tvm")})
+
+
+def test_the_ideal_ratio_shrinks_each_layer_with_its_work_and_keeps_the_time_between_modules():
+    from mtprune.cost.layers import ideal_ratio
+
+    rows = [
+        {"name": "conv", "kind": "Conv2d", "against_ms": 10.0, "ms": 7.0, "work_ratio": 0.5},
+        {"name": "(outside modules)", "kind": "functional", "against_ms": 6.0, "ms": 6.0, "work_ratio": 1.0},
+    ]
+    assert ideal_ratio(rows) == pytest.approx((0.5 * 10 + 6) / 16)  # 0.6875: the measured 13/16 is above it
+    assert ideal_ratio([]) == 1.0

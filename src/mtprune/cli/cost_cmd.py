@@ -16,7 +16,14 @@ from mtprune.config import Timing
 from mtprune.cost import best_latency, compare_cost, model_cost, paired_ratio, setups_of, timed_as
 from mtprune.cost.host_memory import CACHED, DEPLOY_ENV
 from mtprune.cost.latency import timing_warning
-from mtprune.cost.layers import channels_text, compare_layers, excess_by_kind, layer_latency, layer_profiles
+from mtprune.cost.layers import (
+    channels_text,
+    compare_layers,
+    excess_by_kind,
+    ideal_ratio,
+    layer_latency,
+    layer_profiles,
+)
 from mtprune.cost.runtimes import ONNXRUNTIME, TORCH
 from mtprune.cost.timing import latency_kw
 from mtprune.errors import UsageError
@@ -111,8 +118,10 @@ def _against(req: CostRequest, model: SegmentationModel) -> dict[str, Any]:
             channels_last=layout == "channels_last", fold_bn=fold_bn, runs=req.timing.runs,
         )  # fmt: skip
         this, other = both["this"], both["against"]
+        rows = compare_layers(this, other)
         out.update(
-            layers=compare_layers(this, other),
+            layers=rows,
+            layers_ideal_ratio=ideal_ratio(rows),
             layers_total_ms=this.total_ms,
             against_layers_total_ms=other.total_ms,
             layers_ratio=paired_ratio(this.totals_ms, other.totals_ms)["ratio"],
@@ -252,6 +261,12 @@ def _layers_against_table(cost: dict[str, Any], top: int) -> str:
         )
     summary = "; ".join(f"{k} {a:.1f} → {b:.1f} ms ({e:+.1f})" for k, (a, b, e) in excess_by_kind(rows).items())
     lines.append(f"  by kind (against → this, excess): {summary}")
+    fixed = next((r for r in rows if r["kind"] == "functional"), None)
+    between = f"; the time between modules stays: {fixed['against_ms']:.1f} → {fixed['ms']:.1f} ms" if fixed else ""
+    lines.append(
+        f"  if every layer shrank with its work: × {cost['layers_ideal_ratio']:.3f} (the floor of this plan here"
+        f"{between})"
+    )
     return "\n".join(lines)
 
 

@@ -229,6 +229,16 @@ def compare_layers(net: LayerProfile, against: LayerProfile) -> list[dict[str, A
     return sorted(out, key=lambda row: -row["excess_ms"])
 
 
+def ideal_ratio(rows: list[dict[str, Any]]) -> float:
+    """The time ratio the net would reach if every layer's time shrank exactly with its work (:func:`work_ratio`)
+    and the time between modules (the ``functional`` row: the logits' upsampling, residual sums, gates …) stayed:
+    Σ work ratio × the other net's ms / Σ the other net's ms over :func:`compare_layers`' rows. The floor that the
+    work which does not shrink sets for this plan at this size; the measured ratio lies above it by the rows'
+    excess / the other net's total."""
+    total = sum(r["against_ms"] for r in rows)
+    return sum(r["work_ratio"] * r["against_ms"] for r in rows) / total if total > 0 else 1.0
+
+
 def excess_by_kind(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
     """:func:`compare_layers`' rows summed by layer kind (``Conv2d``, ``ReLU`` …, ``functional``): the other
     net's ms, this net's ms and the excess ms."""
