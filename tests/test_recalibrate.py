@@ -127,6 +127,7 @@ def test_cli_recalibrates_with_the_config_s_training_images_and_says_so_in_plan_
     [
         ([], "--set: only with --method thinet (or --set run.recalibrate_bn=N)"),
         (["--set", "run.recalibrate_bn=-1"], "run.recalibrate_bn: -1 must be >= 0"),
+        (["--set", "run.recalibrate_bn=4", "--set", "run.round_to=auto"], "--set run.round_to: mtprune prune takes"),
         (
             ["--set", "run.recalibrate_bn=4", "--set", "data.seg.options.num_samples=0"],
             "recalibrate_bn needs training images: the seg training set is empty",

@@ -18,11 +18,18 @@ from mtprune.models.base import BACKBONE, DECODER
 from mtprune.pruning import METHODS, NORMALIZE, SCORERS, THRESHOLDS, parse_target, scorer_of
 from mtprune.pruning.plan import PLAN_FILE
 
+#: the ``run.`` keys ``mtprune prune --set`` reads (the rest of a plan's settings are its flags)
+_PRUNE_RUN_KEYS = ("run.recalibrate_bn=",)
+
 
 def _request(args: argparse.Namespace) -> tuple[PruneRequest, Path, bool]:
     """The typed request of the parsed options, ``--out`` and ``--overwrite`` (one line for a flag that does not
     apply)."""
     cfg = load_config(args.config, args.set)
+    ignored = [kv.split("=", 1)[0] for kv in args.set if kv.startswith("run.") and not kv.startswith(_PRUNE_RUN_KEYS)]
+    if ignored:
+        raise UsageError(f"--set {ignored[0]}: mtprune prune takes the plan's settings as its own flags (--help); "
+                         "--set only describes the training images (data.seg, seed, run.recalibrate_bn)")  # fmt: skip
     if scorer_of(args.method) != "thinet":
         thinet = [f for f, v in (("--samples", args.samples), ("--no-rescale", args.no_rescale)) if v]
         data = [f for f, v in (("--config", args.config), ("--set", args.set)) if v]
