@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,6 +151,23 @@ def _ort_runner(shapes: list[ConvShape]) -> Callable[[], None]:
 PROBE_CHANNELS = tuple(range(33, 97))
 
 
+def _optimised_nodes(graph: bytes) -> list[Any]:
+    """The nodes of ``graph`` as ONNX Runtime's CPU provider optimises it on this machine (all graph
+    optimisations): what :func:`ort_block` and :func:`ort_alignment` read its layout choices off."""
+    from mtprune.export import require_export_extra  # the export extra, only when ONNX Runtime is asked for
+
+    ort = require_export_extra()
+    import onnx
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # not the warning that an optimised model is hardware-specific: that is the point
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
+        ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        return list(onnx.load(opts.optimized_model_filepath).graph.node)
+
+
 @functools.cache
 def ort_block() -> int:
     """The channel block of ONNX Runtime's CPU provider's blocked (NCHWc) layout on this machine (MLAS's:
@@ -160,19 +178,8 @@ def ort_block() -> int:
     DeepLabv3-R101's 112 convs). Found by having ONNX Runtime optimise one probe conv per output count of
     :data:`PROBE_CHANNELS`, each followed by a pooling, and reading which poolings it left plain: the gcd
     of the other counts (1 when none: no blocked kernels on this CPU)."""
-    from mtprune.export import require_export_extra  # the export extra, only when ONNX Runtime is asked for
-
-    ort = require_export_extra()
-    import onnx
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # not the warning that an optimised model is hardware-specific: that is the point
     probes = [ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8) for c in PROBE_CHANNELS]
-    with tempfile.TemporaryDirectory() as tmp:
-        opts.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
-        ort.InferenceSession(conv_graph(probes, chain=False), opts, providers=["CPUExecutionProvider"])
-        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    nodes = _optimised_nodes(conv_graph(probes, chain=False))
     plain = {n.output[0] for n in nodes if n.domain == "" and n.op_type == "GlobalAveragePool"}  # gy<i> as built
     counts = [c for i, c in enumerate(PROBE_CHANNELS) if f"gy{i}" not in plain]
     return math.gcd(*counts) if counts else 1
@@ -186,28 +193,16 @@ def ort_alignment() -> int:
     it (19 channels: both; 20: neither). Found as :func:`ort_block` is: one probe chain (conv 64 → c → 64) per
     count c above one block, optimised, reading which chains kept their second conv blocked: the gcd of those
     counts (1 when none, or without blocked kernels)."""
-    from mtprune.export import require_export_extra
-
-    ort = require_export_extra()
-    import onnx
-
     block = ort_block()
     if block == 1:
         return 1
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
     kept = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for c in range(block + 1, 2 * block + 1):
-            chain = [ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8),
-                     ConvShape(c, 64, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8)]  # fmt: skip
-            opts.optimized_model_filepath = str(Path(tmp) / f"chain{c}.onnx")
-            ort.InferenceSession(conv_graph(chain), opts, providers=["CPUExecutionProvider"])
-            ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-            convs = [i for i, op in enumerate(ops) if op == "Conv"]
-            if len(convs) >= 2 and convs[1] == convs[0] + 1:  # the two convs next to each other: no reorder between
-                kept.append(c)
+    for c in range(block + 1, 2 * block + 1):
+        chain = [ConvShape(64, c, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8),
+                 ConvShape(c, 64, (1, 1), (1, 1), (0, 0), (1, 1), 1, 8, 8)]  # fmt: skip
+        convs = [i for i, n in enumerate(_optimised_nodes(conv_graph(chain))) if n.op_type == "Conv"]
+        if len(convs) >= 2 and convs[1] == convs[0] + 1:  # the two convs next to each other: no reorder between
+            kept.append(c)
     return math.gcd(*kept) if kept else 1
 
 

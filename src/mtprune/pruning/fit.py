@@ -96,14 +96,13 @@ def _blocked(counts: range, block: int, align: int = 1) -> tuple[int, list[int],
     n = counts[0]
     if block == 1 or n % block == 0:
         return n, list(counts), ""
-    for step in (block, align):
-        ok = [c for c in counts if c % step == 0]
-        if step > 1 and ok:
-            if ok[0] == n:
-                return n, ok, ""
-            if step == block:
-                return ok[0], ok, f"ONNX Runtime pads channels to a multiple of {block} here: free"
-            return ok[0], ok, f"ONNX Runtime's blocked convs need a multiple of {align} channels between them: free"
+    on_block = [c for c in counts if c % block == 0]
+    if on_block:
+        return on_block[0], on_block, f"ONNX Runtime pads channels to a multiple of {block} here: free"
+    aligned = [c for c in counts if c % align == 0] if align > 1 else []
+    if aligned:
+        why = f"ONNX Runtime's blocked convs need a multiple of {align} channels between them: free"
+        return aligned[0], aligned, "" if aligned[0] == n else why
     return n, list(counts), ""
 
 
