@@ -62,16 +62,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{_ms(col('macs_ratio'), 1, '.3f')} | {_ms(col('latency_ratio'), 1, '.2f')} | {_ms(col('top1'))} | "
             f"{_ms(col('miou_pruned'), fmt='.2f')} | {_ms(col('top1_pruned'))} | {sp} | {_ms(overlap, 1, '.2f')} |"
         )
-    print("\npaired per-seed mIoU differences against Uniform at the same budget (points):\n")
+    print("\npaired per-seed mIoU differences (points):\n")
     for tag, rows in by_tag.items():
-        ut = _uniform_tag(next(iter(rows.values())))
-        if not ut or ut == tag or ut not in by_tag:
-            continue
-        diffs = [100 * (rows[s]["miou"] - by_tag[ut][s]["miou"]) for s in rows if s in by_tag[ut]]
-        if diffs:
-            per, wins = " ".join(f"{d:+.2f}" for d in diffs), sum(d > 0 for d in diffs)
-            print(f"- {tag} − {ut}: {per} (mean {statistics.fmean(diffs):+.2f}, {wins}/{len(diffs)} > 0)")
+        for other in _pairs(tag, next(iter(rows.values()))):
+            if other in by_tag:
+                _paired(tag, other, rows, by_tag[other])
     return 0
+
+
+def _pairs(tag: str, row: dict[str, Any]) -> list[str]:
+    """The rows ``tag`` is read against: Uniform at the same budget; for MTP also Slimming at the same budget and
+    thresholds, and itself without the classification fine-tuning (Table 1); unified against independent."""
+    ut = _uniform_tag(row)
+    out = [ut] if ut and ut != tag else []
+    if tag.startswith("mtp-") and not tag.endswith("-nocls"):
+        out += [tag.replace("mtp-", "slimming-", 1), f"{tag}-nocls"]
+    if "-unified" in tag:
+        out.append(tag.replace("-unified", "-independent"))
+    return out
+
+
+def _paired(tag: str, other: str, rows: dict[int, dict[str, Any]], others: dict[int, dict[str, Any]]) -> None:
+    diffs = [100 * (rows[s]["miou"] - others[s]["miou"]) for s in sorted(rows) if s in others]
+    if diffs:
+        per, wins = " ".join(f"{d:+.2f}" for d in diffs), sum(d > 0 for d in diffs)
+        print(f"- {tag} − {other}: {per} (mean {statistics.fmean(diffs):+.2f}, {wins}/{len(diffs)} > 0)")
 
 
 if __name__ == "__main__":
