@@ -207,6 +207,22 @@ def test_best_against_best_is_timed_head_to_head_without_the_other_setups_tax(mo
     assert out["configs"][1]["latency_ms"] > 3 * STEP_MS
 
 
+def test_several_nets_are_timed_pair_by_pair_against_the_reference(monkeypatch):
+    from mtprune.cost import Setup, latency_against
+
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
+    setups = [Setup(), Setup(channels_last=True)]
+    dense = TaxedNet(clock, 10, 6, tax=2)
+    contiguous, cl = TaxedNet(clock, 2, 5, tax=2), TaxedNet(clock, 4, 3, tax=2)
+    both = latency_against({"a": contiguous, "b": cl}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
+    alone = latency_against({"b": cl}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)["b"]
+    # in one round-robin of a, b and dense, b's calls would follow a's contiguous ones: (3 + 2) / 6
+    assert both["b"]["latency_ratio"] == alone["latency_ratio"] == 0.5 and both["b"]["latency_ms"] == 3 * STEP_MS
+    assert both["a"]["config"]["layout"] == "contiguous" and both["b"]["config"]["layout"] == "channels_last"
+    assert both["b"]["against_latency_ms"] == 6 * STEP_MS and len(both["a"]["times_ms"]) == 20
+
+
 def test_compare_cost_gives_the_ratios_of_two_real_nets_and_the_gap():
     from mtprune.cost import compare_cost
     from mtprune.pruning import prune

@@ -206,13 +206,15 @@ def latency_against(
     precision: float | None = None,
     max_runs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each net of ``models`` against the reference net ``against`` (the unpruned one), all of them in every
-    setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`; the nets are given back
-    in their layout, device and mode); every net, the reference too, then takes its fastest setup; with
-    several setups the chosen ones are timed again head to head, without the others (between calls of
-    different runtimes the idle threads of one tax the next, a small net's calls more: bench/README.md,
-    "Mobile-class nets");
-    the ratio is paired per round — with ``setups=all_setups()`` best against best, the figure a user ships.
+    """Each net of ``models`` against the reference net ``against`` (the unpruned one), pair by pair — the net
+    and the reference in every setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`;
+    the nets are given back in their layout, device and mode), as ``cost --against`` times one pair: in one
+    round-robin of many nets each call pays for the net before it (another runtime's or layout's idle threads,
+    another net's weights in the caches) and the figures drift from the pair's; both nets of a pair then take
+    their fastest setup; with several setups the chosen two are timed again head to head, without the
+    others (between calls of different runtimes the idle threads of one tax the next, a small net's calls
+    more: bench/README.md, "Mobile-class nets"); the ratio is paired per round — with
+    ``setups=all_setups()`` best against best, the figure a user ships.
     Used by ``mtprune cost --against``, the latency stage of ``mtprune run``, ``prune --target latency=X``
     and ``bench/latency.py``.
 
@@ -231,6 +233,10 @@ def latency_against(
     """
     if AGAINST in models:
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
+    if len(models) > 1:  # pair by pair: in one round-robin of many nets each call pays for the one before it
+        kw = {"setups": setups, "device": device, "dtype": dtype, "runs": runs, "warmup": warmup, "clock": clock}
+        kw |= {"precision": precision, "max_runs": max_runs}
+        return {n: latency_against({n: m}, against, size, **kw)[n] for n, m in models.items()}
     nets = {**models, AGAINST: against}
     until = None if precision is None else (lambda times: _known(times, models, setups) <= precision)
     kw = {"size": size, "device": device, "dtype": dtype, "warmup": warmup, "runs": runs, "clock": clock}

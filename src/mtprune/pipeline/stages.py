@@ -173,7 +173,7 @@ def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
 
 
 def latency(sources: dict[str, Path], cfg: Config, out: Path) -> Stage:
-    """Batch-1 latency of every model of the run at the cost size, timed round-robin against the dense one
+    """Batch-1 latency of every model of the run at the cost size, timed against the dense one pair by pair
     as ``run.timing`` says (:func:`~mtprune.cost.latency.latency_against`, as ``mtprune cost --against``:
     one forward of each per round; with several runtimes each net in its fastest: best against best);
     ``{tag: {"latency_ms", "latency_iqr_ms", "latency_device", "ratio", "ratio_iqr", "setup", "page_faults",
