@@ -164,8 +164,8 @@ def render_report(
         f"# {title}\n",
         "mIoU, top-1 and top-5 in %, on the validation splits; Δ against the dense model; ×: ratio to the "
         "dense model. Params of the deployed segmentation net; MACs = FLOPs / 2 at the cost size; latency: "
-        "median of batch-1 runs as run.timing says, all models timed round-robin, each in the setup named beside it "
-        "(its fastest of run.timing's runtimes); × is the ratio to dense paired per round.\n",
+        "median of batch-1 runs as run.timing says, each model timed against dense pair by pair, each in the setup "
+        "named beside it (its fastest of run.timing's runtimes); × is the ratio to dense paired per round.\n",
         "## Comparison (Tables 2/3 form)\n",
         main_table(rows),
     ]
@@ -204,8 +204,25 @@ def write_report(out: str | os.PathLike, cfg: Any, rows: list[Row]) -> Path:
     plots = make_plots(out, cfg, rows)
     path = out / REPORT_FILE
     title = f"mtprune run — {cfg.model.name}, {cfg.data.seg.dataset}"
-    write_text(path, render_report(rows, plots, title=title, warnings=stage_warnings(out)))
+    warnings = stage_warnings(out) + slower_than_dense(rows, cfg.run.round_to)
+    write_text(path, render_report(rows, plots, title=title, warnings=warnings))
     return path
+
+
+def slower_than_dense(rows: list[Row], round_to: int | str) -> list[str]:
+    """One warning per pruned model that is no faster than the dense one although it does less work (a
+    latency ratio ≥ 1 at a MACs ratio < 0.95): at counts off the runtime's channel blocks the kernels leave
+    their fast paths (docs/deployment-speed.md); ``round_to: auto`` prunes to counts they like."""
+    hint = "" if round_to == "auto" else "; run.round_to: auto prunes to counts the runtime's kernels are fast at"
+    return [
+        f"warning: {display_name(r)} is {r['latency_ratio']:.2f}× the dense net's latency at "
+        f"{r['macs_ratio']:.2f}× its MACs{hint} (docs/deployment-speed.md)"
+        for r in rows
+        if r.get("latency_ratio") is not None
+        and r.get("macs_ratio") is not None
+        and r["latency_ratio"] >= 1.0
+        and r["macs_ratio"] < 0.95
+    ]
 
 
 def stage_warnings(out: Path) -> list[str]:
