@@ -8,9 +8,9 @@
 
 For each model: the dense net, then for each plan kind (``uniform``: every prunable layer keeps the same
 fraction; ``irregular``: ``bn`` scores on random γ, the uneven channel counts MTP produces), ratio and
-``--round-to``, the pruned net. All nets of a model, in every layout and variant, are timed round-robin
-(``mtprune.cost.latency_against``, as ``mtprune cost --against``: one batch-1 forward of each
-per round, CUDA synchronised), so the machine's drift hits them alike; each cell is the median and IQR
+``--round-to``, the pruned net. Every pruned net of a model is timed against its dense net pair by pair, in
+every layout and variant (``mtprune.cost.latency_against``, as ``mtprune cost --against``: one batch-1 forward
+of each per round, CUDA synchronised), so the machine's drift hits both alike; each cell is the median and IQR
 over rounds, and ratios are paired per round. "Best against best" compares each net in its fastest setup
 with dense in its fastest — the figure a deployment engineer ships. ``--render FILE…`` prints saved
 ``--json`` files as markdown.

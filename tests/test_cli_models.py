@@ -118,7 +118,7 @@ def test_cost_best_and_per_layer(capsys):
     text = capsys.readouterr().out.splitlines()
     assert sum("← fastest" in ln for ln in text) == 1  # the winner of the round-robin, marked once
     (alone,) = [ln for ln in text if ln.startswith("fastest ")]
-    assert "timed again alone:" in alone and " ms median" in alone
+    assert "timed alone:" in alone and " ms median" in alone
     assert main([*base, "--per-layer", "--top", "3"]) == 0
     text = capsys.readouterr().out
     by_kind = next(ln for ln in text.splitlines() if "by kind:" in ln)  # kinds ordered by time: any order

@@ -253,6 +253,39 @@ def test_several_nets_are_timed_pair_by_pair_against_the_reference(monkeypatch):
     assert both["b"]["against_latency_ms"] == 6 * STEP_MS and len(both["a"]["times_ms"]) == 20
 
 
+class EvictingNet(LayoutNet):
+    """A LayoutNet whose channels-last call costs ``tax`` more steps right after a call of a ``big`` net (its
+    packed weights evicted from the caches)."""
+
+    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int = 0, big: bool = False):
+        super().__init__(clock, contiguous, channels_last)
+        self.tax, self.big = tax, big
+
+    def forward(self, x):
+        cl = x.is_contiguous(memory_format=torch.channels_last)
+        last, self.clock.last = getattr(self.clock, "last", None), self
+        taxed = cl and last is not None and last is not self and last.big
+        self.clock.now += (self.steps[cl] + self.tax * taxed) * STEP_S
+        return x
+
+
+def test_the_reference_keeps_one_setup_across_the_pairs(monkeypatch):
+    from mtprune.cost import Setup, best_latency, latency_against
+
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
+    setups = [Setup(), Setup(channels_last=True)]
+    dense = EvictingNet(clock, 8, 6, tax=4)
+    nets = {"a": EvictingNet(clock, 2, 5, big=True), "b": EvictingNet(clock, 4, 3)}
+    out = latency_against(nets, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
+    alone = best_latency(dense, (4, 4), runs=20, warmup=1, setups=setups, clock=clock)["best"]
+    # in a's pair alone dense's channels-last calls follow a's (6 + 4 > 8): it would be timed contiguous there
+    assert alone["layout"] == out["a"]["against_config"]["layout"] == out["b"]["against_config"]["layout"]
+    assert alone["layout"] == "channels_last" and out["b"]["latency_ratio"] == 0.5
+    with pytest.raises(ValueError, match="not one of the setups"):
+        latency_against({"a": dense}, dense, (4, 4), setups[:1], against_setup=setups[1])
+
+
 def test_compare_cost_gives_the_ratios_of_two_real_nets_and_the_gap():
     from mtprune.cost import compare_cost
     from mtprune.pruning import prune

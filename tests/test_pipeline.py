@@ -208,7 +208,7 @@ def test_run_config_rejects_too_few_latency_rounds_before_training(monkeypatch):
         check_run_config(tiny_cfg("run.timing.host_memory=lots"))
 
 
-def test_latency_stage_times_every_model_round_robin_and_is_reused(tmp_path, monkeypatch):
+def test_latency_stage_times_every_model_against_dense_and_is_reused(tmp_path, monkeypatch):
     from tests.conftest import tiny
 
     import mtprune.pipeline.stages as pl

@@ -3,7 +3,7 @@
     pretrain-cls/   train-seg/   eval-dense/                     the dense baseline (shared)
     sparse-mtp/     sparse-slimming/                             sparse training, when a method needs it
     prune-<tag>/    finetune-<tag>/    eval-<tag>/               per method × ratio × thresholds
-    latency/                                                     every model timed round-robin
+    latency/                                                     every model timed against dense
     results.json    report.md    plots/                          the comparison
     seed-<k>/   summary.json   summary.md                        with several seeds
 

@@ -182,7 +182,7 @@ def _alone_text(req: CostRequest, model: SegmentationModel, c: dict[str, Any], r
             )
         b = c["best"]
         lines.append(
-            f"fastest {_named(b['setup'])}, timed again alone: {b['latency_ms']:.2f} ms median "
+            f"fastest {_named(b['setup'])}, timed alone: {b['latency_ms']:.2f} ms median "
             f"(IQR {b['latency_iqr_ms']:.2f} ms)"
         )
     if req.latency:

@@ -174,7 +174,7 @@ def best_latency(
     :func:`latency_against`: no other runtime's idle threads taxing its calls), and the fastest taken.
 
     Returns ``{"best": {"layout", "fold_bn", "compile", "runtime", "latency_ms", "latency_iqr_ms", "device",
-    "page_faults"}, "configs": [...] (the round-robin's figures), "host_memory"}``.
+    "page_faults"}, "configs": [...] (every setup's figures), "host_memory"}``.
     """
     by_label = {st.label: st for st in (all_setups() if setups is None else setups)}
     keys = ("latency_ms", "latency_iqr_ms", "device", "page_faults")
@@ -200,15 +200,18 @@ def latency_against(
     clock: Callable[[], float] = time.perf_counter,
     precision: float | None = None,
     max_runs: int | None = None,
+    against_setup: Setup | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each net of ``models`` against the reference net ``against`` (the unpruned one), pair by pair — the net
-    and the reference in every setup of ``setups``, timed round-robin in one run (:func:`interleaved_latency`;
-    the nets are given back in their layout, device and mode), as ``cost --against`` times one pair: in one
-    round-robin of many nets each call pays for the net before it (another runtime's or layout's idle threads,
-    another net's weights in the caches) and the figures drift from the pair's; both nets of a pair then take
-    their fastest setup; with several setups the chosen two are timed again head to head, without the
-    others (between calls of different runtimes the idle threads of one tax the next, a small net's calls
-    more: bench/README.md, "Mobile-class nets"); the ratio is paired per round — with
+    """Each net of ``models`` against the reference net ``against`` (the unpruned one), pair by pair, as
+    ``cost --against`` times one pair: in one round-robin of many nets each call pays for the net before it
+    (another runtime's or layout's idle threads, another net's weights in the caches) and the figures drift
+    from the pair's. A pair is timed setup by setup — the two nets round-robin in each setup of ``setups``
+    alone (:func:`interleaved_latency`; the nets are given back in their layout, device and mode) — and each
+    net takes its fastest setup; the reference's is ``against_setup`` where given, and with several nets it
+    is chosen once (:func:`best_latency`), so every pair is paired against the same setup of it. With several
+    setups the chosen two are timed again head to head (between calls of different runtimes the idle threads
+    of one tax the next, a small net's calls more: bench/README.md, "Mobile-class nets"); the ratio is paired
+    per round — with
     ``setups=all_setups()`` best against best, the figure a user ships.
     Used by ``mtprune cost --against``, the latency stage of ``mtprune run``, ``prune --target latency=X``
     and ``bench/latency.py``.
@@ -228,9 +231,14 @@ def latency_against(
     """
     if AGAINST in models:
         raise UsageError(f"'{AGAINST}' names the reference net: give the other nets other names")
+    if against_setup is not None and against_setup not in setups:
+        raise ValueError(f"against_setup {against_setup.label} is not one of the setups timed")
     if len(models) > 1:  # pair by pair: in one round-robin of many nets each call pays for the one before it
+        if against_setup is None and len(setups) > 1:
+            ref = best_latency(against, size, device, dtype, runs, warmup, setups, clock=clock)["best"]
+            against_setup = next(st for st in setups if st.label == ref["setup"])
         kw = {"setups": setups, "device": device, "dtype": dtype, "runs": runs, "warmup": warmup, "clock": clock}
-        kw |= {"precision": precision, "max_runs": max_runs}
+        kw |= {"precision": precision, "max_runs": max_runs, "against_setup": against_setup}
         return {n: latency_against({n: m}, against, size, **kw)[n] for n, m in models.items()}
     nets = {**models, AGAINST: against}
     until = None if precision is None else (lambda times: _known(times, models, setups) <= precision)
@@ -246,7 +254,7 @@ def latency_against(
         def fastest(n: str) -> Setup:
             return min(setups, key=lambda st: timed[f"{n}|{st.label}"]["latency_ms"])
 
-        chosen = {n: fastest(n) for n in nets}
+        chosen = {n: fastest(n) for n in nets} | ({AGAINST: against_setup} if against_setup else {})
         final = timed
         if len(setups) > 1:  # the chosen setups alone: another runtime's idle threads would tax each call
             alone = {f"{n}|{chosen[n].label}": (m, chosen[n]) for n, m in nets.items()}
@@ -304,7 +312,7 @@ def _against_entry(
     setups: Sequence[Setup],
 ) -> dict[str, Any]:
     """One net's figures of :func:`latency_against`: best against best from the head-to-head timings ``final``,
-    every setup's row from the round-robin ``timed``."""
+    every setup's row from that setup's own rounds ``timed``."""
     t, a = final[f"{name}|{best.label}"], final[f"{AGAINST}|{ref.label}"]
     r = paired_ratio(t["times_ms"], a["times_ms"])
     configs = [_config_row(st, timed[f"{name}|{st.label}"], timed[f"{AGAINST}|{st.label}"]) for st in setups]

@@ -230,7 +230,7 @@ def _add_sparsity(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def _add_latency(rows: list[dict[str, Any]], cfg: Config, out: Path, env: DistEnv, say: Say) -> None:
-    """Time every row's model round-robin (the latency stage) and add its figures to the rows."""
+    """Time every row's model against the dense one (the latency stage) and add its figures to the rows."""
     sources = {r["tag"]: out / layout.model_dir(r["tag"]) for r in rows}
     lat = execute(latency(sources, cfg, out / layout.LATENCY), env, say)
     for r in rows:
