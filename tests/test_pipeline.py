@@ -238,6 +238,11 @@ def test_latency_stage_times_every_model_against_dense_and_is_reused(tmp_path, m
     # another set of models: timed again
     assert execute(pl.latency({"dense": tmp_path / "d"}, cfg, tmp_path / "latency")) == {}
     assert len(calls) == 2
+    # a stage an older mtprune timed (every model in one round-robin): timed again
+    recipe = json.loads((tmp_path / "latency" / "recipe.json").read_text())
+    (tmp_path / "latency" / "recipe.json").write_text(json.dumps({k: v for k, v in recipe.items() if k != "timed"}))
+    assert execute(pl.latency({"dense": tmp_path / "d"}, cfg, tmp_path / "latency")) == {}
+    assert len(calls) == 3
 
 
 def test_latency_stage_times_with_the_configured_host_memory_and_reports_page_faults(tmp_path, monkeypatch):

@@ -167,6 +167,7 @@ def latency_recipe(sources: dict[str, Path], cfg: Config) -> dict[str, Any]:
     keys = ("run.latency_size", "run.timing", "data.seg.crop_size")
     return {
         "stage": "latency",
+        "timed": "pair by pair, each setup in its own rounds",  # older runs timed everything in one round-robin
         "inputs": {tag: input_id(src) for tag, src in sorted(sources.items())},
         "config": config_keys(cfg, keys),
     }
