@@ -21,3 +21,8 @@ def test_a_pruned_net_no_faster_than_dense_is_named_with_the_fix():
         "warning: uniform macs 0.5× is 1.43× the dense net's latency at 0.75× its MACs (docs/deployment-speed.md)"
     ]
     assert slower_than_dense([_row("uniform", 1.01, 0.97)], round_to=1) == []  # about as much work: no claim
+    several = [*rows, _row("thinet", 1.05, 0.5), _row("fpgm", 1.7, 0.75)]
+    assert slower_than_dense(several, round_to="auto") == [
+        "warning: 3 pruned models are no faster than the dense net at less work (1.05–1.70× its latency at "
+        "0.50–0.75× its MACs; slowest: fpgm macs 0.5×) (docs/deployment-speed.md)"
+    ]

@@ -210,19 +210,30 @@ def write_report(out: str | os.PathLike, cfg: Any, rows: list[Row]) -> Path:
 
 
 def slower_than_dense(rows: list[Row], round_to: int | str) -> list[str]:
-    """One warning per pruned model that is no faster than the dense one although it does less work (a
-    latency ratio ≥ 1 at a MACs ratio < 0.95): at counts off the runtime's channel blocks the kernels leave
-    their fast paths (docs/deployment-speed.md); ``round_to: auto`` prunes to counts they like."""
-    hint = "" if round_to == "auto" else "; run.round_to: auto prunes to counts the runtime's kernels are fast at"
-    return [
-        f"warning: {display_name(r)} is {r['latency_ratio']:.2f}× the dense net's latency at "
-        f"{r['macs_ratio']:.2f}× its MACs{hint} (docs/deployment-speed.md)"
+    """One warning when pruned models are no faster than the dense one although they do less work (a latency
+    ratio ≥ 1 at a MACs ratio < 0.95): at counts off the runtime's channel blocks the kernels leave their fast
+    paths (docs/deployment-speed.md); ``round_to: auto`` prunes to counts they like."""
+    slow = [
+        r
         for r in rows
-        if r.get("latency_ratio") is not None
-        and r.get("macs_ratio") is not None
-        and r["latency_ratio"] >= 1.0
-        and r["macs_ratio"] < 0.95
+        if r.get("latency_ratio") is not None and r.get("macs_ratio") is not None
+        if r["latency_ratio"] >= 1.0 and r["macs_ratio"] < 0.95
     ]
+    if not slow:
+        return []
+    hint = "" if round_to == "auto" else "; run.round_to: auto prunes to counts the runtime's kernels are fast at"
+    worst = max(slow, key=lambda r: r["latency_ratio"])
+    lat, macs = [r["latency_ratio"] for r in slow], [r["macs_ratio"] for r in slow]
+    if len(slow) == 1:
+        what = (
+            f"{display_name(worst)} is {worst['latency_ratio']:.2f}× the dense net's latency at {macs[0]:.2f}× its MACs"
+        )
+    else:
+        what = (
+            f"{len(slow)} pruned models are no faster than the dense net at less work ({min(lat):.2f}–{max(lat):.2f}× "
+            f"its latency at {min(macs):.2f}–{max(macs):.2f}× its MACs; slowest: {display_name(worst)})"
+        )
+    return [f"warning: {what}{hint} (docs/deployment-speed.md)"]
 
 
 def stage_warnings(out: Path) -> list[str]:
