@@ -176,28 +176,39 @@ def test_latency_against_takes_each_nets_fastest_setup_and_pairs_the_rounds(monk
         latency_against({"against": pruned}, dense, (4, 4), setups, runs=20)
 
 
-class TaxedNet(LayoutNet):
-    """A LayoutNet whose call costs ``tax`` more steps when the call before it (of any net) ran in the other
-    layout: another runtime's idle threads still holding the cores."""
+def shared_clock(monkeypatch) -> tuple[FakeClock, list]:
+    """A fake clock every copy of a net shares, and the two layouts as setups."""
+    from mtprune.cost import Setup
 
-    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
+    return clock, [Setup(), Setup(channels_last=True)]
+
+
+class TaxedNet(LayoutNet):
+    """A LayoutNet whose call costs ``tax`` more steps when ``taxed(channels_last, last call's net, last call
+    in channels-last)`` says so; by default when the call before it (of any net) ran in the other layout:
+    another runtime's idle threads still holding the cores."""
+
+    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int = 0, big: bool = False):
         super().__init__(clock, contiguous, channels_last)
-        self.tax = tax
+        self.tax, self.big = tax, big
+
+    def taxed(self, cl: bool, last: LayoutNet | None, last_cl: bool) -> bool:
+        return last is not None and last_cl != cl
 
     def forward(self, x):
-        layout = x.is_contiguous(memory_format=torch.channels_last)
-        changed = getattr(self.clock, "layout", layout) != layout
-        self.clock.layout = layout
-        self.clock.now += (self.steps[layout] + self.tax * changed) * STEP_S
+        cl = x.is_contiguous(memory_format=torch.channels_last)
+        last, last_cl = getattr(self.clock, "last", None), getattr(self.clock, "last_cl", cl)
+        self.clock.last, self.clock.last_cl = self, cl
+        self.clock.now += (self.steps[cl] + self.tax * self.taxed(cl, last, last_cl)) * STEP_S
         return x
 
 
 def test_best_against_best_is_timed_head_to_head_without_the_other_setups_tax(monkeypatch):
-    from mtprune.cost import Setup, latency_against
+    from mtprune.cost import latency_against
 
-    clock = FakeClock()
-    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
-    setups = [Setup(), Setup(channels_last=True)]
+    clock, setups = shared_clock(monkeypatch)
     pruned, dense = TaxedNet(clock, 4, 3, tax=2), TaxedNet(clock, 10, 6, tax=2)
     out = latency_against({"p": pruned}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)["p"]
     # both pick channels-last; timed again alone, no call follows a contiguous one: 3 / 6, not (3 + 2) / (6 + 2)
@@ -207,28 +218,17 @@ def test_best_against_best_is_timed_head_to_head_without_the_other_setups_tax(mo
     assert [c["latency_ms"] for c in out["configs"]] == [4 * STEP_MS, 3 * STEP_MS]
 
 
-class AfterChannelsLastNet(LayoutNet):
-    """A LayoutNet whose contiguous call costs ``tax`` more steps right after a channels-last call (of any
-    net): one runtime's idle threads taxing another's, one way only."""
+class AfterChannelsLastNet(TaxedNet):
+    """Taxed in contiguous calls right after a channels-last call: one runtime taxing another, one way only."""
 
-    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int) -> None:
-        super().__init__(clock, contiguous, channels_last)
-        self.tax = tax
-
-    def forward(self, x):
-        cl = x.is_contiguous(memory_format=torch.channels_last)
-        taxed = not cl and getattr(self.clock, "layout", False)
-        self.clock.layout = cl
-        self.clock.now += (self.steps[cl] + self.tax * taxed) * STEP_S
-        return x
+    def taxed(self, cl, last, last_cl):
+        return not cl and last is not None and last_cl
 
 
 def test_the_fastest_setup_is_chosen_from_each_setups_own_rounds(monkeypatch):
-    from mtprune.cost import Setup, latency_against
+    from mtprune.cost import latency_against
 
-    clock = FakeClock()
-    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
-    setups = [Setup(), Setup(channels_last=True)]
+    clock, setups = shared_clock(monkeypatch)
     pruned, dense = AfterChannelsLastNet(clock, 3, 4, tax=2), AfterChannelsLastNet(clock, 8, 12, tax=2)
     out = latency_against({"p": pruned}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)["p"]
     # one round-robin of every setup saw p's contiguous calls after channels-last ones (3 + 2 > 4) and chose
@@ -238,11 +238,9 @@ def test_the_fastest_setup_is_chosen_from_each_setups_own_rounds(monkeypatch):
 
 
 def test_several_nets_are_timed_pair_by_pair_against_the_reference(monkeypatch):
-    from mtprune.cost import Setup, latency_against
+    from mtprune.cost import latency_against
 
-    clock = FakeClock()
-    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
-    setups = [Setup(), Setup(channels_last=True)]
+    clock, setups = shared_clock(monkeypatch)
     dense = TaxedNet(clock, 10, 6, tax=2)
     contiguous, cl = TaxedNet(clock, 2, 5, tax=2), TaxedNet(clock, 4, 3, tax=2)
     both = latency_against({"a": contiguous, "b": cl}, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
@@ -253,28 +251,17 @@ def test_several_nets_are_timed_pair_by_pair_against_the_reference(monkeypatch):
     assert both["b"]["against_latency_ms"] == 6 * STEP_MS and len(both["a"]["times_ms"]) == 20
 
 
-class EvictingNet(LayoutNet):
-    """A LayoutNet whose channels-last call costs ``tax`` more steps right after a call of a ``big`` net (its
-    packed weights evicted from the caches)."""
+class EvictingNet(TaxedNet):
+    """Taxed in channels-last calls right after a call of another, ``big`` net (packed weights evicted)."""
 
-    def __init__(self, clock: FakeClock, contiguous: int, channels_last: int, tax: int = 0, big: bool = False):
-        super().__init__(clock, contiguous, channels_last)
-        self.tax, self.big = tax, big
-
-    def forward(self, x):
-        cl = x.is_contiguous(memory_format=torch.channels_last)
-        last, self.clock.last = getattr(self.clock, "last", None), self
-        taxed = cl and last is not None and last is not self and last.big
-        self.clock.now += (self.steps[cl] + self.tax * taxed) * STEP_S
-        return x
+    def taxed(self, cl, last, last_cl):
+        return cl and last is not None and last is not self and last.big
 
 
 def test_the_reference_keeps_one_setup_across_the_pairs(monkeypatch):
-    from mtprune.cost import Setup, best_latency, latency_against
+    from mtprune.cost import best_latency, latency_against
 
-    clock = FakeClock()
-    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
-    setups = [Setup(), Setup(channels_last=True)]
+    clock, setups = shared_clock(monkeypatch)
     dense = EvictingNet(clock, 8, 6, tax=4)
     nets = {"a": EvictingNet(clock, 2, 5, big=True), "b": EvictingNet(clock, 4, 3)}
     out = latency_against(nets, dense, (4, 4), setups, runs=20, warmup=1, clock=clock)
@@ -412,11 +399,9 @@ def test_best_latency_times_every_configuration_and_picks_the_fastest():
 
 
 def test_every_setup_is_timed_alone(monkeypatch):
-    from mtprune.cost import Setup, best_latency
+    from mtprune.cost import best_latency
 
-    clock = FakeClock()
-    monkeypatch.setattr(FakeClock, "__deepcopy__", lambda self, memo: self, raising=False)
-    setups = [Setup(), Setup(channels_last=True)]
+    clock, setups = shared_clock(monkeypatch)
     out = best_latency(TaxedNet(clock, 4, 3, tax=2), (4, 4), runs=20, warmup=1, setups=setups, clock=clock)
     assert out["best"]["layout"] == "channels_last" and out["best"]["latency_ms"] == 3 * STEP_MS  # untaxed
     assert out["configs"][0]["latency_ms"] == 4 * STEP_MS  # each setup alone: no call follows the other layout
