@@ -482,3 +482,21 @@ def test_the_ideal_ratio_shrinks_each_layer_with_its_work_and_keeps_the_time_bet
     ]
     assert ideal_ratio(rows) == pytest.approx((0.5 * 10 + 6) / 16)  # 0.6875: the measured 13/16 is above it
     assert ideal_ratio([]) == 1.0
+
+
+def test_compile_room_nested_never_shrinks():
+    """Several nets timed pair by pair: the outer call makes room for every compiled graph, and each pair's
+    own call inside must not lower it (dynamo then fails hard: FailOnRecompileLimitHit)."""
+    import torch._dynamo.config as dynamo_config
+
+    from mtprune.cost.runtimes import compile_settings
+
+    name = next(n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, n))
+    before = getattr(dynamo_config, name)
+    with compile_settings(22):
+        assert getattr(dynamo_config, name) == 44
+        with compile_settings(2):
+            assert getattr(dynamo_config, name) == 44
+        with compile_settings(30):
+            assert getattr(dynamo_config, name) == 60
+    assert getattr(dynamo_config, name) == before

@@ -7,6 +7,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -239,7 +240,9 @@ def latency_against(
             against_setup = next(st for st in setups if st.label == ref["setup"])
         kw = {"setups": setups, "device": device, "dtype": dtype, "runs": runs, "warmup": warmup, "clock": clock}
         kw |= {"precision": precision, "max_runs": max_runs, "against_setup": against_setup}
-        return {n: latency_against({n: m}, against, size, **kw)[n] for n, m in models.items()}
+        room = compile_settings(2 * (len(models) + 1)) if any(st.compile for st in setups) else nullcontext()
+        with room:  # every pair compiles its net and the reference again: room for all of them
+            return {n: latency_against({n: m}, against, size, **kw)[n] for n, m in models.items()}
     nets = {**models, AGAINST: against}
     until = None if precision is None else (lambda times: _known(times, models, setups) <= precision)
     kw = {"size": size, "device": device, "dtype": dtype, "warmup": warmup, "runs": runs, "clock": clock}

@@ -164,13 +164,17 @@ def ort_net(model: nn.Module, size: tuple[int, int]) -> Callable[[Any], Any]:
 def compile_settings(nets: int) -> contextlib.AbstractContextManager:
     """``torch.compile`` as an inference deployment uses it: inductor's *freezing* (weights become constants,
     BatchNorm folded, convolution weights pre-packed once for oneDNN instead of reordered on every call),
-    and room for one compiled graph per net — falling back to eager silently would time the wrong thing."""
+    and room for one compiled graph per net — falling back to eager silently would time the wrong thing.
+    Nested, it never lowers the room an outer call made (several nets timed pair by pair)."""
     import torch._dynamo.config as dynamo_config  # when used: importing dynamo costs seconds
     import torch._inductor.config as inductor_config
 
     stack = contextlib.ExitStack()
     stack.enter_context(inductor_config.patch(freezing=True))
-    limit = max(8, 2 * nets)
+    now = next(
+        (getattr(dynamo_config, n) for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, n)), 0
+    )
+    limit = max(8, 2 * nets, now)
     stack.enter_context(dynamo_config.patch(**_recompile_limits(dynamo_config, limit, max(256, 4 * limit))))
     return stack
 
