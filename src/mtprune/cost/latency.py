@@ -212,8 +212,7 @@ def latency_against(
     is chosen once (:func:`best_latency`), so every pair is paired against the same setup of it. With several
     setups the chosen two are timed again head to head (between calls of different runtimes the idle threads
     of one tax the next, a small net's calls more: bench/README.md, "Mobile-class nets"); the ratio is paired
-    per round — with
-    ``setups=all_setups()`` best against best, the figure a user ships.
+    per round — with ``setups=all_setups()`` best against best, the figure a user ships.
     Used by ``mtprune cost --against``, the latency stage of ``mtprune run``, ``prune --target latency=X``
     and ``bench/latency.py``.
 
