@@ -6,6 +6,8 @@ trained again; ``polarization`` redoes the sparse stages).
     python bench/finetune_options.py --base runs/effnet45 --out runs/effnet-options --seeds 0 1 2 \
         [--options plain distill-logits distill-channel rescale normalize polarization]
     python bench/finetune_options.py --out runs/effnet-options --table     # the table of what has finished
+    python bench/finetune_options.py --base runs/effnet-full --out runs/effnet-options-shipped --table
+                                                        # the base run's rows as "plain" (the shipped-… options)
 
 Each option is an ordinary resumable ``mtprune run`` folder ``OUT/OPTION`` (``seed-K/`` inside); rerun the same
 command to continue. The table: per option × model, mIoU (val) mean ± std, mIoU right after pruning, sparsity,
@@ -25,6 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: what ``COMMON`` turns off, turned back on: the options named ``shipped-…`` change the shipped config alone
+SHIPPED = [
+    "finetune.distill.weight=1.0",
+    "finetune.distill.kind=logits",
+    "finetune.distill.temperature=1.0",
+    "run.recalibrate_bn=64",
+]
 #: option → its config overrides
 OPTIONS: dict[str, list[str]] = {
     "plain": [],
@@ -75,6 +84,26 @@ OPTIONS: dict[str, list[str]] = {
         "finetune.distill.kind=logits",
         "finetune.distill.temperature=1.0",
     ],
+    # on the shipped config's own run (--base runs/effnet-full: distillation for all, BN re-estimated before
+    # fine-tuning): MTP's classification fine-tuning at a fifth of its learning rate — seed 0 of the full run
+    # measured the classification epochs at lr 0.005 costing 0.75 / 4.39 mIoU at 0.75× / 0.5×
+    "shipped-lr-cls-0.001": [*SHIPPED, "finetune.lr_cls=0.001"],
+    # issue 31's options on the shipped config (``shipped-X`` reuses what ``X`` reuses): each alone
+    "shipped-l1-0": [
+        *SHIPPED,
+        "sparse_mtp.l1_budget=0",
+        "sparse_slimming.l1_budget=0",
+        "run.without_cls_finetune=[mtp]",
+    ],
+    "shipped-rescale": [*SHIPPED, "finetune.rescale_gamma=true"],
+    "shipped-polarization": [*SHIPPED, "sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"],
+    "shipped-distill-channel": [
+        *SHIPPED,
+        "finetune.distill.kind=channel",
+        "finetune.distill.weight=3.0",
+        "finetune.distill.temperature=4.0",
+    ],
+    "shipped-normalize": [*SHIPPED, "run.normalize=mean", "run.thresholds=[unified]"],
 }
 #: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
 COMMON = [
@@ -92,6 +121,7 @@ SHARED = ("pretrain-cls", "train-seg", "eval-dense", "sparse-mtp", "sparse-slimm
 
 
 def _unchanged(option: str, stage: str) -> bool:
+    option = option.removeprefix("shipped-")
     if option == "plain":
         return True  # the base run's own stages: all of them reused
     if option.endswith("-distill") and option.startswith("l1-"):  # the sparse stages and plans of the l1- base
@@ -128,19 +158,26 @@ def run(args: argparse.Namespace) -> None:
             subprocess.run(cmd, check=True)
 
 
-def _rows(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """option → tag → seed → results row (and the fine-tuning's teacher ms per step)."""
-    found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    for option_dir in sorted(p for p in out.iterdir() if p.is_dir()):
-        for seed_dir in sorted(option_dir.glob("seed-*")):
-            results = seed_dir / "results.json"
-            if not results.is_file():
-                continue
-            for r in json.loads(results.read_text()):
-                done = seed_dir / f"finetune-{r['tag']}" / "done.json"
-                if done.is_file():
-                    r["teacher_ms"] = json.loads(done.read_text())["metrics"].get("distill_teacher_ms_per_step")
-                found.setdefault(option_dir.name, {}).setdefault(r["tag"], {})[int(seed_dir.name[5:])] = r
+def _run_rows(run_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """tag → seed → results row (and the fine-tuning's teacher ms per step) of one run folder (seed-K inside)."""
+    found: dict[str, dict[int, dict[str, Any]]] = {}
+    for seed_dir in sorted(run_dir.glob("seed-*")):
+        results = seed_dir / "results.json"
+        if not results.is_file():
+            continue
+        for r in json.loads(results.read_text()):
+            done = seed_dir / f"finetune-{r['tag']}" / "done.json"
+            if done.is_file():
+                r["teacher_ms"] = json.loads(done.read_text())["metrics"].get("distill_teacher_ms_per_step")
+            found.setdefault(r["tag"], {})[int(seed_dir.name[5:])] = r
+    return found
+
+
+def _rows(out: Path, base: Path | None = None) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """option → tag → seed → results row; with ``base``, its run's rows are ``plain`` where OUT has none."""
+    found = {d.name: rows for d in sorted(p for p in out.iterdir() if p.is_dir()) if (rows := _run_rows(d))}
+    if base is not None and "plain" not in found:
+        found = {"plain": _run_rows(base), **found}
     return found
 
 
@@ -157,8 +194,8 @@ def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
     return f"{statistics.fmean(diffs):+.2f} ({' '.join(f'{d:+.2f}' for d in diffs)})" if diffs else "–"
 
 
-def table(out: Path) -> None:
-    rows = _rows(out)
+def table(out: Path, base: Path | None = None) -> None:
+    rows = _rows(out, base)
     head = ["option", "model", "seeds", "mIoU %", "before FT %", "sparse bb/dec %", "agree %", "teacher ms/step",
             "− plain (paired)", "− uniform (paired)"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -169,14 +206,16 @@ def table(out: Path) -> None:
                 continue
             sp = [r["sparsity"] for r in rs if r.get("sparsity")]
             sparse = f"{_ms([x['backbone'] for x in sp], fmt='.0f')}/{_ms([x['decoder'] for x in sp], fmt='.0f')}"
-            uni = next((t for t in tags if t.startswith("uniform-") and t.split("-", 1)[1] in tag), None)
+            # Uniform under the same option, or (an option that does not run Uniform leaves it as it was) plain's
+            unis = tags if any(t.startswith("uniform-") for t in tags) else rows.get("plain", {})
+            uni = next((t for t in unis if t.startswith("uniform-") and t.split("-", 1)[1] in tag), None)
             cells = [
                 option, tag, str(len(rs)), _ms([r["miou"] for r in rs]),
                 _ms([r["miou_pruned"] for r in rs if r.get("miou_pruned") is not None]),
                 sparse if sp else "–", _ms([r["top1"] for r in rs if r.get("top1") is not None], fmt=".1f"),
                 _ms([r["teacher_ms"] for r in rs if r.get("teacher_ms")], 1.0, ".1f"),
                 _paired(seeds, rows.get("plain", {}).get(tag, {})) if option != "plain" else "",
-                _paired(seeds, tags[uni]) if uni and uni != tag else "",
+                _paired(seeds, unis[uni]) if uni and uni != tag else "",
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
 
@@ -201,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.base is None:
             ap.error("--base RUN is needed to run the options")
         run(args)
-    table(args.out)
+    table(args.out, args.base)
     return 0
 
 
