@@ -63,6 +63,11 @@ def trusting_code(trust: bool = True) -> Iterator[None]:
         _trust_code = before
 
 
+def code_trusted() -> bool:
+    """Whether the running command consented (:func:`trusting_code`): a process it starts is told so."""
+    return _trust_code
+
+
 def check_code_consent(source: Path, trust_code: bool = False) -> None:
     """One line refusing to run a checkpoint's ``model_src.py`` unless the user consented: ``trust_code``,
     ``--trust-code`` (:func:`trusting_code`), ``MTPRUNE_TRUST_CODE=1``, or the same code already ran in this

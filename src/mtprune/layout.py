@@ -23,6 +23,7 @@ TRAIN_SEG = "train-seg"
 EVAL_DENSE = "eval-dense"
 LATENCY = "latency"
 RESULTS_FILE = "results.json"
+SEED_LOG = "run.log"  # a seed's output when seeds run as processes of their own (``run --jobs``)
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 #: what an eval stage keeps for the report's qualitative figure: validation images, labels, predictions

@@ -42,13 +42,18 @@ def _print_table(rows: list[dict], out: Path) -> None:
 
 
 def _execute(
-    cfg_path: str | Path | None, sets: list[str], out: str, banner: str | None = None, seeds: list[int] | None = None
+    cfg_path: str | Path | None,
+    sets: list[str],
+    out: str,
+    banner: str | None = None,
+    seeds: list[int] | None = None,
+    jobs: int = 1,
 ) -> int:
     cfg = load_config(cfg_path, sets)
     if banner:
         print(banner)
     t0 = time.time()
-    result = run_command(cfg, out, seeds=seeds)
+    result = run_command(cfg, out, seeds=seeds, jobs=jobs)
     if isinstance(result, dict):  # several seeds: their summary
         print("\n" + render_seeds(result))
         print(f"summary: {Path(out) / 'summary.md'} (and summary.json); each seed in {Path(out)}/seed-<k>/")
@@ -63,7 +68,7 @@ def _skip_bad(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return _execute(args.config, args.set + _skip_bad(args), args.out, seeds=args.seeds)
+    return _execute(args.config, args.set + _skip_bad(args), args.out, seeds=args.seeds, jobs=args.jobs)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -88,6 +93,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="one run per seed in DIR/seed-K, pre-training shared, then DIR/summary.md: mean ± std and paired "
         "per-seed differences (MTP − Slimming …)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --seeds: N seeds at once, each a process with 1/N of the threads, its output in "
+        "DIR/seed-K/run.log; latency timed after, one seed at a time (default 1)",
     )
     p.set_defaults(func=_run)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mtprune import layout
+from mtprune.checkpoint import code_trusted, trusting_code
 from mtprune.config import Config, Timing, check_timing, save_config
 from mtprune.cost.host_memory import CACHED, can_cache
 from mtprune.cost.runtimes import check_runtimes, setups_of
@@ -29,6 +30,7 @@ from mtprune.errors import UsageError
 from mtprune.io import folder_lock, read_json, write_json
 from mtprune.layout import Variant, variants
 from mtprune.pipeline.budget import finetune_budget
+from mtprune.pipeline.parallel import Job, run_processes, threads_per_job
 from mtprune.pipeline.runner import Say, execute, say_on_main
 from mtprune.pipeline.stages import evaluation, latency, pruning, timing_size, training
 from mtprune.pruning import METHODS, TARGET_METRICS, THRESHOLDS, plan_overlap
@@ -276,22 +278,46 @@ def run_seeds(
     seeds: list[int],
     env: DistEnv | None = None,
     progress: Say | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """The run once per seed in ``out/seed-<k>/``, then ``out/summary.{json,md}``: mean ± std of every
     model and the paired per-seed differences (:mod:`mtprune.report.seeds`).
 
     With ``run.pretrain`` and ``run.shared_pretrain`` (the default), ``pretrain-cls`` runs once, in
     ``out/pretrain-cls/`` with the first seed, and every seed starts from it; the seeds then differ in
-    everything after it. Finished seeds and stages are reused, so the command resumes like ``run``."""
+    everything after it. Finished seeds and stages are reused, so the command resumes like ``run``.
+
+    ``jobs`` > 1: up to that many seeds at once, each in its own process with its share of torch's threads
+    and its output in ``out/seed-<k>/run.log`` (:mod:`mtprune.pipeline.parallel`); the latency stages then
+    run one seed after another, with nothing else running. A seed's last bits can differ from a
+    one-at-a-time run's (fewer threads sum in another order); a rerun with the same ``jobs`` is identical."""
     if not seeds:
         raise UsageError("run_seeds: no seeds given")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"seeds repeat: {seeds}")
+    if jobs < 1:
+        raise UsageError(f"--jobs must be ≥ 1, got {jobs}")
     with _open_run(cfg, out, env, progress) as (out, env, say):
-        return _seeds(cfg, out, seeds, env, say, progress)
+        if jobs > 1 and env.world_size > 1:
+            raise UsageError("--jobs runs seeds as processes of one machine: under torchrun run them one at a time")
+        return _seeds(cfg, out, seeds, env, say, progress, jobs)
 
 
-def _seeds(cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, progress: Say | None) -> dict[str, Any]:
+def _seed_stages(cfg: Config, seed: int, out: Path, pretrained: Path | None, threads: int, trust: bool) -> None:
+    """One seed's stages in a process of its own (``jobs`` > 1), without the latency stage: timing waits
+    until no seed trains beside it. ``trust``: the parent's consent to a checkpoint's code (--trust-code)."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    c = deepcopy(cfg)
+    c.seed, c.run.latency = seed, False
+    seed_everything(seed)
+    with trusting_code(trust):
+        run_pipeline(c, out, pretrained=pretrained)
+
+
+def _seeds(
+    cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, progress: Say | None, jobs: int = 1
+) -> dict[str, Any]:
     pretrained = None
     if runs_pretrain(cfg) and cfg.run.shared_pretrain:
         first = deepcopy(cfg)
@@ -300,8 +326,14 @@ def _seeds(cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, pro
         shared.note = f"(shared by seeds {', '.join(map(str, seeds))})"
         execute(shared, env, say)
         pretrained = out / layout.PRETRAIN
+    if jobs > 1 and len(seeds) > 1:
+        threads = threads_per_job(torch.get_num_threads(), jobs)
+        dirs, trust = {s: out / layout.seed_dir(s) for s in seeds}, code_trusted()
+        work = [Job(f"seed {s}", d / layout.SEED_LOG, (cfg, s, d, pretrained, threads, trust)) for s, d in dirs.items()]
+        say(f"[seeds] {len(seeds)} seeds, {min(jobs, len(seeds))} at a time, {threads} torch thread(s) each")
+        run_processes(_seed_stages, work, jobs, say)
     per_seed: dict[int, list[dict[str, Any]]] = {}
-    for s in seeds:
+    for s in seeds:  # after the processes: every stage reused, the latency stages timed one seed at a time
         c = deepcopy(cfg)
         c.seed = s
         say(f"== seed {s} ==")
@@ -315,12 +347,14 @@ def _seeds(cfg: Config, out: Path, seeds: list[int], env: DistEnv, say: Say, pro
     return summary
 
 
-def run_command(cfg: Config, out: str | os.PathLike, seeds: list[int] | None = None) -> Any:
+def run_command(cfg: Config, out: str | os.PathLike, seeds: list[int] | None = None, jobs: int = 1) -> Any:
     """``mtprune run``: one run (``results.json`` rows), or with ``seeds`` (or ``run.seeds``) one run per
-    seed and their summary."""
+    seed and their summary (``jobs`` seeds at once: :func:`run_seeds`)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     seeds = list(seeds) if seeds else list(cfg.run.seeds)
     if seeds:
-        return run_seeds(cfg, out, seeds)
+        return run_seeds(cfg, out, seeds, jobs=jobs)
+    if jobs != 1:
+        raise UsageError("--jobs runs several seeds at once: give --seeds (or run.seeds)")
     seed_everything(cfg.seed)
     return run_pipeline(cfg, out)
