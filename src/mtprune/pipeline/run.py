@@ -327,10 +327,11 @@ def _seeds(
         execute(shared, env, say)
         pretrained = out / layout.PRETRAIN
     if jobs > 1 and len(seeds) > 1:
+        jobs = min(jobs, len(seeds))
         threads = threads_per_job(torch.get_num_threads(), jobs)
         dirs, trust = {s: out / layout.seed_dir(s) for s in seeds}, code_trusted()
         work = [Job(f"seed {s}", d / layout.SEED_LOG, (cfg, s, d, pretrained, threads, trust)) for s, d in dirs.items()]
-        say(f"[seeds] {len(seeds)} seeds, {min(jobs, len(seeds))} at a time, {threads} torch thread(s) each")
+        say(f"[seeds] {len(seeds)} seeds, {jobs} at a time, {threads} torch thread(s) each")
         run_processes(_seed_stages, work, jobs, say)
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for s in seeds:  # after the processes: every stage reused, the latency stages timed one seed at a time
