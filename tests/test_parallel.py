@@ -80,6 +80,11 @@ def test_a_failing_seed_is_named_with_its_logs_last_line_and_the_others_finish(t
 def test_jobs_bad_values_are_one_line_usage_errors(tmp_path, capsys):
     with pytest.raises(UsageError, match="--jobs must be ≥ 1, got 0"):
         run_seeds(_cfg(), tmp_path / "r", [0, 1], jobs=0)
+    with pytest.raises(UsageError, match="--jobs 2: run.round_to: auto times nets while pruning, which needs a quiet"):
+        run_seeds(_cfg("run.round_to=auto"), tmp_path / "r", [0, 1], jobs=2)
+    with pytest.raises(UsageError, match=r"--jobs 2: the latency target \{'latency': 0.5\} times nets"):
+        run_seeds(_cfg("run.ratios=[]", "run.targets=[{latency: 0.5}]"), tmp_path / "r", [0, 1], jobs=2)
+    assert not (tmp_path / "r").exists()
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run:\n  methods: [uniform]\n  ratios: [0.5]\n")
     assert main(["run", str(cfg), "--out", str(tmp_path / "x"), "--jobs", "2"]) == 2
@@ -95,29 +100,36 @@ def test_threads_per_job_and_last_line(tmp_path):
     assert last_line(log) == "error: the end"
 
 
-def test_ctrl_c_stops_every_seed_at_its_checkpoint_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_ctrl_c_or_a_killed_command_stops_every_seed_at_its_checkpoint_and_a_rerun_resumes(tmp_path, how):
     import shlex
     import signal
     import subprocess
     import sys
     import time
 
+    from mtprune.io import folder_lock
+
     sets = [x for s in [*TINY, *RUN, "run.methods=[uniform]", "finetune.seg_epochs=60"] for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "mtprune", "run", "-", "--out", str(tmp_path / "r"), "--seeds", "0", "1"]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run:\n  methods: [uniform]\n")
-    cmd[4] = str(cfg)
+    cmd = [sys.executable, "-m", "mtprune", "run", str(cfg), "--out", str(tmp_path / "r"), "--seeds", "0", "1"]
     p = subprocess.Popen([*cmd, "--jobs", "2", *sets], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = [tmp_path / "r" / f"seed-{s}" / "run.log" for s in (0, 1)]
     deadline = time.monotonic() + 300
     while not all(log.is_file() and "finetune: step" in log.read_text() for log in logs):
         assert p.poll() is None and time.monotonic() < deadline, shlex.join(cmd)
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)  # to the parent alone: it passes it on
+    p.send_signal(getattr(signal, how))  # to the command alone: Ctrl-C passed on, or its death noticed
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 130 and "interrupted" in out
-    for log in logs:
-        assert log.read_text().rstrip().endswith("interrupted")
+    if how == "SIGINT":
+        assert p.returncode == 130 and "interrupted" in out
+    while not all(log.read_text().rstrip().endswith("interrupted") for log in logs):  # no seed trains on
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for s in (0, 1):
+        with folder_lock(tmp_path / "r" / f"seed-{s}"):  # its process has ended: the folder is free
+            pass
     done = subprocess.run([*cmd, "--jobs", "2", *sets], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     for log in logs:  # what the first run finished is reused, what it was in the middle of resumed
@@ -125,3 +137,19 @@ def test_ctrl_c_stops_every_seed_at_its_checkpoint_and_a_rerun_resumes(tmp_path)
         assert "[train-seg] reused" in rerun and "[eval-dense] reused" in rerun
         assert "resuming finetune from step" in rerun or "[finetune-uniform-0.5] reused" in rerun
     assert (tmp_path / "r" / "summary.json").is_file()
+
+
+def test_a_process_takes_over_the_consent_to_code_the_user_named(tmp_path, monkeypatch):
+    from tests.test_trust import _forget_trusted_code, _python_checkpoint
+
+    from mtprune import load_model
+    from mtprune.checkpoint import adopt_consent, current_consent
+
+    ck, _ = _python_checkpoint(tmp_path)  # this process ran the user's file: its checkpoint loads here
+    consent = current_consent()
+    assert load_model(ck).name.startswith("python:")
+    _forget_trusted_code(monkeypatch)  # a spawned process: nothing ran there
+    with pytest.raises(UsageError, match="--trust-code"):
+        load_model(ck)
+    adopt_consent(consent)
+    assert load_model(ck).name.startswith("python:")

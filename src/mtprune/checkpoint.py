@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from mtprune.io import ensure_dir, read_json, save_tensors, write_json, write_te
 from mtprune.models import build_model
 from mtprune.models.base import SegmentationModel
 from mtprune.models.shapes import module_shapes, resize_modules
-from mtprune.models.specs import ran_here
+from mtprune.models.specs import adopt_named_code, named_code, ran_here
 from mtprune.version import __version__
 
 ARCH_FILE = "arch.json"
@@ -63,9 +64,24 @@ def trusting_code(trust: bool = True) -> Iterator[None]:
         _trust_code = before
 
 
-def code_trusted() -> bool:
-    """Whether the running command consented (:func:`trusting_code`): a process it starts is told so."""
-    return _trust_code
+@dataclass(frozen=True)
+class Consent:
+    """What this process consented to — ``--trust-code``, and the code files the user named (their
+    checkpoints' copies need no more consent) — handed to a process it starts (:func:`adopt_consent`)."""
+
+    trust_code: bool
+    named_code: frozenset[str]
+
+
+def current_consent() -> Consent:
+    return Consent(_trust_code, named_code())
+
+
+def adopt_consent(consent: Consent) -> None:
+    """In a process started by another: its consent, for the rest of this process."""
+    global _trust_code
+    _trust_code = _trust_code or consent.trust_code
+    adopt_named_code(consent.named_code)
 
 
 def check_code_consent(source: Path, trust_code: bool = False) -> None:

@@ -17,11 +17,17 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def install() -> None:
-    """Record SIGINTs from now on (main thread only; elsewhere nothing changes)."""
+def _on_first_sigint(signum: int, frame: FrameType | None) -> None:
+    if not _seen.is_set():  # a second SIGINT (a terminal's and a parent's) must not break the stopping
+        _on_sigint(signum, frame)
+
+
+def install(once: bool = False) -> None:
+    """Record SIGINTs from now on (main thread only; elsewhere nothing changes). ``once``: only the first
+    raises ``KeyboardInterrupt``, later ones are recorded only."""
     _seen.clear()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGINT, _on_first_sigint if once else _on_sigint)
 
 
 def check() -> None:

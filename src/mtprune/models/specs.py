@@ -44,6 +44,16 @@ def ran_here(path: Path) -> bool:
     return code_digest(path) in _TRUSTED
 
 
+def named_code() -> frozenset[str]:
+    """The digests of the code files this process ran because the user named them (:func:`ran_here`)."""
+    return frozenset(_TRUSTED)
+
+
+def adopt_named_code(digests: frozenset[str]) -> None:
+    """Count ``digests`` as named by the user here too: a process started by one that ran them."""
+    _TRUSTED.update(digests)
+
+
 def is_spec(name: str) -> bool:
     """``name`` is a ``kind:…`` spec (not a built-in name)."""
     return name.split(":", 1)[0] in KINDS and ":" in name

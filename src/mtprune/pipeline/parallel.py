@@ -10,10 +10,12 @@ command resumes them."""
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -52,7 +54,7 @@ def run_processes(target: Callable[..., Any], jobs: list[Job], parallel: int, sa
             while pending and len(running) < parallel:
                 job = pending.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
-                p = ctx.Process(target=_child, args=(target, job.log, job.args), name=job.name)
+                p = ctx.Process(target=_child, args=(target, job.log, job.args, os.getpid()), name=job.name)
                 p.start()
                 running[p.sentinel] = (job, p)
                 say(f"== {job.name}: process {p.pid}, its output in {job.log} ==")
@@ -72,17 +74,19 @@ def run_processes(target: Callable[..., Any], jobs: list[Job], parallel: int, sa
         raise MtpruneError(f"{len(failed)} of {len(jobs)} failed: {names}", exit_code=2 if usage else 1)
 
 
-def _child(target: Callable[..., Any], log: Path, args: tuple[Any, ...]) -> None:
-    """The body of a spawned process: output to ``log`` (line-buffered), Ctrl-C recorded as in the CLI, a
-    user-facing error as its one line and exit code."""
+def _child(target: Callable[..., Any], log: Path, args: tuple[Any, ...], parent: int) -> None:
+    """The body of a spawned process: output to ``log`` (line-buffered), Ctrl-C recorded as in the CLI (a
+    second one, from the parent after the terminal's, ignored), stopped like Ctrl-C when ``parent`` ends
+    however it ends, a user-facing error as its one line and exit code."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    interrupt.install()
+    interrupt.install(once=True)
     try:
+        _stop_with(parent)
         target(*args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -92,14 +96,26 @@ def _child(target: Callable[..., Any], log: Path, args: tuple[Any, ...]) -> None
         sys.exit(e.exit_code)
 
 
+def _stop_with(parent: int) -> None:
+    """SIGINT to this process when ``parent`` ends, even killed (Linux: ``PR_SET_PDEATHSIG``; elsewhere
+    nothing): no seed trains on, holding its folder, after the command is gone."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGINT)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request was made
+        raise KeyboardInterrupt
+
+
 def _stop(alive: list[multiprocessing.process.BaseProcess]) -> None:
     """SIGINT to each process still running (each stops at its last checkpoint), then wait; terminate what
-    is left after :data:`STOP_GRACE_S`."""
+    is left after :data:`STOP_GRACE_S` in all."""
     for p in alive:
         if p.is_alive() and p.pid is not None:
             os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
     for p in alive:
-        p.join(STOP_GRACE_S)
+        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.terminate()
             p.join()

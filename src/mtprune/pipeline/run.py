@@ -13,14 +13,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 from copy import deepcopy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtprune import layout
-from mtprune.checkpoint import code_trusted, trusting_code
+from mtprune.checkpoint import Consent, adopt_consent, current_consent
 from mtprune.config import Config, Timing, check_timing, save_config
 from mtprune.cost.host_memory import CACHED, can_cache
 from mtprune.cost.runtimes import check_runtimes, setups_of
@@ -134,17 +134,21 @@ def run_pipeline(
     env: DistEnv | None = None,
     progress: Say | None = None,
     pretrained: str | os.PathLike | None = None,
+    time_latency: bool = True,
 ) -> list[dict[str, Any]]:
     """Run Algorithm 1 for every configured method; returns the rows of ``results.json``.
 
     ``pretrained``: a finished ``pretrain-cls`` folder (or checkpoint) to start ``train-seg`` from
     instead of running ``pretrain-cls`` here (several seeds sharing one pre-trained backbone, as the
-    paper's runs share one ImageNet model)."""
+    paper's runs share one ImageNet model). ``time_latency=False``: the ``latency`` stage left for a later
+    call (a seed's process of ``run --jobs``), the folder's config as given."""
     with _open_run(cfg, out, env, progress) as (out, env, say):
-        return _pipeline(cfg, out, env, say, pretrained)
+        return _pipeline(cfg, out, env, say, pretrained, time_latency)
 
 
-def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | os.PathLike | None) -> list[dict]:
+def _pipeline(
+    cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | os.PathLike | None, time_latency: bool = True
+) -> list[dict]:
     init = str(pretrained) if pretrained is not None else None
     if init is None and uses_teacher(cfg) and cfg.data.cls.teacher:
         init = cfg.data.cls.teacher  # the teacher is the net before segmentation training
@@ -166,7 +170,7 @@ def _pipeline(cfg: Config, out: Path, env: DistEnv, say: Say, pretrained: str | 
     if env.is_main:
         _add_overlaps(rows, out)
         _add_sparsity(rows, out)
-    if env.is_main and cfg.run.latency:
+    if env.is_main and cfg.run.latency and time_latency:
         _add_latency(rows, cfg, out, env, say)
     if env.is_main:
         write_json(out / layout.RESULTS_FILE, rows)
@@ -297,22 +301,43 @@ def run_seeds(
         raise UsageError(f"seeds repeat: {seeds}")
     if jobs < 1:
         raise UsageError(f"--jobs must be ≥ 1, got {jobs}")
+    _check_jobs(cfg, jobs)
     with _open_run(cfg, out, env, progress) as (out, env, say):
         if jobs > 1 and env.world_size > 1:
             raise UsageError("--jobs runs seeds as processes of one machine: under torchrun run them one at a time")
         return _seeds(cfg, out, seeds, env, say, progress, jobs)
 
 
-def _seed_stages(cfg: Config, seed: int, out: Path, pretrained: Path | None, threads: int, trust: bool) -> None:
+def _seed_stages(cfg: Config, seed: int, out: Path, pretrained: Path | None, state: ProcessState) -> None:
     """One seed's stages in a process of its own (``jobs`` > 1), without the latency stage: timing waits
-    until no seed trains beside it. ``trust``: the parent's consent to a checkpoint's code (--trust-code)."""
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    until no seed trains beside it. ``state``: the starting process's threads share, deterministic mode and
+    consent to a checkpoint's code."""
+    torch.set_num_threads(state.threads)
+    torch.use_deterministic_algorithms(state.deterministic, warn_only=True)
+    adopt_consent(state.consent)
     c = deepcopy(cfg)
-    c.seed, c.run.latency = seed, False
+    c.seed = seed
     seed_everything(seed)
-    with trusting_code(trust):
-        run_pipeline(c, out, pretrained=pretrained)
+    run_pipeline(c, out, pretrained=pretrained, time_latency=False)
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What a seed's process takes over from the command's (``jobs`` > 1)."""
+
+    threads: int
+    deterministic: bool
+    consent: Consent
+
+
+def _check_jobs(cfg: Config, jobs: int) -> None:
+    """Seeds at once train beside each other: a run that times while it prunes cannot (one line)."""
+    timed = [b for b in cfg.run.targets if "latency" in b]
+    if jobs > 1 and (cfg.run.round_to == "auto" or timed):
+        why = "run.round_to: auto" if cfg.run.round_to == "auto" else f"the latency target {timed[0]}"
+        raise UsageError(
+            f"--jobs {jobs}: {why} times nets while pruning, which needs a quiet machine: run the seeds one at a time"
+        )
 
 
 def _seeds(
@@ -329,8 +354,9 @@ def _seeds(
     if jobs > 1 and len(seeds) > 1:
         jobs = min(jobs, len(seeds))
         threads = threads_per_job(torch.get_num_threads(), jobs)
-        dirs, trust = {s: out / layout.seed_dir(s) for s in seeds}, code_trusted()
-        work = [Job(f"seed {s}", d / layout.SEED_LOG, (cfg, s, d, pretrained, threads, trust)) for s, d in dirs.items()]
+        state = ProcessState(threads, torch.are_deterministic_algorithms_enabled(), current_consent())
+        dirs = {s: out / layout.seed_dir(s) for s in seeds}
+        work = [Job(f"seed {s}", d / layout.SEED_LOG, (cfg, s, d, pretrained, state)) for s, d in dirs.items()]
         say(f"[seeds] {len(seeds)} seeds, {jobs} at a time, {threads} torch thread(s) each")
         run_processes(_seed_stages, work, jobs, say)
     per_seed: dict[int, list[dict[str, Any]]] = {}
