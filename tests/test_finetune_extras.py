@@ -48,7 +48,7 @@ def test_polarization_gradient_by_hand_on_a_known_vector():
     pen = polarization_penalty([g1, g2], alpha, t)
     flat = [0.5, -0.2, 0.05, 1.0, 0.3]
     mean = sum(flat) / 5  # 0.33
-    assert float(pen) == pytest.approx(alpha * (t * sum(map(abs, flat)) - sum(abs(v - mean) for v in flat)))
+    assert float(pen.detach()) == pytest.approx(alpha * (t * sum(map(abs, flat)) - sum(abs(v - mean) for v in flat)))
     pen.backward()
     signs = [1.0 if v > mean else -1.0 for v in flat]  # 0.5 +, -0.2 −, 0.05 −, 1.0 +, 0.3 −
     hand = [alpha * (t * (1.0 if v > 0 else -1.0) - sg + sum(signs) / 5) for v, sg in zip(flat, signs, strict=True)]
