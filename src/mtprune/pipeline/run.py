@@ -64,7 +64,7 @@ def check_run_config(cfg: Config) -> None:
             raise UsageError(f"run.thresholds: unknown '{t}' (choose from {', '.join(THRESHOLDS)})")
     if r.timing.host_memory == CACHED and not can_cache():  # checked here, not after hours of training
         raise UsageError("run.timing.host_memory: cached needs glibc's malloc (Linux); set it to system")
-    if r.latency or r.round_to == "auto" or any("latency" in t for t in r.targets):
+    if r.latency or _timed_while_pruning(cfg):
         _check_machine(r.timing)
     _check_teacher(cfg)
 
@@ -330,11 +330,17 @@ class ProcessState:
     consent: Consent
 
 
+def _timed_while_pruning(cfg: Config) -> str | None:
+    """What makes the run's prune stages time nets (``run.round_to: auto``, a latency target), or None."""
+    if cfg.run.round_to == "auto":
+        return "run.round_to: auto"
+    return next((f"the latency target {t}" for t in cfg.run.targets if "latency" in t), None)
+
+
 def _check_jobs(cfg: Config, jobs: int) -> None:
     """Seeds at once train beside each other: a run that times while it prunes cannot (one line)."""
-    timed = [b for b in cfg.run.targets if "latency" in b]
-    if jobs > 1 and (cfg.run.round_to == "auto" or timed):
-        why = "run.round_to: auto" if cfg.run.round_to == "auto" else f"the latency target {timed[0]}"
+    why = _timed_while_pruning(cfg)
+    if jobs > 1 and why:
         raise UsageError(
             f"--jobs {jobs}: {why} times nets while pruning, which needs a quiet machine: run the seeds one at a time"
         )
