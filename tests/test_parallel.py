@@ -92,6 +92,17 @@ def test_jobs_bad_values_are_one_line_usage_errors(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_log_planted_as_a_link_is_refused_and_its_target_untouched(tmp_path, threads):
+    threads(2)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "r" / "seed-1").mkdir(parents=True)
+    (tmp_path / "r" / "seed-1" / "run.log").symlink_to(victim)
+    with pytest.raises(UsageError, match="run.log is a symbolic link: mtprune never writes through one"):
+        run_seeds(_cfg("run.methods=[uniform]"), tmp_path / "r", [0, 1], jobs=2)
+    assert victim.read_text() == "keep"
+
+
 def test_threads_per_job_and_last_line(tmp_path):
     assert [threads_per_job(t, 2) for t in (1, 2, 3, 8)] == [1, 1, 1, 4]
     log = tmp_path / "log"

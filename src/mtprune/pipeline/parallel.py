@@ -24,8 +24,10 @@ from typing import Any
 
 from mtprune import interrupt
 from mtprune.errors import MtpruneError
+from mtprune.io import open_no_follow
 from mtprune.pipeline.runner import Say
 
+LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 #: seconds a process gets to stop at its checkpoint after SIGINT before it is terminated
 STOP_GRACE_S = 60.0
 
@@ -54,6 +56,7 @@ def run_processes(target: Callable[..., Any], jobs: list[Job], parallel: int, sa
             while pending and len(running) < parallel:
                 job = pending.pop(0)
                 job.log.parent.mkdir(parents=True, exist_ok=True)
+                os.close(open_no_follow(job.log, LOG_FLAGS))  # a link planted as the log: one line, here
                 p = ctx.Process(target=_child, args=(target, job.log, job.args, os.getpid()), name=job.name)
                 p.start()
                 running[p.sentinel] = (job, p)
@@ -78,7 +81,7 @@ def _child(target: Callable[..., Any], log: Path, args: tuple[Any, ...], parent:
     """The body of a spawned process: output to ``log`` (line-buffered), Ctrl-C recorded as in the CLI (a
     second one, from the parent after the terminal's, ignored), stopped like Ctrl-C when ``parent`` ends
     however it ends, a user-facing error as its one line and exit code."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = open_no_follow(log, LOG_FLAGS)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
