@@ -5,12 +5,14 @@ ImageNet teacher on CamVid's validation frames), mIoU and agreement right after 
 sparsity the sparse stage reached (backbone / decoder) and the plan overlap with Uniform's at the same budget —
 mean ± std over the seeds present — and the paired per-seed mIoU differences of every method against Uniform.
 
-    python bench/effnet_table.py runs/effnet
+    python bench/effnet_table.py runs/effnet                                   # a run folder's seed-K/results.json
+    python bench/effnet_table.py bench/results/effnet_full_seed*_cpu_zen5.json  # kept rows: the seed from each name
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -31,14 +33,28 @@ def _uniform_tag(row: dict[str, Any]) -> str | None:
     return f"uniform-{''.join(f'{k}{v:g}' for k, v in t.items())}" if t else None
 
 
+def _results(paths: list[Path]) -> dict[int, Path]:
+    """seed → its results.json: a run folder's ``seed-K/results.json``, or files named ``…seedK…`` (bench/results)."""
+    found: dict[int, Path] = {}
+    for path in paths:
+        if path.is_dir():
+            found |= {
+                int(s.name[5:]): s / "results.json" for s in path.glob("seed-*") if (s / "results.json").is_file()
+            }
+        elif m := re.search(r"seed-?(\d+)", path.name):
+            found[int(m.group(1))] = path
+        else:
+            raise SystemExit(f"effnet_table: {path}: neither a run folder nor a results file named …seedK…")
+    return dict(sorted(found.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    run = Path((argv or sys.argv[1:])[0])
-    seeds = sorted(p for p in run.glob("seed-*") if (p / "results.json").is_file())
+    results = _results([Path(a) for a in (argv or sys.argv[1:])])
     by_tag: dict[str, dict[int, dict[str, Any]]] = {}
-    for s in seeds:
-        for r in json.loads((s / "results.json").read_text()):
-            by_tag.setdefault(r["tag"], {})[int(s.name.split("-")[1])] = r
-    print(f"seeds: {', '.join(s.name for s in seeds)}\n")
+    for seed, path in results.items():
+        for r in json.loads(path.read_text()):
+            by_tag.setdefault(r["tag"], {})[seed] = r
+    print(f"seeds: {', '.join(str(s) for s in results)}\n")
     head = ["model", "mIoU %", "params ×", "MACs ×", "latency ×", "agree top-1 %", "mIoU before FT %",
             "agree before FT %", "sparse bb / dec %", "overlap w/ uniform"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
