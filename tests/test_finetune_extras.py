@@ -80,7 +80,9 @@ def test_rescaling_gamma_leaves_the_logits_equal_and_brings_the_medians_back():
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
     assert len(done) >= 4  # the convs that feed only convs through a ReLU: rescaled
     for bn, s in done.items():
-        assert s > 1 and float(net.get_submodule(bn).weight.abs().median()) == pytest.approx(reference[bn], rel=1e-5)
+        assert s > 1 and float(net.get_submodule(bn).weight.detach().abs().median()) == pytest.approx(
+            reference[bn], rel=1e-5
+        )
     conv1 = "backbone.layer1.0.bn1"  # feeds conv2 through the block's ReLU: rescaled
     assert conv1 in done
     not_done = [lay.bn for lay in net.prunable_layers() if lay.bn not in done]

@@ -34,7 +34,7 @@ def rescale_gamma_(
     done: dict[str, float] = {}
     for lay in model.prunable_layers():
         bn = model.get_submodule(lay.bn)
-        kept = float(bn.weight.abs().median())
+        kept = float(bn.weight.detach().abs().median())
         if lay.tied or lay.followers or lay.bn not in reference or kept <= 0:
             continue
         try:
@@ -61,4 +61,6 @@ def _scale(bn: nn.BatchNorm2d, consumers: list[tuple[nn.Module, list[int]]], s: 
 
 def median_gammas(model: SegmentationModel) -> dict[str, float]:
     """``{bn name: median |γ|}`` of every prunable layer's BN (a rescaling's reference, from the dense net)."""
-    return {lay.bn: float(model.get_submodule(lay.bn).weight.abs().median()) for lay in model.prunable_layers()}
+    return {
+        lay.bn: float(model.get_submodule(lay.bn).weight.detach().abs().median()) for lay in model.prunable_layers()
+    }
