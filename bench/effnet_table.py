@@ -6,7 +6,7 @@ sparsity the sparse stage reached (backbone / decoder) and the plan overlap with
 mean ± std over the seeds present — and the paired per-seed mIoU differences of every method against Uniform.
 
     python bench/effnet_table.py runs/effnet                                   # a run folder's seed-K/results.json
-    python bench/effnet_table.py bench/results/effnet_full_seed*_cpu_zen5.json  # kept rows: the seed from each name
+    python bench/effnet_table.py bench/results/effnet_full_seed*_cpu_*.json  # kept rows: the seed from each name
 """
 
 from __future__ import annotations
