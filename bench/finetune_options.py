@@ -104,6 +104,8 @@ OPTIONS: dict[str, list[str]] = {
         "finetune.distill.temperature=4.0",
     ],
     "shipped-normalize": [*SHIPPED, "run.normalize=mean", "run.thresholds=[unified]"],
+    # how many channels a layer loses against which ones: Uniform's per-layer counts, the method's |γ| choosing
+    "shipped-layerwise": [*SHIPPED, "run.thresholds=[layerwise]"],
 }
 #: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
 COMMON = [
@@ -130,7 +132,7 @@ def _unchanged(option: str, stage: str) -> bool:
         return not stage.startswith("sparse-") and "mtp" not in stage and "slimming" not in stage
     if option == "polarization" or option.startswith("budget-"):
         return stage in ("pretrain-cls", "train-seg", "eval-dense")
-    if option in ("normalize", "compensate"):
+    if option in ("normalize", "compensate", "layerwise"):
         return stage in SHARED
     return stage in SHARED or stage.startswith("prune-") or (stage.startswith("eval-") and stage.endswith("-pruned"))
 

@@ -187,6 +187,24 @@ def test_without_cls_finetune_for_some_methods_only():
         check_run_config(tiny_cfg("run.methods=[mtp, uniform]", "run.without_cls_finetune=[slimming]"))
 
 
+def test_layerwise_thresholds_are_a_variant_paired_with_independent_and_uniform():
+    from mtprune.layout import variants
+    from mtprune.pipeline import check_run_config
+    from mtprune.report.seeds import _pairs
+
+    c = tiny_cfg("run.methods=[mtp, uniform]", "run.thresholds=[independent, layerwise]")
+    check_run_config(c)
+    vs = variants(c.run)
+    assert [v.tag for v in vs] == ["mtp-0.5-independent", "mtp-0.5-layerwise", "uniform-0.5"]
+    rows = [v.as_dict() for v in vs]
+    pairs = {(a, b) for _, a, b in _pairs(rows)}
+    assert pairs == {
+        ("mtp-0.5-independent", "uniform-0.5"),
+        ("mtp-0.5-layerwise", "uniform-0.5"),
+        ("mtp-0.5-independent", "mtp-0.5-layerwise"),
+    }
+
+
 def test_run_config_rejects_too_few_latency_rounds_before_training(monkeypatch):
     from mtprune.errors import UsageError
     from mtprune.pipeline import check_run_config

@@ -14,7 +14,7 @@ from mtprune.pruning import apply_plan, compute_plan, make_plan, mask_plan
 from mtprune.pruning.plan import PruningPlan
 
 
-@pytest.mark.parametrize("thresholds", ["independent", "unified"])
+@pytest.mark.parametrize("thresholds", ["independent", "unified", "layerwise"])
 def test_pruned_output_equals_masked_output(tiny_model, thresholds):
     plan = make_plan(tiny_model, "bn", 0.5, thresholds)
     masked = mask_plan(copy.deepcopy(tiny_model), plan)
@@ -71,6 +71,24 @@ def test_unified_threshold_removes_p_overall_and_differs_from_independent():
     assert removed == math.floor(0.5 * n)
     assert uni.removed_fraction(DECODER) > 0.6 > ind.removed_fraction(DECODER)
     assert set(uni.tau) == {"all"} and set(ind.tau) == {BACKBONE, DECODER}
+
+
+def test_layerwise_thresholds_keep_uniforms_counts_with_the_gammas_choice():
+    m = tiny("deeplabv3_resnet50", seed=4)
+    with torch.no_grad():  # a decoder of smaller γ: independent / unified thresholds would prune it harder
+        for lay in m.prunable_layers():
+            if lay.part == DECODER:
+                m.get_submodule(lay.bn).weight.mul_(0.5)
+    lw = make_plan(m, "bn", 0.5, "layerwise")
+    uni = make_plan(m, "uniform", 0.5)
+    bn_of = {lay.conv: lay.bn for lay in m.prunable_layers()}
+    assert lw.tau == {}
+    for name, lp in lw.layers.items():
+        assert len(lp.kept) == len(uni.layers[name].kept) == lp.channels - math.floor(0.5 * lp.channels)
+        g = m.get_submodule(bn_of[name]).weight.abs()
+        drop = sorted(set(range(lp.channels)) - set(lp.kept))
+        assert max(g[i] for i in drop) <= min(g[i] for i in lp.kept)  # this layer's lowest |γ| went
+    assert any(lw.layers[n].kept != uni.layers[n].kept for n in lw.layers)  # γ chose, not the filter norm
 
 
 def test_equal_scores_still_prune_exactly_p_spread_over_layers():

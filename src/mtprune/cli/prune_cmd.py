@@ -163,7 +163,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead of --ratio: the ratio whose pruned net keeps the largest fraction of macs, params or latency "
         "not above X at --size (bisection; latency: each candidate timed against the unpruned net, as cost --against)",
     )
-    p.add_argument("--thresholds", default="independent", choices=THRESHOLDS, help="independent (per part) or unified")
+    p.add_argument(
+        "--thresholds",
+        default="independent",
+        choices=THRESHOLDS,
+        help="independent (per part, the paper), unified (one ranking) or layerwise (each layer its own: "
+        "uniform's counts, the method's choice of channels)",
+    )
     p.add_argument(
         "--normalize",
         default="none",

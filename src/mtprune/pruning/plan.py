@@ -7,7 +7,10 @@ Thresholds (paper, Sec. 3, Algorithm 1 lines 9–10):
 
 - ``independent``: the backbone's and the decoder's channels are ranked separately — τ1 is the
   p-quantile of all prunable backbone scores, τ2 of all prunable decoder scores;
-- ``unified``: one ranking (one quantile) over both parts (the ablation of Table 4).
+- ``unified``: one ranking (one quantile) over both parts (the ablation of Table 4);
+- ``layerwise`` (beyond the paper): each layer ranked on its own, ⌊p·n_l⌋ of every layer removed — the
+  per-layer counts of ``uniform`` with the method's scores choosing *which* channels go: it separates how
+  many channels a layer loses from which ones.
 
 Exactly ⌊p·n⌋ lowest-scored channels of a ranking of n channels are removed. Ties are broken by a fixed
 rule — among equal scores, the channel with the larger *relative* index ``i / n_layer`` goes first, then
@@ -31,7 +34,7 @@ from mtprune.errors import UsageError
 from mtprune.models.base import BACKBONE, DECODER, PrunableLayer
 from mtprune.version import __version__
 
-THRESHOLDS = ("independent", "unified")
+THRESHOLDS = ("independent", "unified", "layerwise")
 
 PLAN_FILE = "plan.json"  # where a plan is written: `mtprune prune --out`, a run's prune stage
 
@@ -176,7 +179,7 @@ def compute_plan(
             out += [(v, -(ci / n), -li, -ci) for ci, v in enumerate(s)]
         return out
 
-    if scope == "global":
+    if scope == "global" and thresholds != "layerwise":
         groups = (
             {part: [i for i, lay in enumerate(layers) if lay.part == part] for part in (BACKBONE, DECODER)}
             if thresholds == "independent"
@@ -188,7 +191,7 @@ def compute_plan(
             for li, ci in _rank_removed(entries(idx), ratio):
                 removed[li].add(ci)
             tau[gname] = percentile_threshold(torch.cat([scores[layers[i].conv].flatten() for i in idx]), ratio)
-    elif scope == "layer":
+    elif scope in ("global", "layer"):  # per layer: a per-layer scorer, or layerwise thresholds
         for li in range(len(layers)):
             for lj, ci in _rank_removed(entries([li]), ratio):
                 removed[lj].add(ci)

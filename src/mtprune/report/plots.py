@@ -69,7 +69,7 @@ def plot_miou_vs_macs(rows: list[Row], path: Path) -> None:
             color=color(base),
             label=key,
             ms=10 if base == DENSE else 6,
-            ls="--" if "unified" in key else "-",
+            ls="--" if "unified" in key else ":" if "layerwise" in key else "-",
         )
     ax.set_xlabel("GMACs")
     ax.set_ylabel("mIoU (%)")
@@ -213,7 +213,7 @@ def _plans(out: Path, rows: list[Row]) -> dict[str, dict[str, Any]]:
     for r in rows:
         p = out / prune_dir(r["tag"]) / PLAN_FILE
         if r.get("cls_finetune", True) and r["method"] != DENSE and p.is_file():
-            label = r["method"] + (f" ({r['thresholds']})" if r["thresholds"] == "unified" else "")
+            label = r["method"] + (f" ({r['thresholds']})" if r["thresholds"] in ("unified", "layerwise") else "")
             plans[label] = json.loads(p.read_text())
     return plans
 

@@ -43,8 +43,9 @@ def _pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
                 b = variant_tag(other, p, th, cls)
                 if b in tags:
                     out.append((f"{name} − {other}", r["tag"], b))
-        if th == "independent" and variant_tag(m, p, "unified", cls) in tags:
-            out.append((f"{name}: independent − unified", r["tag"], variant_tag(m, p, "unified", cls)))
+        for other_th in ("unified", "layerwise"):
+            if th == "independent" and variant_tag(m, p, other_th, cls) in tags:
+                out.append((f"{name}: independent − {other_th}", r["tag"], variant_tag(m, p, other_th, cls)))
         if cls and variant_tag(m, p, th, False) in tags:
             out.append((f"{name}: with − without cls FT", r["tag"], variant_tag(m, p, th, False)))
     return out
