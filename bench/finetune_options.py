@@ -8,6 +8,10 @@ trained again; ``polarization`` redoes the sparse stages).
     python bench/finetune_options.py --out runs/effnet-options --table     # the table of what has finished
     python bench/finetune_options.py --base runs/effnet-full --out runs/effnet-options-shipped --table
                                                         # the base run's rows as "plain" (the shipped-… options)
+    python bench/finetune_options.py --kept bench/results/effnet_options_lr0.001_seed*_cpu_xeon.json --table
+                                                        # kept rows ({option: results rows}, seed from the name)
+    python bench/finetune_options.py --out runs/effnet-options-shipped --table \
+        --save 'bench/results/effnet_options_lr0.001_seed{seed}_cpu_xeon.json'  # OUT's rows kept, one file a seed
 
 Each option is an ordinary resumable ``mtprune run`` folder ``OUT/OPTION`` (``seed-K/`` inside); rerun the same
 command to continue. The table: per option × model, mIoU (val) mean ± std, mIoU right after pruning, sparsity,
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -175,9 +180,29 @@ def _run_rows(run_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return found
 
 
-def _rows(out: Path, base: Path | None = None) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """option → tag → seed → results row; with ``base``, its run's rows are ``plain`` where OUT has none."""
-    found = {d.name: rows for d in sorted(p for p in out.iterdir() if p.is_dir()) if (rows := _run_rows(d))}
+def _kept_rows(paths: list[Path]) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """option → tag → seed → row from kept files ``{option: [results rows]}`` whose names say ``seedK``."""
+    found: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for path in paths:
+        m = re.search(r"seed-?(\d+)", path.name)
+        if m is None:
+            raise SystemExit(f"finetune_options: {path}: a kept file's name must say its seed (…seedK…)")
+        for option, rows in json.loads(path.read_text()).items():
+            for r in rows:
+                found.setdefault(option, {}).setdefault(r["tag"], {})[int(m.group(1))] = r
+    return found
+
+
+def _rows(
+    out: Path | None, base: Path | None = None, kept: list[Path] | None = None
+) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """option → tag → seed → results row of OUT's option folders and the ``kept`` files; with ``base``, its
+    run's rows are ``plain`` where there are none."""
+    found = _kept_rows(kept or [])
+    if out is not None and out.is_dir():
+        for d in sorted(p for p in out.iterdir() if p.is_dir()):
+            for tag, seeds in _run_rows(d).items():
+                found.setdefault(d.name, {}).setdefault(tag, {}).update(seeds)
     if base is not None and "plain" not in found:
         found = {"plain": _run_rows(base), **found}
     return found
@@ -196,8 +221,21 @@ def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
     return f"{statistics.fmean(diffs):+.2f} ({' '.join(f'{d:+.2f}' for d in diffs)})" if diffs else "–"
 
 
-def table(out: Path, base: Path | None = None) -> None:
-    rows = _rows(out, base)
+def save(rows: dict[str, dict[str, dict[int, dict[str, Any]]]], template: str) -> None:
+    """Each seed's rows as ``{option: [results rows]}`` in ``template.format(seed=K)`` (written atomically)."""
+    seeds = sorted({s for tags in rows.values() for by_seed in tags.values() for s in by_seed})
+    for seed in seeds:
+        kept = {o: [by[seed] for by in tags.values() if seed in by] for o, tags in rows.items()}
+        path = Path(template.format(seed=seed))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({o: r for o, r in kept.items() if r}, indent=1) + "\n")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+
+
+def table(out: Path | None, base: Path | None = None, kept: list[Path] | None = None, plain: str = "plain") -> None:
+    """The options' table; ``plain``: the option the others are compared with (its Uniform too)."""
+    rows = _rows(out, base, kept)
     head = ["option", "model", "seeds", "mIoU %", "before FT %", "sparse bb/dec %", "agree %", "teacher ms/step",
             "− plain (paired)", "− uniform (paired)"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -209,14 +247,14 @@ def table(out: Path, base: Path | None = None) -> None:
             sp = [r["sparsity"] for r in rs if r.get("sparsity")]
             sparse = f"{_ms([x['backbone'] for x in sp], fmt='.0f')}/{_ms([x['decoder'] for x in sp], fmt='.0f')}"
             # Uniform under the same option, or (an option that does not run Uniform leaves it as it was) plain's
-            unis = tags if any(t.startswith("uniform-") for t in tags) else rows.get("plain", {})
+            unis = tags if any(t.startswith("uniform-") for t in tags) else rows.get(plain, {})
             uni = next((t for t in unis if t.startswith("uniform-") and t.split("-", 1)[1] in tag), None)
             cells = [
                 option, tag, str(len(rs)), _ms([r["miou"] for r in rs]),
                 _ms([r["miou_pruned"] for r in rs if r.get("miou_pruned") is not None]),
                 sparse if sp else "–", _ms([r["top1"] for r in rs if r.get("top1") is not None], fmt=".1f"),
                 _ms([r["teacher_ms"] for r in rs if r.get("teacher_ms")], 1.0, ".1f"),
-                _paired(seeds, rows.get("plain", {}).get(tag, {})) if option != "plain" else "",
+                _paired(seeds, rows.get(plain, {}).get(tag, {})) if option != plain else "",
                 _paired(seeds, unis[uni]) if uni and uni != tag else "",
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
@@ -225,7 +263,8 @@ def table(out: Path, base: Path | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, help="a finished run of the config (seed-K folders)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="the options' run folders (OUT/OPTION/seed-K)")
+    ap.add_argument("--kept", type=Path, nargs="+", default=[], help="kept rows: {option: results rows}, …seedK…")
     ap.add_argument("--config", default="configs/camvid_effnet.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
@@ -236,13 +275,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="more overrides for every option, e.g. run.methods=[mtp] run.targets=[{macs: 0.5}]",
     )
+    ap.add_argument("--plain", default="plain", help="the option the others are compared with (default: plain)")
+    ap.add_argument("--save", metavar="TEMPLATE", help="keep the rows, a file a seed ({seed})")
     ap.add_argument("--table", action="store_true", help="print the table of the finished seeds and exit")
     args = ap.parse_args(argv)
     if not args.table:
-        if args.base is None:
-            ap.error("--base RUN is needed to run the options")
+        if args.base is None or args.out is None:
+            ap.error("--base RUN and --out DIR are needed to run the options")
         run(args)
-    table(args.out, args.base)
+    elif args.out is None and not args.kept:
+        ap.error("--table needs --out DIR or --kept FILE…")
+    table(args.out, args.base, args.kept, args.plain)
+    if args.save:
+        save(_rows(args.out, None, args.kept), args.save)
     return 0
 
 
