@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mtprune.io import write_text
+
 #: what ``COMMON`` turns off, turned back on: the options named ``shipped-…`` change the shipped config alone
 SHIPPED = [
     "finetune.distill.weight=1.0",
@@ -227,9 +229,7 @@ def save(rows: dict[str, dict[str, dict[int, dict[str, Any]]]], template: str) -
     for seed in seeds:
         kept = {o: [by[seed] for by in tags.values() if seed in by] for o, tags in rows.items()}
         path = Path(template.format(seed=seed))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({o: r for o, r in kept.items() if r}, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({o: r for o, r in kept.items() if r}, indent=1) + "\n")
         print(f"wrote {path}")
 
 
