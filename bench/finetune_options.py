@@ -12,11 +12,13 @@ trained again; ``polarization`` redoes the sparse stages).
                                                         # kept rows ({option: results rows}, seed from the name)
     python bench/finetune_options.py --out runs/effnet-options-shipped --table \
         --save 'bench/results/effnet_options_lr0.001_seed{seed}_cpu_xeon.json'  # OUT's rows kept, one file a seed
+    python bench/finetune_options.py --base runs/effnet-options-shipped/shipped-polarization \
+        --out runs/effnet-options-shipped --options shipped-polarization-rescale     # a combination on polarization
 
 Each option is an ordinary resumable ``mtprune run`` folder ``OUT/OPTION`` (``seed-K/`` inside); rerun the same
 command to continue. The table: per option × model, mIoU (val) mean ± std, mIoU right after pruning, sparsity,
-teacher agreement, the teacher's time per fine-tuning step, and the paired per-seed differences against
-``plain`` and against Uniform under the same option.
+the plan's overlap with Uniform's (when the option's run has Uniform), teacher agreement, the teacher's time per
+fine-tuning step, and the paired per-seed differences against ``plain`` and against Uniform under the same option.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ SHIPPED = [
     "finetune.distill.temperature=1.0",
     "run.recalibrate_bn=64",
 ]
+#: the polarization regulariser for both sparse stages
+POLARIZE = ["sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"]
 #: option → its config overrides
 OPTIONS: dict[str, list[str]] = {
     "plain": [],
@@ -56,7 +60,7 @@ OPTIONS: dict[str, list[str]] = {
     ],
     "rescale": ["finetune.rescale_gamma=true"],
     "normalize": ["run.normalize=mean", "run.thresholds=[unified]"],
-    "polarization": ["sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"],
+    "polarization": POLARIZE,
     # issue 28's finding: a switched-off channel's constant act(β) folded into its consumers before removal
     "compensate": ["run.compensate=true"],
     # a sparse stage that shrinks γ by half the median |γ| instead of 1.15 ×, with the constants folded
@@ -103,7 +107,7 @@ OPTIONS: dict[str, list[str]] = {
         "run.without_cls_finetune=[mtp]",
     ],
     "shipped-rescale": [*SHIPPED, "finetune.rescale_gamma=true"],
-    "shipped-polarization": [*SHIPPED, "sparse_mtp.l1=polarization", "sparse_slimming.l1=polarization"],
+    "shipped-polarization": [*SHIPPED, *POLARIZE],
     "shipped-distill-channel": [
         *SHIPPED,
         "finetune.distill.kind=channel",
@@ -113,6 +117,16 @@ OPTIONS: dict[str, list[str]] = {
     "shipped-normalize": [*SHIPPED, "run.normalize=mean", "run.thresholds=[unified]"],
     # how many channels a layer loses against which ones: Uniform's per-layer counts, the method's |γ| choosing
     "shipped-layerwise": [*SHIPPED, "run.thresholds=[layerwise]"],
+    # combinations on the closest lever (run them with --base OUT/shipped-polarization: its sparse stages)
+    "shipped-polarization-rescale": [*SHIPPED, *POLARIZE, "finetune.rescale_gamma=true"],
+    "shipped-polarization-distill-channel": [
+        *SHIPPED,
+        *POLARIZE,
+        "finetune.distill.kind=channel",
+        "finetune.distill.weight=3.0",
+        "finetune.distill.temperature=4.0",
+    ],
+    "shipped-polarization-normalize": [*SHIPPED, *POLARIZE, "run.normalize=mean", "run.thresholds=[unified]"],
 }
 #: the comparison of issue 31: MTP, Slimming, Uniform; no latency stage (issue 32's subject), pruned nets evaluated
 COMMON = [
@@ -133,6 +147,8 @@ def _unchanged(option: str, stage: str) -> bool:
     option = option.removeprefix("shipped-")
     if option == "plain":
         return True  # the base run's own stages: all of them reused
+    if option.startswith("polarization-"):  # a combination on a polarization base: what the rest changes
+        return _unchanged(option.removeprefix("polarization-"), stage)
     if option.endswith("-distill") and option.startswith("l1-"):  # the sparse stages and plans of the l1- base
         return stage in SHARED or stage.startswith("prune-") or (stage.startswith("eval-") and "-pruned" in stage)
     if option.startswith("l1-"):  # only the sparse stages' ℓ1 budget: what does not start from them is reused
@@ -223,6 +239,11 @@ def _paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
     return f"{statistics.fmean(diffs):+.2f} ({' '.join(f'{d:+.2f}' for d in diffs)})" if diffs else "–"
 
 
+def _overlaps(rows: list[dict[str, Any]], prefix: str) -> list[float]:
+    """Each row's plan overlap (Jaccard of the kept channels) with its run's model whose tag starts ``prefix``."""
+    return [v["all"] for r in rows for t, v in (r.get("plan_overlap") or {}).items() if t.startswith(prefix)]
+
+
 def save(rows: dict[str, dict[str, dict[int, dict[str, Any]]]], template: str) -> None:
     """Each seed's rows as ``{option: [results rows]}`` in ``template.format(seed=K)`` (written atomically)."""
     seeds = sorted({s for tags in rows.values() for by_seed in tags.values() for s in by_seed})
@@ -236,8 +257,8 @@ def save(rows: dict[str, dict[str, dict[int, dict[str, Any]]]], template: str) -
 def table(out: Path | None, base: Path | None = None, kept: list[Path] | None = None, plain: str = "plain") -> None:
     """The options' table; ``plain``: the option the others are compared with (its Uniform too)."""
     rows = _rows(out, base, kept)
-    head = ["option", "model", "seeds", "mIoU %", "before FT %", "sparse bb/dec %", "agree %", "teacher ms/step",
-            "− plain (paired)", "− uniform (paired)"]  # fmt: skip
+    head = ["option", "model", "seeds", "mIoU %", "before FT %", "sparse bb/dec %", "overlap w/ uniform",
+            "agree %", "teacher ms/step", "− plain (paired)", "− uniform (paired)"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for option, tags in rows.items():
         for tag, seeds in tags.items():
@@ -252,7 +273,8 @@ def table(out: Path | None, base: Path | None = None, kept: list[Path] | None = 
             cells = [
                 option, tag, str(len(rs)), _ms([r["miou"] for r in rs]),
                 _ms([r["miou_pruned"] for r in rs if r.get("miou_pruned") is not None]),
-                sparse if sp else "–", _ms([r["top1"] for r in rs if r.get("top1") is not None], fmt=".1f"),
+                sparse if sp else "–", _ms(_overlaps(rs, "uniform-"), 1.0, ".3f"),
+                _ms([r["top1"] for r in rs if r.get("top1") is not None], fmt=".1f"),
                 _ms([r["teacher_ms"] for r in rs if r.get("teacher_ms")], 1.0, ".1f"),
                 _paired(seeds, rows.get(plain, {}).get(tag, {})) if option != plain else "",
                 _paired(seeds, unis[uni]) if uni and uni != tag else "",
