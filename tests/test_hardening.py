@@ -377,7 +377,7 @@ def test_progress_in_a_log_is_a_plain_line_every_interval_and_at_the_end(monkeyp
 
 # --- 9. every Ctrl-C stops the run ---------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, capsys):
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, capsys, monkeypatch):
     import gc
     import signal
 
@@ -387,24 +387,57 @@ def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(tmp_path, capsys)
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)
 
-    tiny = [x for s in (*SEG, "model.width=0.125") for x in ("--set", s)]
+    original = StageRun.after_step
+
+    def swallow_at_step_2(self: StageRun, record: dict) -> None:
+        original(self, record)
+        if self.step == 2:
+            Finalised()
+            gc.collect()
+            assert interrupt._seen.is_set()  # we got here: the KeyboardInterrupt raised in __del__ was lost
+
+    monkeypatch.setattr(StageRun, "after_step", swallow_at_step_2)
+    tiny = [x for s in (*SEG, "model.width=0.125", "checkpoint_every=1", "log_every=1") for x in ("--set", s)]
     try:
-        interrupt.install()
-        Finalised()
-        gc.collect()
-        assert interrupt._seen.is_set()  # we got here: the KeyboardInterrupt raised in __del__ was lost
-        real_install = interrupt.install
-        interrupt.install = lambda: None  # keep what was recorded when the CLI installs its handler
-        try:
-            code = main(["train", "train-seg", "--out", str(tmp_path), *tiny])
-        finally:
-            interrupt.install = real_install
+        code = main(["train", "train-seg", "--out", str(tmp_path), *tiny])
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         interrupt._seen.clear()
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "done.json").exists()
-    assert run_stage("train-seg", cfg(*SEG), tmp_path) is not None  # resumable
+    monkeypatch.setattr(StageRun, "after_step", original)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]  # stopped at the step after the lost Ctrl-C, not later
+    assert main(["train", "train-seg", "--out", str(tmp_path), *tiny]) == 0
+    assert "resuming train-seg from step 2" in capsys.readouterr().err  # from its checkpoint
+
+
+def test_a_ctrl_c_lost_in_one_stage_stops_the_run_before_the_next(tmp_path):
+    import signal
+
+    from mtprune import interrupt
+    from mtprune.pipeline.runner import Stage, execute
+
+    ran = []
+
+    def swallows_a_ctrl_c():  # e.g. an evaluation whose data loader's finaliser ate it
+        try:
+            signal.raise_signal(signal.SIGINT)
+            sum(range(10_000))  # the handler runs between bytecodes: here
+        except KeyboardInterrupt:
+            pass
+        ran.append("a")
+
+    try:
+        interrupt.install()
+        execute(Stage("a", tmp_path / "a", {}, swallows_a_ctrl_c), say=lambda _: None)
+        with pytest.raises(KeyboardInterrupt):
+            execute(Stage("b", tmp_path / "b", {}, lambda: ran.append("b")), say=lambda _: None)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt._seen.clear()
+    assert ran == ["a"]
+    assert not (tmp_path / "b").exists()
 
 
 # --- 8. data ---------------------------------------------------------------------------------------------

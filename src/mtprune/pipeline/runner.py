@@ -11,7 +11,8 @@ decides what happens to it:
 - nothing there: the recipe is written and the stage **runs**.
 
 It says ``[name] running`` or ``[name] reused`` after the recipe check, so a refused stage is never
-announced. Rank 0 holds the stage folder's lock (:func:`~mtprune.io.folder_lock`) all the while: a second
+announced. A Ctrl-C that an earlier stage swallowed (:mod:`mtprune.interrupt`) stops the run before the
+next stage starts. Rank 0 holds the stage folder's lock (:func:`~mtprune.io.folder_lock`) all the while: a second
 process on the same folder is refused in one line, whatever it would have done there.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtprune import interrupt
 from mtprune.errors import WriteError
 from mtprune.io import folder_lock, read_json
 from mtprune.recipe import RECIPE_FILE, check_recipe, differences, write_recipe
@@ -68,6 +70,7 @@ def _same_recipe(stage: Stage) -> bool:
 def execute(stage: Stage, env: DistEnv | None = None, say: Say | None = None) -> Any:
     """Reuse, resume or run ``stage`` (see the module doc); returns its result. ``env``: the process
     group (None: a single process); every rank decides alike, rank 0 writes the recipe."""
+    interrupt.check()  # a Ctrl-C lost in a finaliser of the last stage: stop here, not after this one
     say = say or say_on_main(env)
     main = env is None or env.is_main
     with contextlib.ExitStack() as held:
